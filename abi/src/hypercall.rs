@@ -1,0 +1,258 @@
+//! Hypercall numbers and argument blocks.
+//!
+//! A hypercall is one `out dx, eax` with `dx` = [`HYPERCALL_PORT`] and `eax`
+//! = the guest-physical address of an argument block: a [`HypercallHeader`]
+//! immediately followed by the call's argument struct (`arg_len` bytes). The
+//! block must lie entirely inside guest RAM and be 8-byte aligned; otherwise
+//! the guest is stopped ("bad hypercall memory"), since there is nowhere to
+//! write an error.
+//!
+//! The host reads the block once, performs the call, writes the argument
+//! struct back (output fields filled in) and stores the result in
+//! [`HypercallHeader::ret`]: `>= 0` on success, `-(HypercallError)` on
+//! failure. Every exit costs a userspace round trip, so calls are few and do
+//! as much as they can at once.
+//!
+//! [`HYPERCALL_PORT`]: crate::layout::HYPERCALL_PORT
+
+use core::mem::{offset_of, size_of};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// The first 16 bytes of every argument block.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct HypercallHeader {
+    /// The [`HypercallNr`].
+    pub nr: u32,
+    /// Size in bytes of the argument struct that follows the header.
+    pub arg_len: u32,
+    /// Written by the host: `>= 0` on success, `-(error code)` on failure.
+    pub ret: i64,
+}
+const _: () = assert!(size_of::<HypercallHeader>() == 16);
+const _: () = assert!(offset_of!(HypercallHeader, arg_len) == 4);
+const _: () = assert!(offset_of!(HypercallHeader, ret) == 8);
+
+/// Largest `arg_len` the host accepts.
+pub const MAX_ARG_LEN: u32 = 256;
+
+/// Hypercall numbers of ABI v1.
+#[repr(u32)]
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HypercallNr {
+    /// Query the ABI version and feature bits: [`AbiInfo`].
+    AbiInfo = 0,
+    /// Write bytes to the guest's console: [`ConsoleWrite`].
+    ConsoleWrite = 1,
+    /// End the guest with an exit code: [`Exit`]. Does not return.
+    Exit = 2,
+    /// Read the host's wall-clock time: [`WallClock`].
+    WallClock = 3,
+    /// Block until a monotonic deadline: [`Block`].
+    Block = 4,
+    /// Report a panic and end the guest: [`Panic`]. Does not return.
+    Panic = 5,
+}
+
+impl HypercallNr {
+    /// Every hypercall number of this ABI version, in numeric order.
+    pub const ALL: [HypercallNr; 6] = [
+        Self::AbiInfo,
+        Self::ConsoleWrite,
+        Self::Exit,
+        Self::WallClock,
+        Self::Block,
+        Self::Panic,
+    ];
+
+    /// The call's name as the docs and traces spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::AbiInfo => "abi_info",
+            Self::ConsoleWrite => "console_write",
+            Self::Exit => "exit",
+            Self::WallClock => "wall_clock",
+            Self::Block => "block",
+            Self::Panic => "panic",
+        }
+    }
+}
+
+/// A number that is not a hypercall of this ABI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownHypercall(pub u32);
+
+impl TryFrom<u32> for HypercallNr {
+    type Error = UnknownHypercall;
+
+    fn try_from(nr: u32) -> Result<Self, Self::Error> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|call| *call as u32 == nr)
+            .ok_or(UnknownHypercall(nr))
+    }
+}
+
+/// An argument struct, tied to its hypercall number.
+pub trait Hypercall: FromBytes + IntoBytes + Immutable + KnownLayout + Copy {
+    /// The number this struct is the argument of.
+    const NR: HypercallNr;
+    /// `arg_len` for this call.
+    const ARG_LEN: u32 = size_of::<Self>() as u32;
+}
+
+/// `abi_info`: returns 0 and fills in the host's ABI version and features.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct AbiInfo {
+    /// Out: the host's [`crate::ABI_VERSION`].
+    pub version: u32,
+    /// Must be zero.
+    pub _pad: u32,
+    /// Out: the [`crate::features`] bits this host offers this guest.
+    pub features: u64,
+}
+const _: () = assert!(size_of::<AbiInfo>() == 16);
+const _: () = assert!(offset_of!(AbiInfo, features) == 8);
+impl Hypercall for AbiInfo {
+    const NR: HypercallNr = HypercallNr::AbiInfo;
+}
+
+/// `console_write`: appends `len` bytes at guest-physical `addr` to the
+/// console. Returns the number of bytes accepted, which is less than `len`
+/// only when the console byte limit is reached (then the rest is dropped and
+/// later writes fail with `LimitExceeded`).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct ConsoleWrite {
+    /// Guest-physical address of the bytes.
+    pub addr: u64,
+    /// Number of bytes, at most [`CONSOLE_WRITE_MAX`].
+    pub len: u64,
+}
+const _: () = assert!(size_of::<ConsoleWrite>() == 16);
+const _: () = assert!(offset_of!(ConsoleWrite, len) == 8);
+impl Hypercall for ConsoleWrite {
+    const NR: HypercallNr = HypercallNr::ConsoleWrite;
+}
+
+/// Largest `len` of one `console_write`; longer writes fail with `Invalid`.
+pub const CONSOLE_WRITE_MAX: u64 = 64 << 10;
+
+/// `exit`: ends the guest with `code`. Does not return.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct Exit {
+    /// The exit code the host reports.
+    pub code: i32,
+    /// Must be zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Exit>() == 8);
+impl Hypercall for Exit {
+    const NR: HypercallNr = HypercallNr::Exit;
+}
+
+/// `wall_clock`: returns 0 and the host's real time.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct WallClock {
+    /// Out: nanoseconds since 1970-01-01T00:00:00Z (UTC).
+    pub unix_ns: u64,
+}
+const _: () = assert!(size_of::<WallClock>() == 8);
+impl Hypercall for WallClock {
+    const NR: HypercallNr = HypercallNr::WallClock;
+}
+
+/// `block`: gives up the CPU until the monotonic clock (the clock page's
+/// time base) reaches `deadline_ns`, or until an event arrives. A deadline
+/// in the past returns at once. Returns 0 when the deadline passed, 1 when
+/// events woke the guest (their bits are in `events`).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct Block {
+    /// Monotonic deadline in nanoseconds since the guest started;
+    /// `u64::MAX` waits for events only.
+    pub deadline_ns: u64,
+    /// Out: the events that were pending when the call returned.
+    pub events: u64,
+}
+const _: () = assert!(size_of::<Block>() == 16);
+const _: () = assert!(offset_of!(Block, events) == 8);
+impl Hypercall for Block {
+    const NR: HypercallNr = HypercallNr::Block;
+}
+
+/// `panic`: reports a panic message and its source location, then ends the
+/// guest (reported as panicked, not exited). Does not return. Strings that
+/// are not inside guest RAM are reported as missing; the guest ends anyway.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct Panic {
+    /// Guest-physical address of the UTF-8 message.
+    pub msg_addr: u64,
+    /// Length of the message, at most [`PANIC_TEXT_MAX`] bytes are kept.
+    pub msg_len: u64,
+    /// Guest-physical address of the UTF-8 source file name.
+    pub file_addr: u64,
+    /// Length of the file name, at most [`PANIC_TEXT_MAX`] bytes are kept.
+    pub file_len: u64,
+    /// Source line.
+    pub line: u32,
+    /// Source column.
+    pub column: u32,
+}
+const _: () = assert!(size_of::<Panic>() == 40);
+const _: () = assert!(offset_of!(Panic, line) == 32);
+const _: () = assert!(offset_of!(Panic, column) == 36);
+impl Hypercall for Panic {
+    const NR: HypercallNr = HypercallNr::Panic;
+}
+
+/// Longest panic message or file name the host keeps.
+pub const PANIC_TEXT_MAX: u64 = 1024;
+
+/// Exit code the CLI reports for a guest that panicked.
+pub const PANIC_EXIT_CODE: i32 = 101;
+
+// Every argument struct fits the host's limit.
+const _: () = assert!(AbiInfo::ARG_LEN <= MAX_ARG_LEN);
+const _: () = assert!(ConsoleWrite::ARG_LEN <= MAX_ARG_LEN);
+const _: () = assert!(Exit::ARG_LEN <= MAX_ARG_LEN);
+const _: () = assert!(WallClock::ARG_LEN <= MAX_ARG_LEN);
+const _: () = assert!(Block::ARG_LEN <= MAX_ARG_LEN);
+const _: () = assert!(Panic::ARG_LEN <= MAX_ARG_LEN);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_decode_and_unknown_numbers_are_errors() {
+        for call in HypercallNr::ALL {
+            assert_eq!(HypercallNr::try_from(call as u32), Ok(call));
+        }
+        assert_eq!(HypercallNr::try_from(6), Err(UnknownHypercall(6)));
+        assert_eq!(
+            HypercallNr::try_from(u32::MAX),
+            Err(UnknownHypercall(u32::MAX))
+        );
+    }
+}

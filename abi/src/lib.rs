@@ -1,0 +1,45 @@
+//! The contract between the shoal hypervisor and its guests.
+//!
+//! Everything a guest and the host must agree on lives here and nowhere else:
+//! the ABI version, the hypercall mechanism (port and argument block), the
+//! hypercall numbers and their wire types, error codes, feature bits, the
+//! guest-physical memory layout, and the layouts of the shared pages (boot
+//! info and clock). `docs/abi.md` is the prose specification of the same
+//! contract.
+//!
+//! Every wire type is `#[repr(C)]` with explicit padding and a compile-time
+//! size and offset check, so a layout change cannot slip through.
+#![no_std]
+
+pub mod boot;
+pub mod clock;
+pub mod error;
+pub mod hypercall;
+pub mod layout;
+pub mod note;
+
+pub use boot::BootInfo;
+pub use clock::ClockPage;
+pub use error::HypercallError;
+pub use hypercall::{HypercallHeader, HypercallNr};
+
+/// The version of this ABI. Independent of the crate's semver: it changes
+/// only when an existing wire type or rule changes incompatibly. New
+/// capabilities are announced with [`features`] bits instead.
+pub const ABI_VERSION: u32 = 1;
+
+/// Capability bits published in [`BootInfo::features`] and returned by
+/// [`HypercallNr::AbiInfo`]. Append-only: a bit, once given a meaning, keeps it.
+pub mod features {
+    /// The clock page at [`crate::layout::CLOCK_PAGE`] is published and
+    /// valid (monotonic time without an exit).
+    pub const CLOCK_PAGE: u64 = 1 << 0;
+    /// `block` with a deadline is served.
+    pub const BLOCK: u64 = 1 << 1;
+    /// Exceptions are reported precisely (vector, error code, rip) when a
+    /// guest faults.
+    pub const PRECISE_FAULTS: u64 = 1 << 2;
+
+    /// Every feature this version of the ABI crate knows about.
+    pub const ALL_V1: u64 = CLOCK_PAGE | BLOCK | PRECISE_FAULTS;
+}

@@ -1,0 +1,122 @@
+//! Builds the example guests (their own cargo workspace in `guest-kernels/`)
+//! and embeds them in the host, so `shoal run hello` works anywhere.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Built-in guests: binary name and a one-line description.
+const GUESTS: &[(&str, &str)] = &[
+    (
+        "hello",
+        "prints its id, the wall-clock time and its arguments",
+    ),
+    (
+        "clock",
+        "sleeps and shows monotonic time advancing, never backwards",
+    ),
+    ("panic", "panics on purpose"),
+    ("bench", "the guest half of `shoal bench`"),
+    (
+        "bad-pointer",
+        "hostile: passes pointers the host must refuse",
+    ),
+    (
+        "unknown-hypercall",
+        "hostile: unknown hypercall numbers and lengths",
+    ),
+    (
+        "straddle",
+        "hostile: an argument block straddling the end of memory",
+    ),
+    (
+        "triple-fault",
+        "hostile: writes through a null pointer with no handler",
+    ),
+    ("privileged", "hostile: executes hlt at CPL3"),
+];
+
+fn watch(path: &Path) {
+    println!("cargo:rerun-if-changed={}", path.display());
+}
+
+fn watch_sources(root: &Path) {
+    for file in [
+        "abi/Cargo.toml",
+        "abi/src",
+        "guest-sdk/Cargo.toml",
+        "guest-sdk/src",
+    ] {
+        watch(&root.join(file));
+    }
+    for file in ["guest-sdk/build/Cargo.toml", "guest-sdk/build/src"] {
+        watch(&root.join(file));
+    }
+    let kernels = root.join("guest-kernels");
+    watch(&kernels.join("Cargo.toml"));
+    watch(&kernels.join("Cargo.lock"));
+    let members = std::fs::read_dir(&kernels).expect("guest-kernels/ exists");
+    for entry in members.flatten() {
+        let dir = entry.path();
+        if dir.join("Cargo.toml").exists() {
+            for file in ["Cargo.toml", "build.rs", "src"] {
+                watch(&dir.join(file));
+            }
+        }
+    }
+}
+
+fn main() {
+    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
+    let root = manifest
+        .parent()
+        .expect("host/ is inside the workspace")
+        .to_path_buf();
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("set by cargo"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let target_dir = root.join("target").join("guests");
+    watch_sources(&root);
+
+    // The guests are a separate build with their own flags: do not pass on
+    // this build's flags, wrappers (clippy) or target directory.
+    let mut command = Command::new(cargo);
+    command
+        .args(["build", "--release", "--manifest-path"])
+        .arg(root.join("guest-kernels").join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir);
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "CARGO_MAKEFLAGS",
+        "MAKEFLAGS",
+        "CLIPPY_ARGS",
+        "CLIPPY_CONF_DIR",
+    ] {
+        command.env_remove(var);
+    }
+    let status = command.status().expect("cargo runs");
+    assert!(
+        status.success(),
+        "building the guest kernels in guest-kernels/ failed"
+    );
+
+    let mut table = String::from(
+        "/// Built-in guests: (name, description, ELF image).\npub static GUESTS: &[(&str, &str, &[u8])] = &[\n",
+    );
+    for (name, description) in GUESTS {
+        let built = target_dir.join("release").join(name);
+        let copy = out.join(format!("{name}.elf"));
+        std::fs::copy(&built, &copy).unwrap_or_else(|e| panic!("guest {name} was not built: {e}"));
+        table.push_str(&format!(
+            "    ({name:?}, {description:?}, include_bytes!({:?})),\n",
+            copy.display().to_string()
+        ));
+    }
+    table.push_str("];\n");
+    std::fs::write(out.join("builtin_guests.rs"), table).expect("OUT_DIR is writable");
+}

@@ -1,0 +1,184 @@
+//! Building a guest's initial memory and CPU state: the image, the system
+//! area, the page tables, the boot info page.
+
+pub mod descriptors;
+pub mod paging;
+
+use crate::kvm::memory::{GuestRam, MemoryError};
+use crate::kvm::vcpu::CpuSetup;
+use crate::loader::{Image, page_end, page_start};
+use paging::{NO_EXECUTE, PageTables, PagingError, USER, WRITABLE};
+use shoal_abi::boot::{ARGS_MAX, ARGS_OFFSET, BOOT_MAGIC, BootInfo};
+use shoal_abi::layout::{BOOT_INFO_PAGE, CLOCK_PAGE, PAGE_SIZE, STACK_SIZE};
+use zerocopy::IntoBytes;
+
+/// Why a guest could not be laid out.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// Image, guard page and stack do not fit in the memory size.
+    #[error(
+        "image ends at {image_end:#x}, but {mem_size:#x} bytes of memory leave room only up to {limit:#x} (stack and guard page above it): give the guest more memory"
+    )]
+    TooSmall {
+        /// End of the image.
+        image_end: u64,
+        /// Guest memory size.
+        mem_size: u64,
+        /// Highest image end that fits.
+        limit: u64,
+    },
+    /// Arguments longer than the boot page holds.
+    #[error("guest arguments take {0} bytes, at most {ARGS_MAX} fit")]
+    ArgsTooLong(usize),
+    /// An argument contains a NUL byte.
+    #[error("guest arguments may not contain NUL bytes")]
+    ArgHasNul,
+    /// Writing guest memory failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Building the page tables failed.
+    #[error(transparent)]
+    Paging(#[from] PagingError),
+}
+
+/// What the host tells a guest about itself at boot.
+#[derive(Clone, Debug)]
+pub struct BootParams<'a> {
+    /// The guest's id.
+    pub guest_id: u64,
+    /// Feature bits offered.
+    pub features: u64,
+    /// Arguments.
+    pub args: &'a [String],
+}
+
+/// The result of laying out a guest.
+#[derive(Debug)]
+pub struct Layout {
+    /// Initial CPU state.
+    pub cpu: CpuSetup,
+    /// The page tables (owned by the host from now on).
+    pub page_tables: PageTables,
+    /// The boot info as written.
+    pub boot_info: BootInfo,
+}
+
+/// Encodes arguments as NUL-terminated strings.
+pub fn encode_args(args: &[String]) -> Result<Vec<u8>, BootError> {
+    let mut bytes = Vec::new();
+    for arg in args {
+        if arg.as_bytes().contains(&0) {
+            return Err(BootError::ArgHasNul);
+        }
+        bytes.extend_from_slice(arg.as_bytes());
+        bytes.push(0);
+    }
+    if bytes.len() as u64 > ARGS_MAX {
+        return Err(BootError::ArgsTooLong(bytes.len()));
+    }
+    Ok(bytes)
+}
+
+/// Loads `image` into `ram` and builds everything the guest's first
+/// instruction needs. `ram` must be fresh (all zero).
+pub fn build(ram: &GuestRam, image: &Image, params: &BootParams<'_>) -> Result<Layout, BootError> {
+    let mem_size = ram.size();
+    let stack_bottom = mem_size - STACK_SIZE;
+    let limit = stack_bottom - PAGE_SIZE;
+    if image.end() > limit {
+        return Err(BootError::TooSmall {
+            image_end: image.end(),
+            mem_size,
+            limit,
+        });
+    }
+    let args = encode_args(params.args)?;
+
+    for segment in &image.segments {
+        ram.write_host(segment.vaddr, &segment.data)?;
+    }
+    descriptors::write(ram)?;
+
+    let mut pt = PageTables::new();
+    let user_ro = USER | NO_EXECUTE;
+    let user_rw = USER | WRITABLE | NO_EXECUTE;
+    pt.map(BOOT_INFO_PAGE, BOOT_INFO_PAGE, user_ro)?;
+    pt.map(CLOCK_PAGE, CLOCK_PAGE, user_ro)?;
+    pt.map(descriptors::GDT, descriptors::GDT, WRITABLE | NO_EXECUTE)?;
+    pt.map(descriptors::IDT, descriptors::IDT, 0)?;
+    pt.identity(
+        descriptors::TSS,
+        page_end(descriptors::TSS + descriptors::TSS_SIZE),
+        WRITABLE | NO_EXECUTE,
+    )?;
+    pt.map(
+        descriptors::KERNEL_STACK,
+        descriptors::KERNEL_STACK,
+        WRITABLE | NO_EXECUTE,
+    )?;
+    for segment in &image.segments {
+        let mut flags = USER;
+        if segment.writable {
+            flags |= WRITABLE;
+        }
+        if !segment.executable {
+            flags |= NO_EXECUTE;
+        }
+        pt.identity(page_start(segment.vaddr), page_end(segment.end()), flags)?;
+    }
+    let heap_start = image.end();
+    pt.identity(heap_start, limit, user_rw)?;
+    pt.identity(stack_bottom, mem_size, user_rw)?;
+    pt.write(ram)?;
+
+    let boot_info = BootInfo {
+        magic: BOOT_MAGIC,
+        abi_version: shoal_abi::ABI_VERSION,
+        argc: params.args.len() as u32,
+        features: params.features,
+        guest_id: params.guest_id,
+        mem_size,
+        clock_page: CLOCK_PAGE,
+        image_start: image.start(),
+        image_end: image.end(),
+        heap_start,
+        heap_end: limit,
+        stack_bottom,
+        stack_top: mem_size,
+        args_len: args.len() as u64,
+    };
+    ram.write_host(BOOT_INFO_PAGE, boot_info.as_bytes())?;
+    ram.write_host(BOOT_INFO_PAGE + ARGS_OFFSET, &args)?;
+
+    let cpu = CpuSetup {
+        gdt: (descriptors::GDT, descriptors::GDT_LIMIT),
+        idt: (descriptors::IDT, descriptors::IDT_LIMIT),
+        tss: (descriptors::TSS, (descriptors::TSS_SIZE - 1) as u32),
+        cr3: pt.root(),
+        rip: image.entry,
+        rsp: mem_size,
+        rdi: BOOT_INFO_PAGE,
+    };
+    Ok(Layout {
+        cpu,
+        page_tables: pt,
+        boot_info,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_are_nul_terminated_and_bounded() {
+        let args = vec!["a".to_string(), "bc".to_string()];
+        assert_eq!(encode_args(&args).expect("fits"), b"a\0bc\0");
+        assert!(matches!(
+            encode_args(&["x\0y".to_string()]),
+            Err(BootError::ArgHasNul)
+        ));
+        let long = vec!["x".repeat(ARGS_MAX as usize)];
+        assert!(matches!(encode_args(&long), Err(BootError::ArgsTooLong(_))));
+    }
+}

@@ -1,0 +1,258 @@
+//! One guest: its VM, vCPU, memory and services, and the loop that runs it
+//! from exit to exit.
+
+use crate::boot::{self, BootError, BootParams, descriptors};
+use crate::clock::{GuestClock, TscScale, rdtsc};
+use crate::console::Console;
+use crate::end::{Crash, GuestEnd};
+use crate::hypercall::{self, Context, Flow};
+use crate::kvm::memory::{GuestRam, MemoryError};
+use crate::kvm::vcpu::{Exit, VcpuError};
+use crate::kvm::vm::VmError;
+use crate::kvm::{Kvm, Vcpu, Vm};
+use crate::loader::Image;
+use crate::stats::GuestStats;
+use shoal_abi::layout::{EXCEPTION_PORT_BASE, EXCEPTION_VECTORS, HYPERCALL_PORT, NULL_EXIT_PORT};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Why a guest could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The image does not fit or the arguments are bad.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// KVM refused the VM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// KVM refused the vCPU or its state.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The runner thread could not be started.
+    #[error("cannot start the guest's thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// What a run of the guest stopped at.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The guest blocked until this deadline (guest monotonic ns).
+    Blocked(u64),
+    /// The guest is over.
+    Ended(GuestEnd),
+}
+
+/// A guest ready to run. Fields drop in order: vCPU, VM, then RAM.
+#[derive(Debug)]
+pub struct Guest {
+    id: u64,
+    vcpu: Vcpu,
+    _vm: Vm,
+    ram: GuestRam,
+    clock: GuestClock,
+    features: u64,
+    console: Arc<Console>,
+    stats: Arc<GuestStats>,
+}
+
+/// Everything needed to create a guest.
+pub struct GuestParts<'a> {
+    /// Guest id.
+    pub id: u64,
+    /// The image.
+    pub image: &'a Image,
+    /// RAM size.
+    pub mem_size: u64,
+    /// Arguments.
+    pub args: &'a [String],
+    /// Feature bits offered.
+    pub features: u64,
+    /// The console.
+    pub console: Arc<Console>,
+    /// The counters.
+    pub stats: Arc<GuestStats>,
+}
+
+impl Guest {
+    /// Builds the guest's memory, VM and vCPU. `scale` gives the TSC
+    /// frequency; when it is not yet known, it is initialised from this
+    /// guest's vCPU.
+    pub fn create(
+        kvm: &Kvm,
+        parts: GuestParts<'_>,
+        scale: &std::sync::OnceLock<TscScale>,
+    ) -> Result<Self, SpawnError> {
+        let ram = GuestRam::new(parts.mem_size)?;
+        let layout = boot::build(
+            &ram,
+            parts.image,
+            &BootParams {
+                guest_id: parts.id,
+                features: parts.features,
+                args: parts.args,
+            },
+        )?;
+        let vm = kvm.create_vm(&ram)?;
+        let vcpu = vm.create_vcpu()?;
+        vcpu.setup(&layout.cpu)?;
+        let scale = *scale.get_or_init(|| match vcpu.tsc_khz() {
+            Ok(khz) if khz > 0 => TscScale::from_hz(u64::from(khz) * 1000),
+            _ => TscScale::measure(std::time::Duration::from_millis(20)),
+        });
+        let before = rdtsc();
+        let guest_tsc = vcpu.guest_tsc()?;
+        let after = rdtsc();
+        let host_tsc = before / 2 + after / 2;
+        let clock = GuestClock::start(scale, guest_tsc.wrapping_sub(host_tsc) as i64);
+        clock.publish(&ram)?;
+        tracing::debug!(
+            id = parts.id,
+            entry = layout.cpu.rip,
+            table_frames = layout.page_tables.frames(),
+            "guest created"
+        );
+        Ok(Self {
+            id: parts.id,
+            vcpu,
+            _vm: vm,
+            ram,
+            clock,
+            features: parts.features,
+            console: parts.console,
+            stats: parts.stats,
+        })
+    }
+
+    /// The guest's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The guest's clock.
+    pub fn clock(&self) -> &GuestClock {
+        &self.clock
+    }
+
+    /// Makes kicks sent to the current thread interrupt this guest.
+    pub fn arm_kick(&mut self) {
+        self.vcpu.arm_kick();
+    }
+
+    /// Undoes [`Guest::arm_kick`].
+    pub fn disarm_kick(&self) {
+        self.vcpu.disarm_kick();
+    }
+
+    /// Runs the guest until it blocks or ends. Checks `killed` before every
+    /// entry; a kick makes the current entry return so the check happens.
+    pub fn run(&mut self, killed: &AtomicBool) -> Step {
+        loop {
+            if killed.load(Ordering::Acquire) {
+                return Step::Ended(GuestEnd::Killed);
+            }
+            let exit = match self.vcpu.run() {
+                Ok(exit) => exit,
+                Err(e) => return Step::Ended(GuestEnd::Crashed(Crash::Internal(e.to_string()))),
+            };
+            if exit != Exit::Kicked {
+                self.stats.count_exit();
+            }
+            match self.serve(exit) {
+                Flow::Resume => {}
+                Flow::Block(deadline) => return Step::Blocked(deadline),
+                Flow::End(end) => return Step::Ended(end),
+            }
+        }
+    }
+
+    fn serve(&mut self, exit: Exit) -> Flow {
+        let crash = |c| Flow::End(GuestEnd::Crashed(c));
+        match exit {
+            Exit::Out {
+                port: HYPERCALL_PORT,
+                size: 4,
+                value,
+            } => {
+                let ctx = Context {
+                    id: self.id,
+                    ram: &self.ram,
+                    clock: &self.clock,
+                    console: &self.console,
+                    features: self.features,
+                    stats: &self.stats,
+                };
+                hypercall::dispatch(&ctx, u64::from(value))
+            }
+            Exit::Out {
+                port: NULL_EXIT_PORT,
+                size: 4,
+                ..
+            } => {
+                self.stats.count_null_exit();
+                Flow::Resume
+            }
+            Exit::Out {
+                port,
+                size: 4,
+                value,
+            } if (EXCEPTION_PORT_BASE..EXCEPTION_PORT_BASE + EXCEPTION_VECTORS).contains(&port) => {
+                crash(self.exception((port - EXCEPTION_PORT_BASE) as u8, u64::from(value)))
+            }
+            Exit::Out { port, size, .. } => crash(Crash::BadPortAccess {
+                port,
+                size,
+                write: true,
+            }),
+            Exit::In { port, size } => crash(Crash::BadPortAccess {
+                port,
+                size,
+                write: false,
+            }),
+            Exit::Shutdown => crash(match self.vcpu.regs() {
+                Ok(regs) => Crash::TripleFault { rip: regs.rip },
+                Err(e) => Crash::Internal(e.to_string()),
+            }),
+            Exit::Kicked => Flow::Resume,
+            Exit::Other(what) => crash(Crash::UnexpectedExit(what)),
+        }
+    }
+
+    /// Decodes the exception frame the stub left on the CPL0 stack at `sp`.
+    fn exception(&self, vector: u8, sp: u64) -> Crash {
+        let has_code = descriptors::has_error_code(vector);
+        let frame_len = if has_code { 6 * 8 } else { 5 * 8 };
+        if sp < descriptors::KERNEL_STACK || sp + frame_len > descriptors::KERNEL_STACK_TOP {
+            return Crash::Internal(format!("exception {vector} reported a bad stack {sp:#x}"));
+        }
+        let mut bytes = [0u8; 48];
+        if let Err(e) = self.ram.read_host(sp, &mut bytes[..frame_len as usize]) {
+            return Crash::Internal(e.to_string());
+        }
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(w)
+        };
+        let (error_code, base) = if has_code {
+            (Some(word(0)), 1)
+        } else {
+            (None, 0)
+        };
+        // Frame: rip, cs, rflags, rsp, ss.
+        let fault_addr = if vector == 14 {
+            self.vcpu.sregs().ok().map(|s| s.cr2)
+        } else {
+            None
+        };
+        Crash::Exception {
+            vector,
+            error_code,
+            rip: word(base),
+            rsp: word(base + 3),
+            fault_addr,
+        }
+    }
+}

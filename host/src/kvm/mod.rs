@@ -1,0 +1,15 @@
+//! The thin KVM layer: one file per kind of thing it owns.
+//!
+//! - [`memory`]: a guest's RAM (lazily backed host memory via `vm-memory`)
+//!   and the checked copy-in/copy-out every hypercall goes through;
+//! - [`vm`]: `/dev/kvm` and a VM with its memory slot;
+//! - [`vcpu`]: a vCPU set up for a 64-bit CPL3 guest, its run loop exit
+//!   decoding, and the kick that interrupts `KVM_RUN` from another thread.
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use memory::GuestRam;
+pub use vcpu::{Exit, Kick, Vcpu};
+pub use vm::{Kvm, Vm};

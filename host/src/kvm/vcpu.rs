@@ -1,0 +1,313 @@
+//! A vCPU running a 64-bit guest at CPL3, and the kick that interrupts it.
+
+use kvm_bindings::{Msrs, kvm_dtable, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::cell::Cell;
+use std::sync::Once;
+
+/// GDT selectors of the host-built descriptor table.
+pub mod selector {
+    /// 64-bit code, DPL 0 (the exception stubs).
+    pub const KERNEL_CODE: u16 = 0x08;
+    /// Data, DPL 0.
+    pub const KERNEL_DATA: u16 = 0x10;
+    /// Data, DPL 3 (the guest's SS/DS/ES/FS/GS), RPL 3.
+    pub const USER_DATA: u16 = 0x18 | 3;
+    /// 64-bit code, DPL 3 (the guest's CS), RPL 3.
+    pub const USER_CODE: u16 = 0x20 | 3;
+    /// The 64-bit TSS (two GDT slots).
+    pub const TSS: u16 = 0x28;
+}
+
+/// Why a vCPU operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// `KVM_CREATE_VCPU` failed.
+    #[error("cannot create the vCPU")]
+    Create(#[source] kvm_ioctls::Error),
+    /// Setting the initial CPU state failed.
+    #[error("cannot set the vCPU's initial state")]
+    Setup(#[source] kvm_ioctls::Error),
+    /// Reading CPU state failed.
+    #[error("cannot read the vCPU's state")]
+    Read(#[source] kvm_ioctls::Error),
+    /// `KVM_RUN` failed for a reason other than a kick.
+    #[error("KVM_RUN failed")]
+    Run(#[source] kvm_ioctls::Error),
+}
+
+/// Where the host put the guest's system structures, and where to start.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuSetup {
+    /// GDT base and limit.
+    pub gdt: (u64, u16),
+    /// IDT base and limit.
+    pub idt: (u64, u16),
+    /// TSS base and limit.
+    pub tss: (u64, u32),
+    /// Root page table.
+    pub cr3: u64,
+    /// First instruction.
+    pub rip: u64,
+    /// Initial stack pointer.
+    pub rsp: u64,
+    /// Initial `rdi` (the SDK ignores it; the boot info address is fixed).
+    pub rdi: u64,
+}
+
+const CR0_PE: u64 = 1;
+const CR0_MP: u64 = 1 << 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_WP: u64 = 1 << 16;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const EFER_NXE: u64 = 1 << 11;
+const RFLAGS_RESERVED: u64 = 1 << 1;
+const RFLAGS_IF: u64 = 1 << 9;
+const MSR_IA32_TSC: u32 = 0x10;
+
+/// What a `KVM_RUN` ended with, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// `out` of `size` bytes to `port`.
+    Out {
+        /// Port.
+        port: u16,
+        /// Access size in bytes.
+        size: u8,
+        /// The value, zero-extended.
+        value: u32,
+    },
+    /// `in` from `port`.
+    In {
+        /// Port.
+        port: u16,
+        /// Access size.
+        size: u8,
+    },
+    /// Triple fault.
+    Shutdown,
+    /// `KVM_RUN` was interrupted by a kick.
+    Kicked,
+    /// Any other exit, named.
+    Other(&'static str),
+}
+
+/// A vCPU.
+#[derive(Debug)]
+pub struct Vcpu {
+    fd: VcpuFd,
+}
+
+fn segment(selector: u16, code: bool, dpl: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 0xb } else { 0x3 },
+        present: 1,
+        dpl,
+        db: u8::from(!code),
+        s: 1,
+        l: u8::from(code),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+impl Vcpu {
+    pub(super) fn new(fd: VcpuFd) -> Self {
+        Self { fd }
+    }
+
+    /// Puts the vCPU in 64-bit mode at CPL3 with the host's descriptor
+    /// tables, TSS and page tables, at `setup.rip`.
+    pub fn setup(&self, setup: &CpuSetup) -> Result<(), VcpuError> {
+        let mut sregs: kvm_sregs = self.fd.get_sregs().map_err(VcpuError::Setup)?;
+        let data = segment(selector::USER_DATA, false, 3);
+        sregs.cs = segment(selector::USER_CODE, true, 3);
+        sregs.ss = data;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.tr = kvm_segment {
+            base: setup.tss.0,
+            limit: setup.tss.1,
+            selector: selector::TSS,
+            type_: 0xb, // 64-bit TSS, busy
+            present: 1,
+            ..Default::default()
+        };
+        sregs.ldt = kvm_segment {
+            type_: 0x2,
+            present: 1,
+            unusable: 1,
+            ..Default::default()
+        };
+        sregs.gdt = kvm_dtable {
+            base: setup.gdt.0,
+            limit: setup.gdt.1,
+            padding: [0; 3],
+        };
+        sregs.idt = kvm_dtable {
+            base: setup.idt.0,
+            limit: setup.idt.1,
+            padding: [0; 3],
+        };
+        sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+        sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+        sregs.efer = EFER_LME | EFER_LMA | EFER_NXE;
+        sregs.cr3 = setup.cr3;
+        self.fd.set_sregs(&sregs).map_err(VcpuError::Setup)?;
+        let regs = kvm_regs {
+            rip: setup.rip,
+            rsp: setup.rsp,
+            rdi: setup.rdi,
+            rflags: RFLAGS_RESERVED | RFLAGS_IF,
+            ..Default::default()
+        };
+        self.fd.set_regs(&regs).map_err(VcpuError::Setup)
+    }
+
+    /// The guest's TSC now (one `KVM_GET_MSRS`).
+    pub fn guest_tsc(&self) -> Result<u64, VcpuError> {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            ..Default::default()
+        }])
+        .map_err(|_| VcpuError::Read(kvm_ioctls::Error::new(libc::EINVAL)))?;
+        self.fd.get_msrs(&mut msrs).map_err(VcpuError::Read)?;
+        Ok(msrs.as_slice()[0].data)
+    }
+
+    /// The guest TSC frequency KVM reports, in kHz.
+    pub fn tsc_khz(&self) -> Result<u32, VcpuError> {
+        self.fd.get_tsc_khz().map_err(VcpuError::Read)
+    }
+
+    /// General registers (crash reports only: an ioctl).
+    pub fn regs(&self) -> Result<kvm_regs, VcpuError> {
+        self.fd.get_regs().map_err(VcpuError::Read)
+    }
+
+    /// Special registers (crash reports only: an ioctl).
+    pub fn sregs(&self) -> Result<kvm_sregs, VcpuError> {
+        self.fd.get_sregs().map_err(VcpuError::Read)
+    }
+
+    /// Makes this thread's kick target this vCPU: a [`Kick`] sent to the
+    /// thread from now on makes the current or next [`Vcpu::run`] return
+    /// [`Exit::Kicked`]. Call on the thread that runs the vCPU, before
+    /// running it; the registration lasts until another vCPU is armed on the
+    /// thread or [`Vcpu::disarm_kick`] is called.
+    pub fn arm_kick(&mut self) {
+        Kick::install_handler();
+        let run = self.fd.get_kvm_run();
+        let flag = std::ptr::addr_of_mut!(run.immediate_exit);
+        KICK_TARGET.with(|target| target.set(flag));
+    }
+
+    /// Undoes [`Vcpu::arm_kick`] for this thread.
+    pub fn disarm_kick(&self) {
+        KICK_TARGET.with(|target| target.set(std::ptr::null_mut()));
+    }
+
+    /// Runs the guest until its next exit. Performs exactly one ioctl.
+    pub fn run(&mut self) -> Result<Exit, VcpuError> {
+        let exit = match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let mut bytes = [0u8; 4];
+                let n = data.len().min(4);
+                bytes[..n].copy_from_slice(&data[..n]);
+                Exit::Out {
+                    port,
+                    size: data.len() as u8,
+                    value: u32::from_le_bytes(bytes),
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => Exit::In {
+                port,
+                size: data.len() as u8,
+            },
+            Ok(VcpuExit::Shutdown) => Exit::Shutdown,
+            Ok(VcpuExit::Intr) => Exit::Kicked,
+            Ok(VcpuExit::Hlt) => Exit::Other("hlt"),
+            Ok(VcpuExit::MmioRead(..)) => Exit::Other("mmio read"),
+            Ok(VcpuExit::MmioWrite(..)) => Exit::Other("mmio write"),
+            Ok(VcpuExit::FailEntry(..)) => Exit::Other("entry failure"),
+            Ok(VcpuExit::InternalError) => Exit::Other("KVM internal error"),
+            Ok(VcpuExit::Exception) => Exit::Other("exception"),
+            Ok(_) => Exit::Other("unexpected exit"),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Kicked,
+            Err(e) => return Err(VcpuError::Run(e)),
+        };
+        if exit == Exit::Kicked {
+            self.fd.set_kvm_immediate_exit(0);
+        }
+        Ok(exit)
+    }
+}
+
+thread_local! {
+    /// The `immediate_exit` byte of the vCPU this thread runs, or null.
+    static KICK_TARGET: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Interrupts a vCPU running (or about to run) on another thread.
+///
+/// A kick is a real-time signal to the thread. Its handler sets the armed
+/// vCPU's `immediate_exit`, so a kick that lands just before `KVM_RUN` is
+/// not lost: that `KVM_RUN` returns at once.
+pub struct Kick;
+
+impl Kick {
+    fn signal() -> libc::c_int {
+        libc::SIGRTMIN() + 4
+    }
+
+    fn install_handler() {
+        static INSTALL: Once = Once::new();
+        INSTALL.call_once(|| {
+            extern "C" fn on_kick(_: libc::c_int) {
+                // Only touches a const-initialised thread-local and one
+                // byte: async-signal-safe.
+                let _ = KICK_TARGET.try_with(|target| {
+                    let flag = target.get();
+                    if !flag.is_null() {
+                        // SAFETY: a non-null target points at the
+                        // `immediate_exit` byte of the `kvm_run` mapping of
+                        // the vCPU armed on this thread, which stays mapped
+                        // while it is armed.
+                        unsafe { flag.write_volatile(1) };
+                    }
+                });
+            }
+            // SAFETY: a zeroed `sigaction` is valid; we set the handler and
+            // an empty mask, without SA_RESTART so KVM_RUN returns EINTR.
+            unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = on_kick as *const () as usize;
+                libc::sigemptyset(&mut action.sa_mask);
+                libc::sigaction(Self::signal(), &action, std::ptr::null_mut());
+            }
+        });
+    }
+
+    /// Kicks the thread `thread` (a `pthread_t` of a live thread).
+    pub fn send(thread: libc::pthread_t) {
+        Self::install_handler();
+        // SAFETY: the caller passes a thread that has not been joined; a
+        // signal with an installed handler has no other effect.
+        unsafe {
+            libc::pthread_kill(thread, Self::signal());
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! `/dev/kvm` and virtual machines.
+
+use super::memory::GuestRam;
+use super::vcpu::{Vcpu, VcpuError};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Cap, VmFd};
+
+/// Why KVM could not be opened or a VM created.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm (is KVM available, and may this user open it?)")]
+    Open(#[source] kvm_ioctls::Error),
+    /// A capability shoal needs is missing.
+    #[error("KVM lacks a capability shoal needs: {0}")]
+    MissingCap(&'static str),
+    /// `KVM_CREATE_VM` failed.
+    #[error("cannot create a VM")]
+    Create(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_USER_MEMORY_REGION` failed.
+    #[error("cannot register guest memory with KVM")]
+    Memory(#[source] kvm_ioctls::Error),
+    /// Creating or setting up the vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+/// An open `/dev/kvm`.
+#[derive(Debug)]
+pub struct Kvm {
+    fd: kvm_ioctls::Kvm,
+}
+
+impl Kvm {
+    /// Opens `/dev/kvm` and checks the capabilities shoal relies on.
+    pub fn open() -> Result<Self, VmError> {
+        let fd = kvm_ioctls::Kvm::new().map_err(VmError::Open)?;
+        for (cap, name) in [
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        ] {
+            if !fd.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        Ok(Self { fd })
+    }
+
+    /// Creates a VM whose only memory is `ram`, at guest-physical 0.
+    pub fn create_vm(&self, ram: &GuestRam) -> Result<Vm, VmError> {
+        let fd = self.fd.create_vm().map_err(VmError::Create)?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: ram.size(),
+            userspace_addr: ram.host_base(),
+        };
+        // SAFETY: the region is exactly `ram`'s mapping, which the caller
+        // keeps alive as long as the VM (`Guest` owns both and drops the VM
+        // first).
+        unsafe { fd.set_user_memory_region(region) }.map_err(VmError::Memory)?;
+        Ok(Vm { fd })
+    }
+}
+
+/// A virtual machine with its memory registered.
+#[derive(Debug)]
+pub struct Vm {
+    fd: VmFd,
+}
+
+impl Vm {
+    /// Creates vCPU 0.
+    pub fn create_vcpu(&self) -> Result<Vcpu, VcpuError> {
+        self.fd
+            .create_vcpu(0)
+            .map(Vcpu::new)
+            .map_err(VcpuError::Create)
+    }
+}

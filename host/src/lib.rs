@@ -1,0 +1,42 @@
+//! shoal: a paravirtualizing microhypervisor on Linux KVM.
+//!
+//! shoal runs many tiny guest kernels, each deprivileged at CPL3 from its
+//! first instruction, that reach the host only through an explicit,
+//! versioned hypercall ABI ([`shoal_abi`]). This crate is the host: it loads
+//! guest images ([`Image`]), builds each guest's memory and CPU state, runs
+//! guests, and serves their hypercalls.
+//!
+//! ```no_run
+//! use shoal_host::{GuestConfig, GuestEnd, Host, builtin};
+//!
+//! let host = Host::new()?;
+//! let image = builtin::image("hello").expect("hello is built in")?;
+//! let report = host
+//!     .spawn(&image, GuestConfig { args: vec!["world".into()], ..Default::default() })?
+//!     .wait();
+//! assert_eq!(report.end, GuestEnd::Exited(0));
+//! print!("{}", report.console_text());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Layout: [`kvm`] is the thin KVM layer; [`boot`] builds a guest's initial
+//! state; [`hypercall`] serves the ABI, one module per service; [`guest`]
+//! runs one guest; [`host`] is the embedding API; [`bench`] measures.
+
+pub mod bench;
+pub mod boot;
+pub mod builtin;
+pub mod clock;
+pub mod console;
+pub mod end;
+pub mod guest;
+pub mod host;
+pub mod hypercall;
+pub mod kvm;
+pub mod loader;
+pub mod stats;
+
+pub use end::{Crash, GuestEnd, PanicReport};
+pub use host::{GuestConfig, GuestHandle, GuestReport, GuestState, Host, HostError};
+pub use loader::{Image, LoadError};
+pub use stats::StatsSnapshot;

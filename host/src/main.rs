@@ -1,0 +1,236 @@
+//! The `shoal` command line: a thin layer over the `shoal_host` library.
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use shoal_host::{GuestConfig, Host, Image, builtin};
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+/// shoal: run tiny paravirtualized guest kernels on KVM.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a guest kernel and stream its console.
+    ///
+    /// Exit status: the guest's exit code when it exits (a non-zero code
+    /// that truncates to 0 gives 1), 101 when it panics, 125 when the host
+    /// stops it for breaking a rule, 126 when it cannot be started.
+    Run {
+        /// Guest memory, in bytes or with a K/M/G suffix (2M to 256M).
+        #[arg(long, default_value = "4M", value_parser = parse_size)]
+        mem: u64,
+        /// Most console bytes the guest may write; the rest is dropped.
+        #[arg(long, default_value = "1M", value_parser = parse_size)]
+        console_limit: u64,
+        /// Do not stream the guest's console (its end is still reported).
+        #[arg(long, short)]
+        quiet: bool,
+        /// A guest ELF file, or the name of a built-in guest (see `shoal list`).
+        kernel: String,
+        /// Arguments passed to the guest (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Show a guest image: ABI version, entry point, segments, memory needed.
+    Inspect {
+        /// A guest ELF file, or the name of a built-in guest.
+        kernel: String,
+    },
+    /// List the built-in guests.
+    List,
+    /// Measure the hypercall path against the raw exit floor.
+    Bench {
+        /// Print one JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Exits per measurement round.
+        #[arg(long, default_value_t = 20_000)]
+        iterations: u64,
+        /// Rounds per measurement (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let lower = text.to_ascii_lowercase();
+    let lower = lower.trim_end_matches("ib").trim_end_matches('b');
+    let (digits, shift) = match lower.chars().last() {
+        Some('k') => (&lower[..lower.len() - 1], 10),
+        Some('m') => (&lower[..lower.len() - 1], 20),
+        Some('g') => (&lower[..lower.len() - 1], 30),
+        _ => (lower, 0),
+    };
+    let value: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a size: {text:?}"))?;
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("size too large: {text:?}"))
+}
+
+fn load(kernel: &str) -> anyhow::Result<Image> {
+    let path = Path::new(kernel);
+    if path.exists() {
+        return Image::from_file(path).with_context(|| format!("cannot load {kernel}"));
+    }
+    match builtin::image(kernel) {
+        Some(image) => image.with_context(|| format!("built-in guest {kernel} is broken")),
+        None => {
+            let names: Vec<_> = builtin::list().map(|(name, _)| name).collect();
+            bail!(
+                "no file named {kernel:?} and no built-in guest of that name (built in: {})",
+                names.join(", ")
+            )
+        }
+    }
+}
+
+fn run(kernel: &str, config: GuestConfig) -> anyhow::Result<ExitCode> {
+    let image = load(kernel)?;
+    let host = Host::new().context("cannot start the host")?;
+    let guest = host
+        .spawn(&image, config)
+        .context("cannot start the guest")?;
+    let report = guest.wait();
+    let status = report.end.exit_status();
+    if status != 0 {
+        eprintln!("shoal: guest {} {}", report.id, report.end);
+    }
+    Ok(ExitCode::from(status as u8))
+}
+
+fn inspect(kernel: &str) -> anyhow::Result<()> {
+    let image = load(kernel)?;
+    println!("ABI version: {}", image.abi_version);
+    println!("entry:       {:#x}", image.entry);
+    println!("segments:");
+    for s in &image.segments {
+        let flags = format!(
+            "r{}{}",
+            if s.writable { "w" } else { "-" },
+            if s.executable { "x" } else { "-" }
+        );
+        println!(
+            "  {:#010x}..{:#010x} {flags} {:>8} bytes in memory, {:>8} from the file",
+            s.vaddr,
+            s.end(),
+            s.mem_size,
+            s.data.len()
+        );
+    }
+    let image_end = image.end();
+    let min = (image_end + shoal_abi::layout::PAGE_SIZE + shoal_abi::layout::STACK_SIZE)
+        .max(shoal_abi::layout::MIN_MEMORY);
+    println!(
+        "image:       {:#x}..{:#x} ({} KiB)",
+        image.start(),
+        image_end,
+        (image_end - image.start()) / 1024
+    );
+    println!(
+        "memory:      at least {} KiB (stack {} KiB, one guard page)",
+        min.div_ceil(1024),
+        shoal_abi::layout::STACK_SIZE / 1024
+    );
+    Ok(())
+}
+
+fn bench(json: bool, iterations: u64, rounds: usize) -> anyhow::Result<()> {
+    let host = Host::new().context("cannot start the host")?;
+    let figures = shoal_host::bench::run_all(&host, iterations, rounds)?;
+    for figure in figures {
+        if json {
+            println!("{}", figure.to_json());
+        } else {
+            let comparison = match (figure.floor, figure.ratio) {
+                (Some(floor), Some(ratio)) => {
+                    format!("  (floor {floor:.3} {}, ratio {ratio:.3})", figure.unit)
+                }
+                _ => String::new(),
+            };
+            println!(
+                "{:<28} {:>12.3} {}{comparison}",
+                figure.name, figure.value, figure.unit
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            mem,
+            console_limit,
+            quiet,
+            kernel,
+            args,
+        } => {
+            let sink: Option<shoal_host::console::ConsoleSink> = if quiet {
+                None
+            } else {
+                Some(Box::new(|_, bytes| {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(bytes);
+                    let _ = out.flush();
+                }))
+            };
+            let config = GuestConfig {
+                mem_size: mem,
+                args,
+                console_limit,
+                console_sink: sink,
+            };
+            run(&kernel, config)
+        }
+        Command::Inspect { kernel } => inspect(&kernel).map(|()| ExitCode::SUCCESS),
+        Command::List => {
+            for (name, description) in builtin::list() {
+                println!("{name:<20} {description}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            json,
+            iterations,
+            rounds,
+        } => bench(json, iterations, rounds).map(|()| ExitCode::SUCCESS),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("shoal: error: {e:#}");
+        ExitCode::from(126)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4M"), Ok(4 << 20));
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("2k"), Ok(2048));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999G").is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! Integration tests of shoal live in `tests/`; this library is empty.
