@@ -15,6 +15,10 @@ const GUESTS: &[(&str, &str)] = &[
         "sleeps and shows monotonic time advancing, never backwards",
     ),
     ("panic", "panics on purpose"),
+    (
+        "spin",
+        "computes without hypercalls for a while (500ms, 2s, forever)",
+    ),
     ("bench", "the guest half of `shoal bench`"),
     (
         "bad-pointer",

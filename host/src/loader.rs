@@ -266,3 +266,220 @@ pub fn page_start(addr: u64) -> u64 {
 pub fn page_end(addr: u64) -> u64 {
     page_start(addr.saturating_add(PAGE_SIZE - 1))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use elf::abi::PF_R;
+
+    /// A loadable segment for [`elf_bytes`]: address, flags, file bytes,
+    /// size in memory.
+    struct Seg(u64, u32, Vec<u8>, u64);
+
+    /// Builds an ELF64 x86-64 executable: header, program headers (the
+    /// segments, then a PT_NOTE with the ABI note when `version` is set),
+    /// then the segment data and the note.
+    fn elf_bytes(entry: u64, segs: &[Seg], version: Option<u32>) -> Vec<u8> {
+        let phnum = segs.len() + usize::from(version.is_some());
+        let mut data_off = 64 + 56 * phnum as u64;
+        let mut out = Vec::new();
+        out.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+        out.extend_from_slice(&ET_EXEC.to_le_bytes());
+        out.extend_from_slice(&EM_X86_64.to_le_bytes());
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&entry.to_le_bytes());
+        out.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+        out.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+        out.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+        for half in [64u16, 56, phnum as u16, 64, 0, 0] {
+            out.extend_from_slice(&half.to_le_bytes());
+        }
+        let mut payload = Vec::new();
+        let mut phdr =
+            |p_type: u32, flags: u32, vaddr: u64, filesz: u64, memsz: u64, out: &mut Vec<u8>| {
+                out.extend_from_slice(&p_type.to_le_bytes());
+                out.extend_from_slice(&flags.to_le_bytes());
+                let align = if p_type == PT_NOTE { 4 } else { 0x1000 };
+                for word in [data_off, vaddr, vaddr, filesz, memsz, align] {
+                    out.extend_from_slice(&word.to_le_bytes());
+                }
+                data_off += filesz;
+            };
+        for Seg(vaddr, flags, bytes, memsz) in segs {
+            phdr(
+                PT_LOAD,
+                *flags,
+                *vaddr,
+                bytes.len() as u64,
+                *memsz,
+                &mut out,
+            );
+            payload.extend_from_slice(bytes);
+        }
+        if let Some(version) = version {
+            let note = shoal_abi::note::AbiNote::new(version);
+            let mut bytes = Vec::new();
+            for word in [note.namesz, note.descsz, note.n_type] {
+                bytes.extend_from_slice(&word.to_le_bytes());
+            }
+            bytes.extend_from_slice(&note.name);
+            bytes.extend_from_slice(&note.version.to_le_bytes());
+            phdr(
+                PT_NOTE,
+                PF_R,
+                0,
+                bytes.len() as u64,
+                bytes.len() as u64,
+                &mut out,
+            );
+            payload.extend_from_slice(&bytes);
+        }
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    fn text(vaddr: u64) -> Seg {
+        Seg(vaddr, PF_R | PF_X, vec![0x90; 16], 16)
+    }
+
+    #[test]
+    fn a_well_formed_image_loads() {
+        let bytes = elf_bytes(
+            IMAGE_BASE,
+            &[
+                text(IMAGE_BASE),
+                Seg(IMAGE_BASE + 0x1000, PF_R | PF_W, vec![1; 8], 0x2000),
+            ],
+            Some(ABI_VERSION),
+        );
+        let image = Image::parse(&bytes).expect("valid");
+        assert_eq!(image.entry, IMAGE_BASE);
+        assert_eq!(image.segments.len(), 2);
+        assert!(image.segments[1].writable && !image.segments[1].executable);
+        assert_eq!(image.end(), IMAGE_BASE + 0x3000);
+    }
+
+    #[test]
+    fn abi_version_mismatch_names_both_versions() {
+        let bytes = elf_bytes(IMAGE_BASE, &[text(IMAGE_BASE)], Some(ABI_VERSION + 1));
+        let err = Image::parse(&bytes).expect_err("refused");
+        assert!(
+            matches!(err, LoadError::AbiMismatch { guest, host } if guest == ABI_VERSION + 1 && host == ABI_VERSION)
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "guest was built for ABI v{}, but this host speaks ABI v{ABI_VERSION}",
+                ABI_VERSION + 1
+            )
+        );
+    }
+
+    #[test]
+    fn missing_note_is_refused() {
+        let bytes = elf_bytes(IMAGE_BASE, &[text(IMAGE_BASE)], None);
+        assert!(matches!(Image::parse(&bytes), Err(LoadError::NoAbiNote)));
+    }
+
+    #[test]
+    fn overlapping_segments_are_refused() {
+        let bytes = elf_bytes(
+            IMAGE_BASE,
+            &[text(IMAGE_BASE), Seg(IMAGE_BASE + 8, PF_R, vec![0; 8], 8)],
+            Some(ABI_VERSION),
+        );
+        assert!(matches!(
+            Image::parse(&bytes),
+            Err(LoadError::Overlap { .. })
+        ));
+    }
+
+    #[test]
+    fn segments_outside_the_loadable_range_are_refused() {
+        for vaddr in [0, 0x1000, IMAGE_BASE - 0x1000, MAX_MEMORY, u64::MAX - 8] {
+            let bytes = elf_bytes(vaddr, &[text(vaddr)], Some(ABI_VERSION));
+            assert!(
+                matches!(
+                    Image::parse(&bytes),
+                    Err(LoadError::SegmentOutOfRange { .. })
+                ),
+                "{vaddr:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn file_size_larger_than_memory_size_is_refused() {
+        let bytes = elf_bytes(
+            IMAGE_BASE,
+            &[Seg(IMAGE_BASE, PF_R | PF_X, vec![0; 32], 16)],
+            Some(ABI_VERSION),
+        );
+        assert!(matches!(
+            Image::parse(&bytes),
+            Err(LoadError::BadSegmentData { .. })
+        ));
+    }
+
+    #[test]
+    fn segment_data_past_the_end_of_the_file_is_refused() {
+        let mut bytes = elf_bytes(IMAGE_BASE, &[text(IMAGE_BASE)], Some(ABI_VERSION));
+        // Point the first segment's file offset far past the end.
+        let offset = 64 + 8;
+        bytes[offset..offset + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(Image::parse(&bytes).is_err());
+    }
+
+    #[test]
+    fn entry_outside_executable_segments_is_refused() {
+        let data = Seg(IMAGE_BASE + 0x1000, PF_R | PF_W, vec![0; 8], 8);
+        for entry in [0, IMAGE_BASE + 0x1000, IMAGE_BASE + 16, u64::MAX] {
+            let bytes = elf_bytes(
+                entry,
+                &[
+                    text(IMAGE_BASE),
+                    Seg(data.0, data.1, data.2.clone(), data.3),
+                ],
+                Some(ABI_VERSION),
+            );
+            assert!(
+                matches!(Image::parse(&bytes), Err(LoadError::BadEntry(e)) if e == entry),
+                "{entry:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_kinds_of_file_are_refused() {
+        assert!(matches!(
+            Image::parse(b"not an elf"),
+            Err(LoadError::Parse(_))
+        ));
+        assert!(matches!(Image::parse(&[]), Err(LoadError::Parse(_))));
+        let good = elf_bytes(IMAGE_BASE, &[text(IMAGE_BASE)], Some(ABI_VERSION));
+        let mut dynamic = good.clone();
+        dynamic[16] = 3; // ET_DYN
+        assert!(matches!(
+            Image::parse(&dynamic),
+            Err(LoadError::WrongKind(_))
+        ));
+        let mut arm = good.clone();
+        arm[18] = 183; // EM_AARCH64
+        assert!(matches!(Image::parse(&arm), Err(LoadError::WrongKind(_))));
+        let mut truncated = good;
+        truncated.truncate(100);
+        assert!(Image::parse(&truncated).is_err());
+    }
+
+    #[test]
+    fn too_many_segments_are_refused() {
+        let segs: Vec<_> = (0..=MAX_SEGMENTS as u64)
+            .map(|i| text(IMAGE_BASE + i * 0x1000))
+            .collect();
+        let bytes = elf_bytes(IMAGE_BASE, &segs, Some(ABI_VERSION));
+        assert!(matches!(
+            Image::parse(&bytes),
+            Err(LoadError::TooManySegments(_))
+        ));
+    }
+}

@@ -133,7 +133,7 @@ fn finish(
         Ok((ret, flow)) => (ret, flow),
         Err(error) => (error.to_ret(), Flow::Resume),
     };
-    tracing::trace!(guest = ctx.id, ret, ?flow, "hypercall done");
+    tracing::trace!(ret, ?flow, "hypercall done");
     if let Flow::End(_) = flow {
         return flow;
     }

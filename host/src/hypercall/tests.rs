@@ -1,1 +1,264 @@
+//! Decoding and validation of hypercalls, without KVM: the dispatcher runs
+//! against plain guest RAM.
 
+use super::*;
+use crate::clock::{GuestClock, TscScale};
+use shoal_abi::hypercall::{AbiInfo, Block, ConsoleWrite, Exit, Panic, WallClock};
+use shoal_abi::layout::{IMAGE_BASE, PAGE_TABLE_AREA_START};
+
+const MEM: u64 = 4 << 20;
+const BLOCK_AT: u64 = IMAGE_BASE + 0x1000;
+
+struct Fixture {
+    ram: GuestRam,
+    clock: GuestClock,
+    console: Console,
+    stats: GuestStats,
+}
+
+impl Fixture {
+    fn new(console_limit: u64) -> Self {
+        Self {
+            ram: GuestRam::new(MEM).expect("maps"),
+            clock: GuestClock::start(TscScale::from_hz(1_000_000_000), 0),
+            console: Console::new(1, console_limit, None),
+            stats: GuestStats::default(),
+        }
+    }
+
+    fn dispatch(&self, addr: u64) -> Flow {
+        let ctx = Context {
+            id: 1,
+            ram: &self.ram,
+            clock: &self.clock,
+            console: &self.console,
+            features: 0b101,
+            stats: &self.stats,
+        };
+        dispatch(&ctx, addr)
+    }
+
+    /// Writes a block for `args` at `addr`, dispatches it, and returns the
+    /// flow, `ret` and the arguments as written back.
+    fn call<T: Hypercall>(&self, addr: u64, args: T) -> (Flow, i64, T) {
+        self.call_raw(addr, T::NR as u32, T::ARG_LEN, args)
+    }
+
+    fn call_raw<T: Hypercall>(&self, addr: u64, nr: u32, arg_len: u32, args: T) -> (Flow, i64, T) {
+        let header = HypercallHeader {
+            nr,
+            arg_len,
+            ret: 0,
+        };
+        self.ram
+            .write_guest(addr, header.as_bytes())
+            .expect("in RAM");
+        self.ram
+            .write_guest(addr + 16, args.as_bytes())
+            .expect("in RAM");
+        let flow = self.dispatch(addr);
+        let mut back = [0u8; 16];
+        self.ram.read_guest(addr, &mut back).expect("in RAM");
+        let header = HypercallHeader::read_from_bytes(&back).expect("16 bytes");
+        let mut arg_bytes = vec![0u8; size_of::<T>()];
+        self.ram
+            .read_guest(addr + 16, &mut arg_bytes)
+            .expect("in RAM");
+        (
+            flow,
+            header.ret,
+            T::read_from_bytes(&arg_bytes).expect("sized"),
+        )
+    }
+}
+
+#[test]
+fn abi_info_reports_version_and_features() {
+    let f = Fixture::new(100);
+    let (flow, ret, info) = f.call(BLOCK_AT, AbiInfo::default());
+    assert_eq!((flow, ret), (Flow::Resume, 0));
+    assert_eq!(info.version, shoal_abi::ABI_VERSION);
+    assert_eq!(info.features, 0b101);
+    assert_eq!(f.stats.snapshot().hypercall(HypercallNr::AbiInfo), 1);
+}
+
+#[test]
+fn nonzero_padding_is_refused() {
+    let f = Fixture::new(100);
+    let (_, ret, _) = f.call(
+        BLOCK_AT,
+        AbiInfo {
+            _pad: 1,
+            ..Default::default()
+        },
+    );
+    assert_eq!(ret, HypercallError::ReservedNotZero.to_ret());
+}
+
+#[test]
+fn unknown_number_returns_documented_error_and_resumes() {
+    let f = Fixture::new(100);
+    let (flow, ret, _) = f.call_raw(BLOCK_AT, 0xdead, 16, AbiInfo::default());
+    assert_eq!(
+        (flow, ret),
+        (Flow::Resume, HypercallError::UnknownHypercall.to_ret())
+    );
+    assert_eq!(f.stats.snapshot().unknown_hypercalls, 1);
+}
+
+#[test]
+fn wrong_arg_len_returns_bad_length() {
+    let f = Fixture::new(100);
+    let (flow, ret, _) = f.call_raw(
+        BLOCK_AT,
+        HypercallNr::WallClock as u32,
+        16,
+        AbiInfo::default(),
+    );
+    assert_eq!(
+        (flow, ret),
+        (Flow::Resume, HypercallError::BadLength.to_ret())
+    );
+    let (_, ret, _) = f.call_raw(
+        BLOCK_AT,
+        HypercallNr::WallClock as u32,
+        u32::MAX,
+        AbiInfo::default(),
+    );
+    assert_eq!(ret, HypercallError::BadLength.to_ret());
+}
+
+fn is_bad_memory(flow: &Flow) -> bool {
+    matches!(
+        flow,
+        Flow::End(GuestEnd::Crashed(Crash::BadHypercallMemory { .. }))
+    )
+}
+
+#[test]
+fn misaligned_or_outside_blocks_stop_the_guest() {
+    let f = Fixture::new(100);
+    assert!(is_bad_memory(&f.dispatch(BLOCK_AT + 4)));
+    assert!(is_bad_memory(&f.dispatch(MEM - 8)));
+    assert!(is_bad_memory(&f.dispatch(MEM)));
+    assert!(is_bad_memory(&f.dispatch(0)));
+    assert!(is_bad_memory(&f.dispatch(PAGE_TABLE_AREA_START)));
+    assert!(is_bad_memory(&f.dispatch(u64::MAX - 7)));
+}
+
+#[test]
+fn arguments_past_the_end_of_memory_stop_the_guest() {
+    let f = Fixture::new(100);
+    // The header fits in the last 16 bytes; its arguments would not.
+    let header = HypercallHeader {
+        nr: HypercallNr::WallClock as u32,
+        arg_len: 8,
+        ret: 0,
+    };
+    f.ram
+        .write_guest(MEM - 16, header.as_bytes())
+        .expect("in RAM");
+    assert!(is_bad_memory(&f.dispatch(MEM - 16)));
+}
+
+#[test]
+fn console_write_checks_pointer_length_and_limit() {
+    let f = Fixture::new(8);
+    f.ram
+        .write_guest(IMAGE_BASE, b"hello, world")
+        .expect("in RAM");
+    let write = |addr, len| f.call(BLOCK_AT, ConsoleWrite { addr, len }).1;
+    assert_eq!(write(0x3000, 4), HypercallError::Fault.to_ret());
+    assert_eq!(write(MEM - 2, 4), HypercallError::Fault.to_ret());
+    assert_eq!(write(u64::MAX, 2), HypercallError::Fault.to_ret());
+    assert_eq!(
+        write(IMAGE_BASE, u64::MAX),
+        HypercallError::Invalid.to_ret()
+    );
+    assert_eq!(write(IMAGE_BASE, 5), 5);
+    assert_eq!(
+        write(IMAGE_BASE + 5, 7),
+        3,
+        "only three bytes fit under the limit"
+    );
+    assert_eq!(write(IMAGE_BASE, 1), HypercallError::LimitExceeded.to_ret());
+    assert_eq!(f.console.snapshot(), b"hello, w");
+    assert_eq!(f.stats.snapshot().console_bytes, 8);
+}
+
+#[test]
+fn exit_and_panic_end_the_guest() {
+    let f = Fixture::new(100);
+    let (flow, _, _) = f.call(BLOCK_AT, Exit { code: -3, _pad: 0 });
+    assert_eq!(flow, Flow::End(GuestEnd::Exited(-3)));
+
+    f.ram
+        .write_guest(IMAGE_BASE, b"oops main.rs")
+        .expect("in RAM");
+    let panic = Panic {
+        msg_addr: IMAGE_BASE,
+        msg_len: 4,
+        file_addr: IMAGE_BASE + 5,
+        file_len: 7,
+        line: 3,
+        column: 9,
+    };
+    let (flow, _, _) = f.call(BLOCK_AT, panic);
+    let Flow::End(GuestEnd::Panicked(report)) = flow else {
+        panic!("panic did not end the guest: {flow:?}")
+    };
+    assert_eq!(
+        (report.message.as_str(), report.file.as_str()),
+        ("oops", "main.rs")
+    );
+    assert_eq!((report.line, report.column), (3, 9));
+}
+
+#[test]
+fn panic_with_bad_pointers_still_ends_the_guest() {
+    let f = Fixture::new(100);
+    let panic = Panic {
+        msg_addr: u64::MAX,
+        msg_len: u64::MAX,
+        file_addr: 0,
+        file_len: 10,
+        line: 1,
+        column: 1,
+    };
+    let (flow, _, _) = f.call(BLOCK_AT, panic);
+    let Flow::End(GuestEnd::Panicked(report)) = flow else {
+        panic!("panic did not end the guest: {flow:?}")
+    };
+    assert_eq!(report.message, "<outside guest memory>");
+}
+
+#[test]
+fn block_returns_at_once_for_past_deadlines_and_blocks_for_future_ones() {
+    let f = Fixture::new(100);
+    let (flow, ret, args) = f.call(
+        BLOCK_AT,
+        Block {
+            deadline_ns: 0,
+            events: 7,
+        },
+    );
+    assert_eq!((flow, ret, args.events), (Flow::Resume, 0, 0));
+    let far = f.clock.now_ns() + 1_000_000_000;
+    let (flow, _, _) = f.call(
+        BLOCK_AT,
+        Block {
+            deadline_ns: far,
+            events: 0,
+        },
+    );
+    assert_eq!(flow, Flow::Block(far));
+}
+
+#[test]
+fn wall_clock_is_the_hosts_real_time() {
+    let f = Fixture::new(100);
+    let before = crate::clock::wall_ns();
+    let (_, ret, args) = f.call(BLOCK_AT, WallClock::default());
+    assert_eq!(ret, 0);
+    assert!(args.unix_ns >= before && args.unix_ns <= crate::clock::wall_ns());
+}

@@ -1,0 +1,158 @@
+//! The `shoal` command line, run as a user would (boots real guests).
+
+use std::process::{Command, Output};
+
+fn shoal(args: &[&str]) -> Output {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "these tests boot real guests and need /dev/kvm, which this machine lacks"
+    );
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("shoal runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn run_hello_streams_its_console_and_exits_0() {
+    let out = shoal(&["run", "hello", "--", "one", "two"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("hello from guest 1\nwall clock: "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.ends_with("arg 0: one\narg 1: two\n2 args\n"),
+        "{stdout}"
+    );
+    assert_eq!(text(&out.stderr), "");
+}
+
+#[test]
+fn run_reports_panics_and_crashes_on_stderr_with_distinct_statuses() {
+    let out = shoal(&["run", "panic"]);
+    assert_eq!(out.status.code(), Some(101));
+    assert_eq!(text(&out.stdout), "about to panic\n");
+    assert!(
+        text(&out.stderr)
+            .contains("panicked at panic/src/main.rs:12:5: deliberate panic, answer = 42"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = shoal(&["run", "privileged"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("crashed: #GP general protection fault"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn run_passes_the_guest_exit_code_through() {
+    let out = shoal(&["run", "spin", "--", "not-a-duration"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("exited with code 2"));
+}
+
+#[test]
+fn unknown_kernels_and_bad_images_are_refused() {
+    let out = shoal(&["run", "no-such-guest"]);
+    assert_eq!(out.status.code(), Some(126));
+    assert!(
+        text(&out.stderr).contains("no built-in guest of that name (built in: hello"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let dir = std::env::temp_dir().join(format!("shoal-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let not_elf = dir.join("not-elf");
+    std::fs::write(&not_elf, b"#!/bin/sh\n").expect("writes");
+    let out = shoal(&["run", not_elf.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(126));
+    assert!(
+        text(&out.stderr).contains("not a valid ELF file"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let mut elf = shoal_host::builtin::elf("hello")
+        .expect("built in")
+        .to_vec();
+    let at = elf
+        .windows(8)
+        .position(|w| w == b"shoal\0\0\0")
+        .expect("note")
+        + 8;
+    elf[at..at + 4].copy_from_slice(&2u32.to_le_bytes());
+    let future = dir.join("future-abi");
+    std::fs::write(&future, &elf).expect("writes");
+    let out = shoal(&["run", future.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(126));
+    assert!(
+        text(&out.stderr).contains("guest was built for ABI v2, but this host speaks ABI v1"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn inspect_shows_version_entry_segments_and_memory() {
+    let out = shoal(&["inspect", "hello"]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("ABI version: 1\nentry:       0x100000\nsegments:\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(" r-x "), "{stdout}");
+    assert!(stdout.contains(" rw- "), "{stdout}");
+    assert!(
+        stdout.contains("memory:      at least 2048 KiB"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn trace_logging_shows_every_hypercall() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["run", "hello"])
+        .env("RUST_LOG", "trace")
+        .output()
+        .expect("shoal runs");
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = text(&out.stderr);
+    // hello makes one wall_clock call, console writes, and an exit.
+    assert!(stderr.contains("hypercall{nr=3}"), "{stderr}");
+    assert!(stderr.contains("hypercall{nr=2}"), "{stderr}");
+    assert!(stderr.contains("guest{id=1}"), "{stderr}");
+}
+
+#[test]
+fn list_names_every_builtin_guest() {
+    let out = shoal(&["list"]);
+    let stdout = text(&out.stdout);
+    for name in [
+        "hello",
+        "clock",
+        "panic",
+        "spin",
+        "bench",
+        "straddle",
+        "triple-fault",
+        "privileged",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(name)),
+            "{name} missing: {stdout}"
+        );
+    }
+}

@@ -1,0 +1,50 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use shoal_host::{GuestConfig, GuestReport, Host, Image, builtin};
+
+/// A host on `/dev/kvm`; fails the test with a clear message without one.
+pub fn host() -> Host {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "these tests boot real guests and need /dev/kvm, which this machine lacks"
+    );
+    Host::new().unwrap_or_else(|e| panic!("cannot open KVM: {e}"))
+}
+
+/// The built-in guest `name`.
+pub fn image(name: &str) -> Image {
+    builtin::image(name)
+        .unwrap_or_else(|| panic!("{name} is not built in"))
+        .unwrap_or_else(|e| panic!("{name} does not load: {e}"))
+}
+
+/// Runs the built-in guest `name` with `args` to its end.
+pub fn run(name: &str, args: &[&str]) -> GuestReport {
+    run_with(
+        name,
+        GuestConfig {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        },
+    )
+}
+
+/// Runs the built-in guest `name` with `config` to its end.
+pub fn run_with(name: &str, config: GuestConfig) -> GuestReport {
+    host()
+        .spawn(&image(name), config)
+        .unwrap_or_else(|e| panic!("cannot spawn {name}: {e}"))
+        .wait()
+}
+
+/// The address range of the built-in guest's executable segments.
+pub fn text_range(name: &str) -> std::ops::Range<u64> {
+    let image = image(name);
+    let text = image
+        .segments
+        .iter()
+        .find(|s| s.executable)
+        .expect("an executable segment");
+    text.vaddr..text.end()
+}

@@ -1,0 +1,94 @@
+//! Guests that break the rules: each gets its documented error or is
+//! stopped with a precise reason, and its console up to that point is kept.
+
+mod common;
+
+use shoal_abi::layout::DEFAULT_MEMORY;
+use shoal_host::{Crash, GuestEnd};
+
+#[test]
+fn bad_pointers_get_documented_errors() {
+    let report = common::run("bad-pointer", &[]);
+    let text = report.console_text();
+    assert_eq!(report.end, GuestEnd::Exited(0), "console: {text}");
+    assert_eq!(text.lines().count(), 7, "{text}");
+    assert_eq!(text.matches("refused as documented").count(), 7, "{text}");
+    assert!(text.contains("address overflow: Err(Abi(Fault)) refused as documented\n"));
+    assert!(text.contains("absurd length: Err(Abi(Invalid)) refused as documented\n"));
+}
+
+#[test]
+fn unknown_hypercall_numbers_and_lengths_get_documented_errors() {
+    let report = common::run("unknown-hypercall", &[]);
+    let text = report.console_text();
+    assert_eq!(report.end, GuestEnd::Exited(0), "console: {text}");
+    assert!(
+        text.contains("number 0xdead: ret -1 as documented\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("wall_clock with arg_len 32: ret -2 as documented\n"),
+        "{text}"
+    );
+    assert_eq!(text.matches("as documented").count(), 5, "{text}");
+    assert_eq!(report.stats.unknown_hypercalls, 3);
+}
+
+#[test]
+fn argument_block_straddling_end_of_memory_stops_the_guest() {
+    let report = common::run("straddle", &[]);
+    let addr = DEFAULT_MEMORY - 8;
+    assert_eq!(
+        report.end,
+        GuestEnd::Crashed(Crash::BadHypercallMemory { addr, len: 16 })
+    );
+    assert_eq!(
+        report.console_text(),
+        format!("hypercall with its block at {addr:#x}, 8 bytes before the end\n")
+    );
+}
+
+#[test]
+fn null_write_without_handler_is_reported_precisely() {
+    let report = common::run("triple-fault", &[]);
+    let GuestEnd::Crashed(Crash::Exception {
+        vector,
+        error_code,
+        rip,
+        fault_addr,
+        ..
+    }) = report.end
+    else {
+        panic!("expected an exception, got {}", report.end)
+    };
+    assert_eq!(vector, 14, "page fault");
+    // Write (bit 1) from user mode (bit 2) to a page that is not present.
+    assert_eq!(error_code, Some(0b110));
+    assert_eq!(fault_addr, Some(0));
+    assert!(
+        common::text_range("triple-fault").contains(&rip),
+        "rip {rip:#x}"
+    );
+    assert_eq!(report.console_text(), "writing to address 0\n");
+    assert_eq!(report.end.exit_status(), 125);
+}
+
+#[test]
+fn privileged_instruction_at_cpl3_is_a_general_protection_fault() {
+    let report = common::run("privileged", &[]);
+    let GuestEnd::Crashed(Crash::Exception {
+        vector,
+        error_code,
+        rip,
+        ..
+    }) = report.end
+    else {
+        panic!("expected an exception, got {}", report.end)
+    };
+    assert_eq!((vector, error_code), (13, Some(0)));
+    assert!(
+        common::text_range("privileged").contains(&rip),
+        "rip {rip:#x}"
+    );
+    assert_eq!(report.console_text(), "executing hlt at CPL3\n");
+}

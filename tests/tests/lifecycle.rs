@@ -1,0 +1,165 @@
+//! A guest's life from the embedding API: states, kill, limits, errors.
+
+mod common;
+
+use shoal_abi::HypercallNr;
+use shoal_host::guest::SpawnError;
+use shoal_host::{GuestConfig, GuestEnd, GuestState};
+use std::time::{Duration, Instant};
+
+fn wait_for_state(guest: &shoal_host::GuestHandle, state: GuestState) {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while guest.state() != state {
+        assert!(Instant::now() < give_up, "guest never reached {state:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn killing_a_blocked_guest_ends_it_and_keeps_its_console() {
+    let host = common::host();
+    let guest = host
+        .spawn(
+            &common::image("clock"),
+            GuestConfig {
+                args: vec!["100000".into()],
+                ..Default::default()
+            },
+        )
+        .expect("spawns");
+    wait_for_state(&guest, GuestState::Blocked);
+    guest.kill();
+    let report = guest.wait();
+    assert_eq!(report.end, GuestEnd::Killed);
+    assert!(report.stats.hypercall(HypercallNr::Block) >= 1);
+}
+
+#[test]
+fn killing_a_spinning_guest_interrupts_it() {
+    let host = common::host();
+    let guest = host
+        .spawn(
+            &common::image("spin"),
+            GuestConfig {
+                args: vec!["forever".into()],
+                ..Default::default()
+            },
+        )
+        .expect("spawns");
+    // Wait until it printed, i.e. is inside its hypercall-free loop.
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while guest.console() != b"spinning\n" {
+        assert!(Instant::now() < give_up, "spin never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(guest.state(), GuestState::Running);
+    guest.kill();
+    let report = guest.wait();
+    assert_eq!(report.end, GuestEnd::Killed);
+    assert_eq!(report.console_text(), "spinning\n");
+}
+
+#[test]
+fn a_spinning_guest_that_finishes_exits_normally() {
+    let report = common::run("spin", &["20ms"]);
+    assert_eq!(report.end, GuestEnd::Exited(0));
+    assert!(report.console_text().starts_with("spinning\nspun, 0x"));
+    // Two console writes and the exit: spinning and reading the clock cost
+    // no exits at all.
+    assert_eq!(report.stats.exits, 3, "{:?}", report.stats);
+}
+
+#[test]
+fn kill_after_the_end_changes_nothing() {
+    let host = common::host();
+    let guest = host
+        .spawn(&common::image("hello"), GuestConfig::default())
+        .expect("spawns");
+    wait_for_state(&guest, GuestState::Ended);
+    guest.kill();
+    assert_eq!(guest.wait().end, GuestEnd::Exited(0));
+}
+
+#[test]
+fn console_limit_truncates_output_but_not_the_guest() {
+    let report = common::run_with(
+        "hello",
+        GuestConfig {
+            console_limit: 10,
+            ..Default::default()
+        },
+    );
+    assert_eq!(report.end, GuestEnd::Exited(0));
+    assert_eq!(report.console_text(), "hello from");
+    assert_eq!(report.stats.console_bytes, 10);
+}
+
+#[test]
+fn console_is_streamed_to_the_sink_as_written() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let report = common::run_with(
+        "hello",
+        GuestConfig {
+            args: vec!["streamed".into()],
+            console_sink: Some(Box::new(move |id, bytes| {
+                let _ = tx.send((id, bytes.to_vec()));
+            })),
+            ..Default::default()
+        },
+    );
+    let streamed: Vec<u8> = rx
+        .try_iter()
+        .inspect(|(id, _)| assert_eq!(*id, report.id))
+        .flat_map(|(_, b)| b)
+        .collect();
+    assert_eq!(streamed, report.console);
+}
+
+#[test]
+fn bad_configurations_are_refused_before_the_guest_runs() {
+    let host = common::host();
+    let image = common::image("hello");
+    let spawn = |config| host.spawn(&image, config).map(|_| ()).expect_err("refused");
+    let too_small = spawn(GuestConfig {
+        mem_size: 1 << 20,
+        ..Default::default()
+    });
+    assert!(matches!(too_small, SpawnError::Memory(_)), "{too_small}");
+    let unaligned = spawn(GuestConfig {
+        mem_size: (4 << 20) + 1,
+        ..Default::default()
+    });
+    assert!(matches!(unaligned, SpawnError::Memory(_)), "{unaligned}");
+    let long_args = spawn(GuestConfig {
+        args: vec!["x".repeat(5000)],
+        ..Default::default()
+    });
+    assert!(
+        long_args
+            .to_string()
+            .contains("guest arguments take 5001 bytes"),
+        "{long_args}"
+    );
+}
+
+#[test]
+fn abi_version_mismatch_is_refused_with_both_versions() {
+    let mut elf = shoal_host::builtin::elf("hello")
+        .expect("built in")
+        .to_vec();
+    let note = shoal_abi::note::AbiNote::new(shoal_abi::ABI_VERSION);
+    let name_at = elf
+        .windows(8)
+        .position(|w| w == note.name)
+        .expect("the ABI note is in the image");
+    let version_at = name_at + 8;
+    elf[version_at..version_at + 4].copy_from_slice(&7u32.to_le_bytes());
+    let err = shoal_host::Image::parse(&elf).expect_err("refused");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "guest was built for ABI v7, but this host speaks ABI v{}",
+            shoal_abi::ABI_VERSION
+        )
+    );
+}
