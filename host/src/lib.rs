@@ -21,7 +21,7 @@
 //!
 //! Layout: [`kvm`] is the thin KVM layer; [`boot`] builds a guest's initial
 //! state; [`hypercall`] serves the ABI, one module per service; [`guest`]
-//! runs one guest; [`host`] is the embedding API; [`bench`] measures.
+//! runs one guest; [`host`] is the embedding API; [`mod@bench`] measures.
 
 pub mod bench;
 pub mod boot;

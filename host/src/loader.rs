@@ -75,7 +75,7 @@ pub enum LoadError {
         end: u64,
     },
     /// Two segments share memory.
-    #[error("segments at {a:#x} and {b:#x} overlap")]
+    #[error("segments at {a:#x} and {b:#x} overlap or share a page")]
     Overlap {
         /// One segment's start.
         a: u64,
