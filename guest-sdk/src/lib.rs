@@ -87,3 +87,27 @@ macro_rules! entry {
         }
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypercall::Error;
+    use shoal_abi::HypercallError;
+
+    #[test]
+    fn entry_return_values_become_exit_codes() {
+        assert_eq!(().report(), 0);
+        assert_eq!(7.report(), 7);
+        assert_eq!(Ok::<(), &str>(()).report(), 0);
+    }
+
+    #[test]
+    fn negative_results_decode_to_documented_or_unknown_errors() {
+        assert_eq!(Error::from(-3), Error::Abi(HypercallError::Fault));
+        assert_eq!(
+            Error::from(-1),
+            Error::Abi(HypercallError::UnknownHypercall)
+        );
+        assert_eq!(Error::from(-77), Error::Unknown(-77));
+    }
+}

@@ -227,7 +227,9 @@ fn run(mut guest: Guest, shared: &Shared) -> GuestEnd {
     end
 }
 
-/// A running (or finished) guest.
+/// A running (or finished) guest. Dropping the handle without
+/// [`GuestHandle::wait`] kills the guest and waits for its thread, so
+/// nothing it held outlives the handle.
 pub struct GuestHandle {
     id: u64,
     shared: Arc<Shared>,
@@ -240,6 +242,27 @@ impl std::fmt::Debug for GuestHandle {
             .field("id", &self.id)
             .field("state", &self.state())
             .finish()
+    }
+}
+
+impl Drop for GuestHandle {
+    fn drop(&mut self) {
+        if self
+            .thread
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            self.kill();
+            let thread = self
+                .thread
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(thread) = thread {
+                let _ = thread.join();
+            }
+        }
     }
 }
 

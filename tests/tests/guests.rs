@@ -132,3 +132,36 @@ fn panic_is_reported_with_message_and_location() {
     assert_eq!(report.console_text(), "about to panic\n");
     assert_eq!(report.end.exit_status(), 101);
 }
+
+#[test]
+fn many_guests_run_at_once_each_with_its_own_id_and_arguments() {
+    let host = common::host();
+    let image = common::image("hello");
+    let guests: Vec<_> = (0..32)
+        .map(|i| {
+            host.spawn(
+                &image,
+                GuestConfig {
+                    args: vec![format!("guest-number-{i}")],
+                    ..Default::default()
+                },
+            )
+            .expect("spawns")
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    for (i, guest) in guests.into_iter().enumerate() {
+        let report = guest.wait();
+        assert_eq!(report.end, GuestEnd::Exited(0));
+        let text = report.console_text();
+        assert!(
+            text.starts_with(&format!("hello from guest {}\n", report.id)),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(&format!("arg 0: guest-number-{i}\n1 args\n")),
+            "{text}"
+        );
+        assert!(ids.insert(report.id));
+    }
+}

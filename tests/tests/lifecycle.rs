@@ -163,3 +163,20 @@ fn abi_version_mismatch_is_refused_with_both_versions() {
         )
     );
 }
+
+#[test]
+fn dropping_a_handle_kills_the_guest() {
+    let host = common::host();
+    let guest = host
+        .spawn(
+            &common::image("spin"),
+            GuestConfig {
+                args: vec!["forever".into()],
+                ..Default::default()
+            },
+        )
+        .expect("spawns");
+    wait_for_state(&guest, GuestState::Running);
+    // Returns only once the guest's thread has ended.
+    drop(guest);
+}

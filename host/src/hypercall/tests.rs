@@ -262,3 +262,71 @@ fn wall_clock_is_the_hosts_real_time() {
     assert_eq!(ret, 0);
     assert!(args.unix_ns >= before && args.unix_ns <= crate::clock::wall_ns());
 }
+
+/// A small deterministic generator for the randomized test below.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn random_hostile_blocks_never_panic_and_end_only_with_documented_outcomes() {
+    let f = Fixture::new(4096);
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let interesting = [
+        0,
+        8,
+        IMAGE_BASE - 8,
+        IMAGE_BASE,
+        MEM - 16,
+        MEM - 8,
+        MEM,
+        u64::MAX - 7,
+    ];
+    for round in 0..20_000 {
+        let addr = match rng.next() % 4 {
+            0 => interesting[(rng.next() % interesting.len() as u64) as usize],
+            1 => rng.next(),
+            _ => IMAGE_BASE + (rng.next() % (MEM - IMAGE_BASE)),
+        };
+        let nr = match rng.next() % 3 {
+            0 => rng.next() as u32,
+            _ => (rng.next() % 8) as u32,
+        };
+        let arg_len = match rng.next() % 3 {
+            0 => rng.next() as u32,
+            _ => [0, 8, 16, 40][(rng.next() % 4) as usize],
+        };
+        let mut block = [0u8; 56];
+        block[..4].copy_from_slice(&nr.to_le_bytes());
+        block[4..8].copy_from_slice(&arg_len.to_le_bytes());
+        for chunk in block[16..].chunks_mut(8) {
+            // Pointers into RAM half of the time, anything otherwise.
+            let value = if rng.next().is_multiple_of(2) {
+                IMAGE_BASE + rng.next() % (MEM - IMAGE_BASE)
+            } else {
+                rng.next() % 0x2_0000
+            };
+            chunk.copy_from_slice(&value.to_le_bytes()[..chunk.len()]);
+        }
+        let written = addr
+            .checked_add(block.len() as u64)
+            .is_some_and(|end| end <= MEM)
+            && addr >= IMAGE_BASE;
+        if written {
+            f.ram.write_guest(addr, &block).expect("in RAM");
+        }
+        match f.dispatch(addr) {
+            Flow::Resume | Flow::Block(_) => {}
+            Flow::End(GuestEnd::Exited(_) | GuestEnd::Panicked(_)) => {}
+            Flow::End(GuestEnd::Crashed(Crash::BadHypercallMemory { .. })) => {}
+            other => panic!("round {round}: unexpected outcome {other:?} for block at {addr:#x}"),
+        }
+    }
+}
