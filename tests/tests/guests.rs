@@ -17,12 +17,7 @@ fn hello_prints_its_id_wall_clock_and_arguments_then_exits_0() {
         .duration_since(UNIX_EPOCH)
         .expect("after 1970")
         .as_secs();
-    assert_eq!(
-        report.end,
-        GuestEnd::Exited(0),
-        "console: {}",
-        report.console_text()
-    );
+    common::assert_exited_0(&report);
     let text = report.console_text();
     let lines: Vec<_> = text.lines().collect();
     assert_eq!(lines[0], format!("hello from guest {}", report.id));
@@ -86,12 +81,7 @@ fn guest_ids_are_unique_per_host() {
 #[test]
 fn clock_advances_across_sleeps_and_never_goes_backwards() {
     let report = common::run("clock", &["4"]);
-    assert_eq!(
-        report.end,
-        GuestEnd::Exited(0),
-        "console: {}",
-        report.console_text()
-    );
+    common::assert_exited_0(&report);
     let text = report.console_text();
     for round in 1..=4 {
         assert!(

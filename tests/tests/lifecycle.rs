@@ -18,15 +18,7 @@ fn wait_for_state(guest: &shoal_host::GuestHandle, state: GuestState) {
 #[test]
 fn killing_a_blocked_guest_ends_it_and_keeps_its_console() {
     let host = common::host();
-    let guest = host
-        .spawn(
-            &common::image("clock"),
-            GuestConfig {
-                args: vec!["100000".into()],
-                ..Default::default()
-            },
-        )
-        .expect("spawns");
+    let guest = common::spawn(&host, "clock", &["100000"]);
     wait_for_state(&guest, GuestState::Blocked);
     guest.kill();
     let report = guest.wait();
@@ -37,15 +29,7 @@ fn killing_a_blocked_guest_ends_it_and_keeps_its_console() {
 #[test]
 fn killing_a_spinning_guest_interrupts_it() {
     let host = common::host();
-    let guest = host
-        .spawn(
-            &common::image("spin"),
-            GuestConfig {
-                args: vec!["forever".into()],
-                ..Default::default()
-            },
-        )
-        .expect("spawns");
+    let guest = common::spawn(&host, "spin", &["forever"]);
     // Wait until it printed, i.e. is inside its hypercall-free loop.
     let give_up = Instant::now() + Duration::from_secs(30);
     while guest.console() != b"spinning\n" {
@@ -167,15 +151,7 @@ fn abi_version_mismatch_is_refused_with_both_versions() {
 #[test]
 fn dropping_a_handle_kills_the_guest() {
     let host = common::host();
-    let guest = host
-        .spawn(
-            &common::image("spin"),
-            GuestConfig {
-                args: vec!["forever".into()],
-                ..Default::default()
-            },
-        )
-        .expect("spawns");
+    let guest = common::spawn(&host, "spin", &["forever"]);
     wait_for_state(&guest, GuestState::Running);
     // Returns only once the guest's thread has ended.
     drop(guest);

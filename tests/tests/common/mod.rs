@@ -48,3 +48,25 @@ pub fn text_range(name: &str) -> std::ops::Range<u64> {
         .expect("an executable segment");
     text.vaddr..text.end()
 }
+
+/// Starts the built-in guest `name` with `args` on `host`.
+pub fn spawn(host: &Host, name: &str, args: &[&str]) -> shoal_host::GuestHandle {
+    host.spawn(
+        &image(name),
+        GuestConfig {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("cannot spawn {name}: {e}"))
+}
+
+/// Asserts the guest exited with code 0, showing its console otherwise.
+pub fn assert_exited_0(report: &GuestReport) {
+    assert_eq!(
+        report.end,
+        shoal_host::GuestEnd::Exited(0),
+        "console: {}",
+        report.console_text()
+    );
+}
