@@ -19,6 +19,7 @@ const GUESTS: &[(&str, &str)] = &[
         "spin",
         "computes without hypercalls for a while (500ms, 2s, forever)",
     ),
+    ("idle", "blocks for a while (2s, 500ms), then exits 0"),
     ("bench", "the guest half of `shoal bench`"),
     (
         "bad-pointer",
@@ -44,6 +45,7 @@ fn watch(path: &Path) {
 }
 
 fn watch_sources(root: &Path) {
+    watch(&root.join("host").join("build.rs"));
     for file in [
         "abi/Cargo.toml",
         "abi/src",

@@ -55,17 +55,20 @@ pub enum HypercallNr {
     Block = 4,
     /// Report a panic and end the guest: [`Panic`]. Does not return.
     Panic = 5,
+    /// Give the CPU to another guest: [`Yield`]. Feature `YIELD`.
+    Yield = 6,
 }
 
 impl HypercallNr {
     /// Every hypercall number of this ABI version, in numeric order.
-    pub const ALL: [HypercallNr; 6] = [
+    pub const ALL: [HypercallNr; 7] = [
         Self::AbiInfo,
         Self::ConsoleWrite,
         Self::Exit,
         Self::WallClock,
         Self::Block,
         Self::Panic,
+        Self::Yield,
     ];
 
     /// The call's name as the docs and traces spell it.
@@ -77,6 +80,7 @@ impl HypercallNr {
             Self::WallClock => "wall_clock",
             Self::Block => "block",
             Self::Panic => "panic",
+            Self::Yield => "yield",
         }
     }
 }
@@ -226,6 +230,21 @@ impl Hypercall for Panic {
     const NR: HypercallNr = HypercallNr::Panic;
 }
 
+/// `yield`: puts the guest at the back of the run queue and resumes it
+/// when its turn comes again. Returns 0.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct Yield {
+    /// Must be zero.
+    pub _reserved: u64,
+}
+const _: () = assert!(size_of::<Yield>() == 8);
+impl Hypercall for Yield {
+    const NR: HypercallNr = HypercallNr::Yield;
+}
+
 /// Longest panic message or file name the host keeps.
 pub const PANIC_TEXT_MAX: u64 = 1024;
 
@@ -239,6 +258,7 @@ const _: () = assert!(Exit::ARG_LEN <= MAX_ARG_LEN);
 const _: () = assert!(WallClock::ARG_LEN <= MAX_ARG_LEN);
 const _: () = assert!(Block::ARG_LEN <= MAX_ARG_LEN);
 const _: () = assert!(Panic::ARG_LEN <= MAX_ARG_LEN);
+const _: () = assert!(Yield::ARG_LEN <= MAX_ARG_LEN);
 
 #[cfg(test)]
 mod tests {
@@ -249,7 +269,7 @@ mod tests {
         for call in HypercallNr::ALL {
             assert_eq!(HypercallNr::try_from(call as u32), Ok(call));
         }
-        assert_eq!(HypercallNr::try_from(6), Err(UnknownHypercall(6)));
+        assert_eq!(HypercallNr::try_from(7), Err(UnknownHypercall(7)));
         assert_eq!(
             HypercallNr::try_from(u32::MAX),
             Err(UnknownHypercall(u32::MAX))

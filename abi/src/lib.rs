@@ -40,6 +40,9 @@ pub mod features {
     /// guest faults.
     pub const PRECISE_FAULTS: u64 = 1 << 2;
 
+    /// The `yield` hypercall is served.
+    pub const YIELD: u64 = 1 << 3;
+
     /// Every feature this version of the ABI crate knows about.
-    pub const ALL_V1: u64 = CLOCK_PAGE | BLOCK | PRECISE_FAULTS;
+    pub const ALL_V1: u64 = CLOCK_PAGE | BLOCK | PRECISE_FAULTS | YIELD;
 }

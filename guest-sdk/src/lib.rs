@@ -43,6 +43,12 @@ pub fn exit(code: i32) -> ! {
     }
 }
 
+/// Gives the CPU to another guest; returns when this guest's turn comes
+/// again (one hypercall).
+pub fn yield_now() {
+    let _ = hypercall::call(&mut abi::hypercall::Yield { _reserved: 0 });
+}
+
 /// What an entry function may return: `()` means exit code 0, an `i32` is
 /// the exit code, and `Result<(), E>` prints the error and exits 1.
 pub trait Termination {

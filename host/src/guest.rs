@@ -41,6 +41,10 @@ pub enum SpawnError {
 pub enum Step {
     /// The guest blocked until this deadline (guest monotonic ns).
     Blocked(u64),
+    /// The scheduler asked the guest to give up its worker.
+    Preempted,
+    /// The guest gave up its worker (`yield`).
+    Yielded,
     /// The guest is over.
     Ended(GuestEnd),
 }
@@ -146,23 +150,29 @@ impl Guest {
         self.vcpu.disarm_kick();
     }
 
-    /// Runs the guest until it blocks or ends. Checks `killed` before every
-    /// entry; a kick makes the current entry return so the check happens.
-    pub fn run(&mut self, killed: &AtomicBool) -> Step {
+    /// Runs the guest until it blocks, yields or ends, or until `preempt`
+    /// is set. Checks `killed` before every entry; a kick makes the current
+    /// entry return so that both flags are looked at.
+    pub fn run(&mut self, killed: &AtomicBool, preempt: &AtomicBool) -> Step {
         loop {
-            if killed.load(Ordering::Acquire) {
+            if killed.load(Ordering::SeqCst) {
                 return Step::Ended(GuestEnd::Killed);
             }
             let exit = match self.vcpu.run() {
                 Ok(exit) => exit,
                 Err(e) => return Step::Ended(GuestEnd::Crashed(Crash::Internal(e.to_string()))),
             };
-            if exit != Exit::Kicked {
-                self.stats.count_exit();
+            if exit == Exit::Kicked {
+                if preempt.swap(false, Ordering::SeqCst) && !killed.load(Ordering::SeqCst) {
+                    return Step::Preempted;
+                }
+                continue;
             }
+            self.stats.count_exit();
             match self.serve(exit) {
                 Flow::Resume => {}
                 Flow::Block(deadline) => return Step::Blocked(deadline),
+                Flow::Yield => return Step::Yielded,
                 Flow::End(end) => return Step::Ended(end),
             }
         }

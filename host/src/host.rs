@@ -2,18 +2,19 @@
 //! console and counters.
 
 use crate::console::{Console, ConsoleSink, DEFAULT_CONSOLE_LIMIT};
+use crate::control::GuestControl;
+pub use crate::control::GuestState;
 use crate::end::GuestEnd;
-use crate::guest::{Guest, GuestParts, SpawnError, Step};
-use crate::kvm::Kick;
+use crate::guest::{Guest, GuestParts, SpawnError};
 use crate::kvm::vm::{Kvm, VmError};
 use crate::loader::Image;
+use crate::sched::{DEFAULT_SLICE, Scheduler, SchedulerRef, Task};
 use crate::stats::{GuestStats, StatsSnapshot};
 use shoal_abi::layout::DEFAULT_MEMORY;
-use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::thread::JoinHandle;
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
 
 /// How to run one guest.
 pub struct GuestConfig {
@@ -34,31 +35,6 @@ impl Default for GuestConfig {
             args: Vec::new(),
             console_limit: DEFAULT_CONSOLE_LIMIT,
             console_sink: None,
-        }
-    }
-}
-
-/// Where a guest is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum GuestState {
-    /// Created, not yet entered.
-    Runnable = 0,
-    /// Executing (or in a hypercall).
-    Running = 1,
-    /// Blocked until a deadline.
-    Blocked = 2,
-    /// Over; [`GuestHandle::wait`] returns at once.
-    Ended = 3,
-}
-
-impl GuestState {
-    fn from_u8(v: u8) -> Self {
-        match v {
-            0 => Self::Runnable,
-            1 => Self::Running,
-            2 => Self::Blocked,
-            _ => Self::Ended,
         }
     }
 }
@@ -89,9 +65,30 @@ pub enum HostError {
     /// KVM is not usable.
     #[error(transparent)]
     Kvm(#[from] VmError),
+    /// The scheduler's threads could not be started.
+    #[error("cannot start the scheduler's threads")]
+    Threads(#[source] std::io::Error),
 }
 
-/// A shoal host: one `/dev/kvm`, any number of guests.
+/// How a host runs its guests.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// Worker threads that run guests (default: one per CPU).
+    pub workers: usize,
+    /// Longest a guest keeps a worker while others wait.
+    pub slice: Duration,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            slice: DEFAULT_SLICE,
+        }
+    }
+}
+
+/// A shoal host: one `/dev/kvm`, a scheduler, any number of guests.
 ///
 /// ```no_run
 /// use shoal_host::{GuestConfig, Host, Image};
@@ -103,61 +100,40 @@ pub enum HostError {
 /// println!("{}: {}", report.end, report.console_text());
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+///
+/// Dropping the host kills the guests still running and waits for them.
 #[derive(Debug)]
 pub struct Host {
     kvm: Kvm,
     scale: OnceLock<crate::clock::TscScale>,
     next_id: AtomicU64,
-}
-
-struct Shared {
-    killed: AtomicBool,
-    state: AtomicU8,
-    park: Mutex<()>,
-    wake: Condvar,
-    console: Arc<Console>,
-    stats: Arc<GuestStats>,
-}
-
-impl Shared {
-    fn set_state(&self, state: GuestState) {
-        self.state.store(state as u8, Ordering::Release);
-    }
-
-    /// Sleeps until `until` or a kill; true when killed.
-    fn park_until(&self, until: Option<Instant>) -> bool {
-        let mut guard = self.park.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if self.killed.load(Ordering::Acquire) {
-                return true;
-            }
-            let wait = match until {
-                Some(until) => match until.checked_duration_since(Instant::now()) {
-                    Some(wait) if !wait.is_zero() => wait,
-                    _ => return false,
-                },
-                None => std::time::Duration::from_secs(3600),
-            };
-            guard = self
-                .wake
-                .wait_timeout(guard, wait)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
-        }
-    }
+    sched: Scheduler,
+    live: Mutex<HashMap<u64, Weak<GuestControl>>>,
 }
 
 impl Host {
-    /// Opens `/dev/kvm`.
+    /// Opens `/dev/kvm` and starts the scheduler with default settings.
     pub fn new() -> Result<Self, HostError> {
+        Self::with_config(HostConfig::default())
+    }
+
+    /// Opens `/dev/kvm` and starts the scheduler.
+    pub fn with_config(config: HostConfig) -> Result<Self, HostError> {
         Ok(Self {
             kvm: Kvm::open()?,
             scale: OnceLock::new(),
             next_id: AtomicU64::new(1),
+            sched: Scheduler::start(config.workers, config.slice).map_err(HostError::Threads)?,
+            live: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Creates a guest from `image` and starts running it on its own thread.
+    /// Number of worker threads.
+    pub fn workers(&self) -> usize {
+        self.sched.workers()
+    }
+
+    /// Creates a guest from `image` and makes it runnable.
     pub fn spawn(&self, image: &Image, config: GuestConfig) -> Result<GuestHandle, SpawnError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let console = Arc::new(Console::new(id, config.console_limit, config.console_sink));
@@ -175,71 +151,55 @@ impl Host {
             },
             &self.scale,
         )?;
-        let shared = Arc::new(Shared {
-            killed: AtomicBool::new(false),
-            state: AtomicU8::new(GuestState::Runnable as u8),
-            park: Mutex::new(()),
-            wake: Condvar::new(),
-            console,
-            stats,
+        let control = Arc::new(GuestControl::new(id, console, stats));
+        {
+            let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.retain(|_, control| control.strong_count() > 0);
+            live.insert(id, Arc::downgrade(&control));
+        }
+        self.sched.submit(Task {
+            guest: Box::new(guest),
+            control: Arc::clone(&control),
         });
-        let runner_shared = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name(format!("guest-{id}"))
-            .stack_size(256 << 10)
-            .spawn(move || run(guest, &runner_shared))
-            .map_err(SpawnError::Thread)?;
         Ok(GuestHandle {
-            id,
-            shared,
-            thread: Mutex::new(Some(thread)),
+            control,
+            sched: self.sched.handle(),
         })
     }
 }
 
-/// Runs a guest to its end on the current thread.
-fn run(mut guest: Guest, shared: &Shared) -> GuestEnd {
-    let span = tracing::info_span!("guest", id = guest.id());
-    let _entered = span.enter();
-    guest.arm_kick();
-    tracing::debug!("running");
-    let end = loop {
-        shared.set_state(GuestState::Running);
-        match guest.run(&shared.killed) {
-            Step::Ended(end) => break end,
-            Step::Blocked(deadline) => {
-                shared.set_state(GuestState::Blocked);
-                tracing::trace!(deadline, "blocked");
-                let since = Instant::now();
-                let killed = shared.park_until(guest.clock().instant_of(deadline));
-                shared
-                    .stats
-                    .add_blocked_ns(since.elapsed().as_nanos() as u64);
-                if killed {
-                    break GuestEnd::Killed;
-                }
-            }
+impl Drop for Host {
+    fn drop(&mut self) {
+        let live: Vec<_> = self
+            .live
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .filter_map(|(_, control)| control.upgrade())
+            .collect();
+        let handle = self.sched.handle();
+        for control in &live {
+            handle.kill(control);
         }
-    };
-    guest.disarm_kick();
-    shared.set_state(GuestState::Ended);
-    tracing::info!(%end, "guest ended");
-    end
+        for control in &live {
+            control.wait();
+        }
+        self.sched.stop();
+    }
 }
 
-/// A running (or finished) guest. Dropping the handle without
-/// [`GuestHandle::wait`] kills the guest and waits for its thread, so
-/// nothing it held outlives the handle.
+/// A guest, running or finished. Dropping the handle before the guest
+/// ended kills it and waits for the end, so nothing it held outlives the
+/// handle.
 pub struct GuestHandle {
-    id: u64,
-    shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<GuestEnd>>>,
+    control: Arc<GuestControl>,
+    sched: SchedulerRef,
 }
 
 impl std::fmt::Debug for GuestHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuestHandle")
-            .field("id", &self.id)
+            .field("id", &self.control.id)
             .field("state", &self.state())
             .finish()
     }
@@ -247,21 +207,9 @@ impl std::fmt::Debug for GuestHandle {
 
 impl Drop for GuestHandle {
     fn drop(&mut self) {
-        if self
-            .thread
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-        {
-            self.kill();
-            let thread = self
-                .thread
-                .get_mut()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
-            if let Some(thread) = thread {
-                let _ = thread.join();
-            }
+        if self.control.end().is_none() {
+            self.sched.kill(&self.control);
+            self.control.wait();
         }
     }
 }
@@ -269,51 +217,43 @@ impl Drop for GuestHandle {
 impl GuestHandle {
     /// The guest's id.
     pub fn id(&self) -> u64 {
-        self.id
+        self.control.id
     }
 
     /// Where the guest is in its life.
     pub fn state(&self) -> GuestState {
-        GuestState::from_u8(self.shared.state.load(Ordering::Acquire))
+        self.control.state()
     }
 
     /// Stops the guest (it ends as [`GuestEnd::Killed`] unless it already
     /// ended). Returns at once; [`GuestHandle::wait`] for the end.
     pub fn kill(&self) {
-        self.shared.killed.store(true, Ordering::Release);
-        drop(self.shared.park.lock().unwrap_or_else(|e| e.into_inner()));
-        self.shared.wake.notify_all();
-        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(thread) = thread.as_ref().filter(|t| !t.is_finished()) {
-            Kick::send(thread.as_pthread_t());
-        }
+        self.sched.kill(&self.control);
     }
 
     /// Console output so far.
     pub fn console(&self) -> Vec<u8> {
-        self.shared.console.snapshot()
+        self.control.console.snapshot()
     }
 
     /// Counters so far.
     pub fn stats(&self) -> StatsSnapshot {
-        self.shared.stats.snapshot()
+        self.control.stats.snapshot()
+    }
+
+    /// The end, if the guest is over.
+    pub fn try_end(&self) -> Option<GuestEnd> {
+        self.control.end()
     }
 
     /// Waits for the guest to end and returns its report.
     pub fn wait(self) -> GuestReport {
-        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let end = match thread.map(JoinHandle::join) {
-            Some(Ok(end)) => end,
-            Some(Err(_)) => {
-                GuestEnd::Crashed(crate::end::Crash::Internal("guest thread panicked".into()))
-            }
-            None => GuestEnd::Killed,
-        };
+        let end = self.control.wait();
         GuestReport {
-            id: self.id,
+            id: self.control.id,
             end,
-            console: self.shared.console.snapshot(),
-            stats: self.shared.stats.snapshot(),
+            console: self.control.console.snapshot(),
+            stats: self.control.stats.snapshot(),
         }
     }
 }

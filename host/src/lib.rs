@@ -21,22 +21,25 @@
 //!
 //! Layout: [`kvm`] is the thin KVM layer; [`boot`] builds a guest's initial
 //! state; [`hypercall`] serves the ABI, one module per service; [`guest`]
-//! runs one guest; [`host`] is the embedding API; [`mod@bench`] measures.
+//! runs one guest; [`sched`] multiplexes guests over a few worker threads;
+//! [`host`] is the embedding API; [`mod@bench`] measures.
 
 pub mod bench;
 pub mod boot;
 pub mod builtin;
 pub mod clock;
 pub mod console;
+pub mod control;
 pub mod end;
 pub mod guest;
 pub mod host;
 pub mod hypercall;
 pub mod kvm;
 pub mod loader;
+pub mod sched;
 pub mod stats;
 
 pub use end::{Crash, GuestEnd, PanicReport};
-pub use host::{GuestConfig, GuestHandle, GuestReport, GuestState, Host, HostError};
+pub use host::{GuestConfig, GuestHandle, GuestReport, GuestState, Host, HostConfig, HostError};
 pub use loader::{Image, LoadError};
 pub use stats::StatsSnapshot;

@@ -15,6 +15,8 @@ pub struct GuestStats {
     null_exits: AtomicU64,
     console_bytes: AtomicU64,
     blocked_ns: AtomicU64,
+    cpu_ns: AtomicU64,
+    preemptions: AtomicU64,
 }
 
 /// A snapshot of [`GuestStats`].
@@ -32,6 +34,10 @@ pub struct StatsSnapshot {
     pub console_bytes: u64,
     /// Nanoseconds spent blocked.
     pub blocked_ns: u64,
+    /// Nanoseconds spent on a worker (running, or in a hypercall).
+    pub cpu_ns: u64,
+    /// Times the scheduler took the worker away at the end of a slice.
+    pub preemptions: u64,
 }
 
 impl StatsSnapshot {
@@ -77,6 +83,16 @@ impl GuestStats {
         self.blocked_ns.fetch_add(n, Relaxed);
     }
 
+    /// Time on a worker.
+    pub fn add_cpu_ns(&self, n: u64) {
+        self.cpu_ns.fetch_add(n, Relaxed);
+    }
+
+    /// One preemption.
+    pub fn count_preemption(&self) {
+        self.preemptions.fetch_add(1, Relaxed);
+    }
+
     /// A snapshot.
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
@@ -90,6 +106,8 @@ impl GuestStats {
             null_exits: self.null_exits.load(Relaxed),
             console_bytes: self.console_bytes.load(Relaxed),
             blocked_ns: self.blocked_ns.load(Relaxed),
+            cpu_ns: self.cpu_ns.load(Relaxed),
+            preemptions: self.preemptions.load(Relaxed),
         }
     }
 }

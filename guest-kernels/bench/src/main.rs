@@ -1,6 +1,6 @@
 //! bench: the guest half of `shoal bench`. Arguments: `MODE COUNT`, where
-//! MODE is `floor` (null exits), `hypercall` (abi_info round trips) or
-//! `clock` (monotonic clock reads). Prints `result MODE COUNT NANOS`: the
+//! MODE is `floor` (null exits), `hypercall` (abi_info round trips),
+//! `yield` (yield hypercalls) or `clock` (monotonic clock reads). Prints `result MODE COUNT NANOS`: the
 //! total time of COUNT operations measured inside the guest.
 #![no_std]
 #![no_main]
@@ -35,6 +35,7 @@ fn main() -> i32 {
                 }
             }
         }
+        "yield" => (0..count).for_each(|_| shoal_guest::yield_now()),
         "clock" => {
             let mut last = 0;
             for _ in 0..count {

@@ -30,6 +30,8 @@ pub enum Flow {
     Resume,
     /// Block the guest until its monotonic clock reaches this deadline (ns).
     Block(u64),
+    /// Give the worker to another guest, then resume.
+    Yield,
     /// The guest is over.
     End(GuestEnd),
 }
@@ -81,6 +83,7 @@ pub fn dispatch(ctx: &Context<'_>, addr: u64) -> Flow {
         HypercallNr::WallClock => serve::<abi::WallClock>(ctx, addr, header, time::wall_clock),
         HypercallNr::Block => serve::<abi::Block>(ctx, addr, header, time::block),
         HypercallNr::Panic => serve::<abi::Panic>(ctx, addr, header, system::panic),
+        HypercallNr::Yield => serve::<abi::Yield>(ctx, addr, header, system::yield_now),
         // A number the ABI crate knows but this host does not serve yet.
         _ => finish(
             ctx,

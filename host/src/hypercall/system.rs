@@ -2,7 +2,7 @@
 
 use super::{Context, Flow, Served};
 use crate::end::{GuestEnd, PanicReport};
-use shoal_abi::hypercall::{AbiInfo, Exit, PANIC_TEXT_MAX, Panic};
+use shoal_abi::hypercall::{AbiInfo, Exit, PANIC_TEXT_MAX, Panic, Yield};
 use shoal_abi::{ABI_VERSION, HypercallError};
 
 /// `abi_info`.
@@ -38,4 +38,12 @@ pub fn panic(ctx: &Context<'_>, args: &mut Panic) -> Served {
         column: args.column,
     };
     Ok((0, Flow::End(GuestEnd::Panicked(report))))
+}
+
+/// `yield`.
+pub fn yield_now(_ctx: &Context<'_>, args: &mut Yield) -> Served {
+    if args._reserved != 0 {
+        return Err(HypercallError::ReservedNotZero);
+    }
+    Ok((0, Flow::Yield))
 }

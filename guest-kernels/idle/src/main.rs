@@ -1,0 +1,32 @@
+//! idle: blocks for the given time (`2s`, `500ms`, a bare number of
+//! milliseconds; default 1s) with one `block` hypercall, then exits 0. The
+//! unit of concurrency tests: a blocked guest costs the host no CPU.
+#![no_std]
+#![no_main]
+
+use shoal_guest::{boot, println, time};
+
+shoal_guest::entry!(main);
+
+fn parse_ns(arg: &str) -> Option<u64> {
+    let (digits, scale) = match arg.strip_suffix("ms") {
+        Some(ms) => (ms, 1_000_000),
+        None => match arg.strip_suffix('s') {
+            Some(s) => (s, 1_000_000_000),
+            None => (arg, 1_000_000),
+        },
+    };
+    digits.parse::<u64>().ok()?.checked_mul(scale)
+}
+
+fn main() -> i32 {
+    let Some(duration) = boot::args().next().map_or(Some(1_000_000_000), parse_ns) else {
+        println!("usage: idle DURATION (2s, 500ms)");
+        return 2;
+    };
+    let deadline = time::monotonic_ns().saturating_add(duration);
+    while time::monotonic_ns() < deadline {
+        time::block_until(deadline);
+    }
+    0
+}

@@ -1,0 +1,104 @@
+//! The state a guest shares between its handle, the scheduler and the
+//! worker running it.
+
+use crate::console::Console;
+use crate::end::GuestEnd;
+use crate::stats::GuestStats;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Where a guest is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum GuestState {
+    /// Created, waiting for a worker.
+    Runnable = 0,
+    /// On a worker (executing, or in a hypercall).
+    Running = 1,
+    /// Blocked until a deadline.
+    Blocked = 2,
+    /// Over.
+    Ended = 3,
+}
+
+impl GuestState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Runnable,
+            1 => Self::Running,
+            2 => Self::Blocked,
+            _ => Self::Ended,
+        }
+    }
+}
+
+/// No worker runs the guest.
+pub const NO_WORKER: usize = usize::MAX;
+
+/// One guest's shared control block.
+#[derive(Debug)]
+pub struct GuestControl {
+    /// The guest's id.
+    pub id: u64,
+    /// Set by `kill`; checked before every guest entry.
+    pub killed: AtomicBool,
+    state: AtomicU8,
+    /// Index of the worker running the guest, or [`NO_WORKER`].
+    pub worker: AtomicUsize,
+    end: Mutex<Option<GuestEnd>>,
+    ended: Condvar,
+    /// The console.
+    pub console: Arc<Console>,
+    /// The counters.
+    pub stats: Arc<GuestStats>,
+}
+
+impl GuestControl {
+    /// A control block for a guest that has not run yet.
+    pub fn new(id: u64, console: Arc<Console>, stats: Arc<GuestStats>) -> Self {
+        Self {
+            id,
+            killed: AtomicBool::new(false),
+            state: AtomicU8::new(GuestState::Runnable as u8),
+            worker: AtomicUsize::new(NO_WORKER),
+            end: Mutex::new(None),
+            ended: Condvar::new(),
+            console,
+            stats,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> GuestState {
+        GuestState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// Records a state change.
+    pub fn set_state(&self, state: GuestState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    /// Records the guest's end and wakes every waiter.
+    pub fn finish(&self, end: GuestEnd) {
+        let mut slot = self.end.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(end);
+        self.set_state(GuestState::Ended);
+        self.ended.notify_all();
+    }
+
+    /// Waits for the end.
+    pub fn wait(&self) -> GuestEnd {
+        let mut slot = self.end.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(end) = slot.as_ref() {
+                return end.clone();
+            }
+            slot = self.ended.wait(slot).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The end, if the guest is over.
+    pub fn end(&self) -> Option<GuestEnd> {
+        self.end.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}

@@ -1,0 +1,260 @@
+//! The scheduler: a few worker threads multiplex every guest's vCPU, in the
+//! manner of Denali's isolation kernel.
+//!
+//! - Runnable guests wait in two FIFO queues: the **wake queue** (guests a
+//!   timer or a kill just woke) is always served before the **run queue**
+//!   (guests that were preempted or yielded), so a guest that slept gets the
+//!   CPU quickly even when many guests spin.
+//! - A worker takes a guest, runs its vCPU until it blocks, yields, ends or
+//!   is preempted, and takes the next. A blocked guest is parked with the
+//!   timer thread and costs no CPU.
+//! - The timer thread wakes guests whose deadline passed and preempts: a
+//!   worker whose guest has run longer than the time slice while others
+//!   wait, or any busy worker when a woken guest waits, is kicked (a signal
+//!   that makes `KVM_RUN` return), and its guest goes to the back of the run
+//!   queue.
+
+mod timer;
+mod worker;
+
+use crate::control::{GuestControl, GuestState};
+use crate::guest::Guest;
+use crossbeam_channel::{Receiver, Sender, unbounded};
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Default time slice.
+pub const DEFAULT_SLICE: Duration = Duration::from_millis(5);
+
+/// A guest and its control block, as the scheduler moves it around.
+pub struct Task {
+    /// The guest (its vCPU, VM and memory).
+    pub guest: Box<Guest>,
+    /// Its shared control block.
+    pub control: Arc<GuestControl>,
+}
+
+enum Job {
+    Run(Task),
+    Stop,
+}
+
+/// A guest parked until a deadline, with the generation of its timer entry.
+struct Parked {
+    generation: u64,
+    since: Instant,
+    task: Task,
+}
+
+#[derive(Default)]
+struct Timers {
+    /// (deadline, guest id, generation), earliest first.
+    heap: BinaryHeap<std::cmp::Reverse<(Instant, u64, u64)>>,
+    parked: HashMap<u64, Parked>,
+    next_generation: u64,
+}
+
+/// One worker's slot, written by the worker and read by the timer thread.
+#[derive(Default)]
+struct WorkerSlot {
+    /// The worker thread's `pthread_t`, once started.
+    thread: AtomicU64,
+    /// When the current guest entered, in ns since the scheduler's epoch
+    /// (0: idle).
+    running_since: AtomicU64,
+    /// Asks the running guest to give up the worker at its next exit.
+    preempt: AtomicBool,
+}
+
+struct Inner {
+    wake_tx: Sender<Job>,
+    wake_rx: Receiver<Job>,
+    run_tx: Sender<Job>,
+    run_rx: Receiver<Job>,
+    timers: Mutex<Timers>,
+    timer_cv: Condvar,
+    workers: Vec<WorkerSlot>,
+    slice: Duration,
+    epoch: Instant,
+    shutdown: AtomicBool,
+}
+
+impl Inner {
+    fn now_ns(&self) -> u64 {
+        (self.epoch.elapsed().as_nanos() as u64).max(1)
+    }
+
+    fn lock_timers(&self) -> std::sync::MutexGuard<'_, Timers> {
+        self.timers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a woken guest ahead of preempted ones.
+    fn push_woken(&self, task: Task) {
+        task.control.set_state(GuestState::Runnable);
+        let _ = self.wake_tx.send(Job::Run(task));
+        self.timer_cv.notify_one();
+    }
+
+    /// Queues a new, preempted or yielding guest at the back of the run
+    /// queue, and lets the timer thread know someone waits for a worker.
+    fn push_runnable(&self, task: Task) {
+        task.control.set_state(GuestState::Runnable);
+        let _ = self.run_tx.send(Job::Run(task));
+        self.timer_cv.notify_one();
+    }
+
+    /// Parks `task` until guest time `deadline_ns` (or a wake).
+    fn park(&self, task: Task, deadline_ns: u64) {
+        let id = task.control.id;
+        let when = task.guest.clock().instant_of(deadline_ns);
+        task.control.set_state(GuestState::Blocked);
+        let mut timers = self.lock_timers();
+        let generation = timers.next_generation;
+        timers.next_generation += 1;
+        if let Some(when) = when {
+            timers.heap.push(std::cmp::Reverse((when, id, generation)));
+        }
+        let killed = task.control.killed.load(Ordering::SeqCst);
+        let parked = Parked {
+            generation,
+            since: Instant::now(),
+            task,
+        };
+        if killed {
+            // A kill raced with blocking: it found nothing to wake, so wake now.
+            drop(timers);
+            self.push_woken(parked.task);
+            return;
+        }
+        timers.parked.insert(id, parked);
+        drop(timers);
+        self.timer_cv.notify_one();
+    }
+
+    /// Wakes guest `id` if it is parked.
+    fn wake(&self, id: u64) {
+        let parked = self.lock_timers().parked.remove(&id);
+        if let Some(parked) = parked {
+            self.unpark(parked);
+        }
+    }
+
+    /// Moves a parked guest to the wake queue.
+    fn unpark(&self, parked: Parked) {
+        let blocked = parked.since.elapsed().as_nanos() as u64;
+        parked.task.control.stats.add_blocked_ns(blocked);
+        self.push_woken(parked.task);
+    }
+}
+
+/// The scheduler of one host: worker threads and a timer thread.
+pub struct Scheduler {
+    inner: Arc<Inner>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("workers", &self.inner.workers.len())
+            .field("slice", &self.inner.slice)
+            .finish()
+    }
+}
+
+/// A handle to wake or kick guests, held by guest handles.
+#[derive(Clone)]
+pub struct SchedulerRef(Arc<Inner>);
+
+impl SchedulerRef {
+    /// Kills the guest: it ends as killed at its next scheduling point, and
+    /// is woken or interrupted to get there now.
+    pub fn kill(&self, control: &GuestControl) {
+        control.killed.store(true, Ordering::SeqCst);
+        let worker = control.worker.load(Ordering::SeqCst);
+        if let Some(slot) = self.0.workers.get(worker) {
+            let thread = slot.thread.load(Ordering::Acquire);
+            if thread != 0 {
+                crate::kvm::Kick::send(thread as libc::pthread_t);
+            }
+        }
+        self.0.wake(control.id);
+    }
+}
+
+impl Scheduler {
+    /// Starts `workers` worker threads (at least one) and the timer thread.
+    pub fn start(workers: usize, slice: Duration) -> std::io::Result<Self> {
+        let (wake_tx, wake_rx) = unbounded();
+        let (run_tx, run_rx) = unbounded();
+        let inner = Arc::new(Inner {
+            wake_tx,
+            wake_rx,
+            run_tx,
+            run_rx,
+            timers: Mutex::new(Timers::default()),
+            timer_cv: Condvar::new(),
+            workers: (0..workers.max(1)).map(|_| WorkerSlot::default()).collect(),
+            slice,
+            epoch: Instant::now(),
+            shutdown: AtomicBool::new(false),
+        });
+        let mut threads = Vec::new();
+        for index in 0..inner.workers.len() {
+            let inner = Arc::clone(&inner);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("shoal-worker-{index}"))
+                    .spawn(move || worker::run(&inner, index))?,
+            );
+        }
+        let timer_inner = Arc::clone(&inner);
+        threads.push(
+            std::thread::Builder::new()
+                .name("shoal-timer".into())
+                .spawn(move || timer::run(&timer_inner))?,
+        );
+        Ok(Self {
+            inner,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    /// Number of worker threads.
+    pub fn workers(&self) -> usize {
+        self.inner.workers.len()
+    }
+
+    /// Hands a new guest to the scheduler.
+    pub fn submit(&self, task: Task) {
+        self.inner.push_runnable(task);
+    }
+
+    /// A handle for killing guests.
+    pub fn handle(&self) -> SchedulerRef {
+        SchedulerRef(Arc::clone(&self.inner))
+    }
+
+    /// Stops the threads. Guests still queued or parked are dropped
+    /// without running again; kill and wait for them first.
+    pub fn stop(&self) {
+        self.inner.shutdown.store(true, Ordering::SeqCst);
+        for _ in &self.inner.workers {
+            let _ = self.inner.wake_tx.send(Job::Stop);
+        }
+        self.inner.timer_cv.notify_all();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

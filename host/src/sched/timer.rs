@@ -1,0 +1,96 @@
+//! The timer thread: wakes parked guests at their deadlines and preempts
+//! workers.
+
+use super::{Inner, WorkerSlot};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// How long a guest keeps a worker after a woken guest starts waiting.
+const WAKE_GRACE: Duration = Duration::from_micros(50);
+
+/// How often the thread looks at busy workers.
+fn check_interval(slice: Duration) -> Duration {
+    (slice / 4).clamp(Duration::from_micros(100), Duration::from_millis(1))
+}
+
+/// The timer loop.
+pub(super) fn run(inner: &Inner) {
+    // Wake-up latency is this thread's: ask the kernel not to delay its
+    // timers (the default slack is 50 us).
+    // SAFETY: PR_SET_TIMERSLACK takes a plain integer and only affects
+    // this thread.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64);
+    }
+    let mut timers = inner.lock_timers();
+    while !inner.shutdown.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        while let Some(std::cmp::Reverse((when, id, generation))) = timers.heap.peek().copied() {
+            if when > now {
+                break;
+            }
+            timers.heap.pop();
+            let current = timers
+                .parked
+                .get(&id)
+                .is_some_and(|p| p.generation == generation);
+            if let Some(parked) = current.then(|| timers.parked.remove(&id)).flatten() {
+                inner.unpark(parked);
+            }
+        }
+        let busy = preempt(inner);
+        let next = timers
+            .heap
+            .peek()
+            .map(|r| r.0.0.saturating_duration_since(now));
+        let wait = match (next, busy) {
+            (Some(next), true) => next.min(check_interval(inner.slice)),
+            (Some(next), false) => next,
+            (None, true) => check_interval(inner.slice),
+            (None, false) => Duration::from_secs(1),
+        };
+        timers = inner
+            .timer_cv
+            .wait_timeout(timers, wait)
+            .map(|(t, _)| t)
+            .unwrap_or_else(|e| e.into_inner().0);
+    }
+}
+
+/// Kicks workers whose guests should give way. Returns whether a worker is
+/// busy or a guest waits for one (so the thread should look again soon).
+fn preempt(inner: &Inner) -> bool {
+    let now = inner.now_ns();
+    let mut running: Vec<(u64, &WorkerSlot)> = inner
+        .workers
+        .iter()
+        .filter_map(|slot| {
+            let since = slot.running_since.load(Ordering::Acquire);
+            (since != 0).then(|| (now.saturating_sub(since), slot))
+        })
+        .collect();
+    let mut woken = inner.wake_rx.len();
+    let waiting = inner.run_rx.len();
+    if running.is_empty() {
+        // A worker is about to take the waiting guest: look again soon.
+        return woken + waiting > 0;
+    }
+    // Longest-running first.
+    running.sort_by_key(|(ran, _)| std::cmp::Reverse(*ran));
+    for (ran, slot) in running {
+        let ran = Duration::from_nanos(ran);
+        let give_way = if woken > 0 && ran >= WAKE_GRACE {
+            woken -= 1;
+            true
+        } else {
+            waiting > 0 && ran >= inner.slice
+        };
+        if give_way && !slot.preempt.swap(true, Ordering::SeqCst) {
+            let thread = slot.thread.load(Ordering::Acquire);
+            if thread != 0 {
+                crate::kvm::Kick::send(thread as libc::pthread_t);
+            }
+        }
+    }
+    true
+}

@@ -1,0 +1,104 @@
+//! The scheduler: many guests over a few workers, preemption, wake-ups,
+//! yields, fairness. Behaviour only: no wall-clock assertions.
+
+mod common;
+
+use shoal_abi::HypercallNr;
+use shoal_host::{GuestEnd, GuestState, Host, HostConfig};
+use std::time::Duration;
+
+fn host_with(workers: usize) -> Host {
+    let _ = common::host();
+    Host::with_config(HostConfig {
+        workers,
+        ..Default::default()
+    })
+    .expect("host starts")
+}
+
+#[test]
+fn spinning_guests_do_not_stop_sleeping_guests_from_waking() {
+    let host = host_with(2);
+    let spinners: Vec<_> = (0..4)
+        .map(|_| common::spawn(&host, "spin", &["forever"]))
+        .collect();
+    // With every worker taken by a spinner, sleepers only finish if the
+    // scheduler preempts spinners for them.
+    let sleepers: Vec<_> = (0..20)
+        .map(|_| common::spawn(&host, "clock", &["3"]))
+        .collect();
+    for sleeper in sleepers {
+        common::assert_exited_0(&sleeper.wait());
+    }
+    for spinner in &spinners {
+        // A spinner is always running or waiting for a worker.
+        let state = spinner.state();
+        assert!(
+            matches!(state, GuestState::Runnable | GuestState::Running),
+            "{state:?}"
+        );
+        spinner.kill();
+    }
+    let preempted: u64 = spinners
+        .into_iter()
+        .map(|s| s.wait().stats.preemptions)
+        .sum();
+    assert!(preempted > 0, "spinners were never preempted");
+}
+
+#[test]
+fn one_worker_runs_many_guests_to_completion() {
+    let host = host_with(1);
+    let guests: Vec<_> = (0..50)
+        .map(|i| {
+            let name = ["hello", "idle", "clock"][i % 3];
+            let arg = ["x", "10ms", "1"][i % 3];
+            common::spawn(&host, name, &[arg])
+        })
+        .collect();
+    for guest in guests {
+        common::assert_exited_0(&guest.wait());
+    }
+}
+
+#[test]
+fn yield_gives_the_worker_away_and_comes_back() {
+    let host = host_with(1);
+    let report = common::spawn(&host, "bench", &["yield", "200"]).wait();
+    common::assert_exited_0(&report);
+    assert_eq!(report.stats.hypercall(HypercallNr::Yield), 200);
+}
+
+#[test]
+fn spinners_share_the_cpu_roughly_equally() {
+    let host = host_with(1);
+    let spinners: Vec<_> = (0..4)
+        .map(|_| common::spawn(&host, "spin", &["forever"]))
+        .collect();
+    // Let them share one worker for many slices.
+    std::thread::sleep(Duration::from_millis(400));
+    let cpu: Vec<u64> = spinners.iter().map(|s| s.stats().cpu_ns).collect();
+    for spinner in spinners {
+        spinner.kill();
+        assert_eq!(spinner.wait().end, GuestEnd::Killed);
+    }
+    let total: u64 = cpu.iter().sum();
+    let fair = total / cpu.len() as u64;
+    for share in &cpu {
+        // Behaviour, not timing: nobody is starved or hogs the worker.
+        assert!(
+            *share > fair / 2 && *share < fair * 2,
+            "unequal shares {cpu:?}"
+        );
+    }
+}
+
+#[test]
+fn idle_guests_cost_no_cpu_while_blocked() {
+    let host = host_with(2);
+    let report = common::spawn(&host, "idle", &["200ms"]).wait();
+    common::assert_exited_0(&report);
+    assert!(report.stats.blocked_ns >= 150_000_000, "{:?}", report.stats);
+    // One block (maybe a second after an early wake) and the exit.
+    assert!(report.stats.exits <= 4, "{:?}", report.stats);
+}
