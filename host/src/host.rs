@@ -117,8 +117,11 @@ impl Host {
         Self::with_config(HostConfig::default())
     }
 
-    /// Opens `/dev/kvm` and starts the scheduler.
+    /// Opens `/dev/kvm` and starts the scheduler. Raises the process's
+    /// soft open-file limit to its hard limit: every guest holds a VM and a
+    /// vCPU file descriptor.
     pub fn with_config(config: HostConfig) -> Result<Self, HostError> {
+        raise_fd_limit();
         Ok(Self {
             kvm: Kvm::open()?,
             scale: OnceLock::new(),
@@ -165,6 +168,18 @@ impl Host {
             control,
             sched: self.sched.handle(),
         })
+    }
+}
+
+fn raise_fd_limit() {
+    // SAFETY: `getrlimit`/`setrlimit` only read and write the struct passed.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
     }
 }
 

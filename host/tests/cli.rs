@@ -156,3 +156,48 @@ fn list_names_every_builtin_guest() {
         );
     }
 }
+
+#[test]
+fn run_count_runs_many_guests_with_prefixed_output_and_a_summary() {
+    let out = shoal(&["run", "--count", "20", "hello", "--", "x{i}"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for id in 1..=20 {
+        assert!(
+            stdout.contains(&format!("[{id}] hello from guest {id}\n")),
+            "{stdout}"
+        );
+    }
+    let mut args: Vec<_> = stdout
+        .lines()
+        .filter_map(|l| l.split_once("] arg 0: x").map(|(_, i)| i))
+        .collect();
+    args.sort_by_key(|i| i.parse::<u32>().unwrap_or(u32::MAX));
+    assert_eq!(args, (0..20).map(|i| i.to_string()).collect::<Vec<_>>());
+    assert!(
+        stdout.contains(
+            "20 guests: 20 exited 0, 0 exited non-zero, 0 panicked, 0 crashed, 0 killed\n"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("spawn p50 "), "{stdout}");
+}
+
+#[test]
+fn run_count_reports_failures_and_fails() {
+    let out = shoal(&["run", "--count", "3", "--console", "errors", "panic"]);
+    assert_eq!(out.status.code(), Some(101));
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.matches("] about to panic\n").count(), 3, "{stdout}");
+    assert!(
+        stdout.contains("3 guests: 0 exited 0, 0 exited non-zero, 3 panicked, 0 crashed, 0 killed"),
+        "{stdout}"
+    );
+    let out = shoal(&["run", "--count", "3", "--console", "none", "hello"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stdout).starts_with("3 guests: 3 exited 0"),
+        "{}",
+        text(&out.stdout)
+    );
+}

@@ -102,3 +102,31 @@ fn idle_guests_cost_no_cpu_while_blocked() {
     // One block (maybe a second after an early wake) and the exit.
     assert!(report.stats.exits <= 4, "{:?}", report.stats);
 }
+
+#[test]
+fn a_thousand_guests_all_exit_0_with_their_own_output() {
+    let host = host_with(2);
+    let image = common::image("hello");
+    let guests: Vec<_> = (0..1000)
+        .map(|i| {
+            host.spawn(
+                &image,
+                shoal_host::GuestConfig {
+                    args: vec![format!("n{i}")],
+                    ..Default::default()
+                },
+            )
+            .expect("spawns")
+        })
+        .collect();
+    for (i, guest) in guests.into_iter().enumerate() {
+        let report = guest.wait();
+        common::assert_exited_0(&report);
+        let text = report.console_text();
+        assert!(
+            text.starts_with(&format!("hello from guest {}\n", report.id)),
+            "{text}"
+        );
+        assert!(text.ends_with(&format!("arg 0: n{i}\n1 args\n")), "{text}");
+    }
+}

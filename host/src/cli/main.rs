@@ -7,6 +7,8 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
+mod many;
+
 /// shoal: run tiny paravirtualized guest kernels on KVM.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
@@ -32,6 +34,15 @@ enum Command {
         /// Do not stream the guest's console (its end is still reported).
         #[arg(long, short)]
         quiet: bool,
+        /// Run this many guests of the kernel at once. `{i}` in the
+        /// arguments becomes each guest's index.
+        #[arg(long, short = 'n', default_value_t = 1)]
+        count: usize,
+        /// With --count: print every line prefixed by its guest id (all),
+        /// only the output of guests that failed (errors), or nothing.
+        /// Default: all up to 100 guests, errors above.
+        #[arg(long, value_enum)]
+        console: Option<many::ConsoleMode>,
         /// A guest ELF file, or the name of a built-in guest (see `shoal list`).
         kernel: String,
         /// Arguments passed to the guest (after `--`).
@@ -181,9 +192,35 @@ fn main() -> ExitCode {
         Command::Run {
             mem,
             console_limit,
+            count,
+            console,
+            kernel,
+            args,
+            ..
+        } if count > 1 => load(&kernel).and_then(|image| {
+            let console = console.unwrap_or(if count <= 100 {
+                many::ConsoleMode::All
+            } else {
+                many::ConsoleMode::Errors
+            });
+            many::run(
+                &image,
+                many::Many {
+                    count,
+                    console,
+                    mem_size: mem,
+                    console_limit,
+                    args,
+                },
+            )
+        }),
+        Command::Run {
+            mem,
+            console_limit,
             quiet,
             kernel,
             args,
+            ..
         } => {
             let sink: Option<shoal_host::console::ConsoleSink> = if quiet {
                 None

@@ -1,0 +1,204 @@
+//! `shoal run --count N`: many guests from one image, with their console
+//! prefixed, summarized or silenced, a progress line on a terminal, and a
+//! final summary.
+
+use anyhow::Context;
+use shoal_host::{GuestConfig, GuestEnd, GuestReport, Host, Image};
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// What to do with the guests' console output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConsoleMode {
+    /// Every line, prefixed with `[guest id]`, as it is written.
+    All,
+    /// Only the output of guests that did not exit 0, at the end.
+    Errors,
+    /// Nothing.
+    None,
+}
+
+/// Options of a many-guest run.
+pub struct Many {
+    /// Number of guests.
+    pub count: usize,
+    /// Console handling.
+    pub console: ConsoleMode,
+    /// Guest memory.
+    pub mem_size: u64,
+    /// Console byte limit per guest.
+    pub console_limit: u64,
+    /// Arguments; `{i}` is replaced by the guest's index (0-based).
+    pub args: Vec<String>,
+}
+
+/// Writes complete lines prefixed with the guest id; keeps partial lines.
+fn prefixing_sink() -> shoal_host::console::ConsoleSink {
+    let mut pending = Vec::new();
+    Box::new(move |id, bytes| {
+        pending.extend_from_slice(bytes);
+        if let Some(last) = pending.iter().rposition(|b| *b == b'\n') {
+            let mut out = std::io::stdout().lock();
+            for line in pending[..last].split(|b| *b == b'\n') {
+                let _ = write!(out, "[{id}] ");
+                let _ = out.write_all(line);
+                let _ = out.write_all(b"\n");
+            }
+            pending.drain(..=last);
+        }
+    })
+}
+
+/// The part of a console after its last newline.
+fn partial_line(console: &[u8]) -> &[u8] {
+    let start = console
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i + 1);
+    &console[start..]
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn peak_rss_kib() -> i64 {
+    // SAFETY: `getrusage` fills the zeroed struct we pass.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage.ru_maxrss
+    }
+}
+
+struct Progress {
+    enabled: bool,
+    last: Instant,
+}
+
+impl Progress {
+    fn show(&mut self, spawned: usize, ended: usize, total: usize) {
+        if self.enabled && (self.last.elapsed() > Duration::from_millis(100) || ended == total) {
+            self.last = Instant::now();
+            eprint!("\rspawned {spawned}/{total}, ended {ended}/{total}   ");
+            if ended == total {
+                eprintln!();
+            }
+        }
+    }
+}
+
+/// Runs `many.count` guests of `image` and prints the summary.
+pub fn run(image: &Image, many: Many) -> anyhow::Result<ExitCode> {
+    let host = Host::new().context("cannot start the host")?;
+    let started = Instant::now();
+    let mut progress = Progress {
+        enabled: std::io::stderr().is_terminal(),
+        last: Instant::now(),
+    };
+    let mut spawn_times = Vec::with_capacity(many.count);
+    let mut guests = Vec::with_capacity(many.count);
+    for i in 0..many.count {
+        let config = GuestConfig {
+            mem_size: many.mem_size,
+            args: many
+                .args
+                .iter()
+                .map(|a| a.replace("{i}", &i.to_string()))
+                .collect(),
+            console_limit: many.console_limit,
+            console_sink: (many.console == ConsoleMode::All).then(prefixing_sink),
+        };
+        let spawn_started = Instant::now();
+        let guest = host
+            .spawn(image, config)
+            .with_context(|| format!("cannot start guest {} of {}", i + 1, many.count))?;
+        spawn_times.push(spawn_started.elapsed());
+        guests.push(guest);
+        progress.show(i + 1, 0, many.count);
+    }
+    let mut reports: Vec<GuestReport> = Vec::with_capacity(many.count);
+    for guest in guests {
+        reports.push(guest.wait());
+        progress.show(many.count, reports.len(), many.count);
+    }
+    let wall = started.elapsed();
+
+    let mut out = std::io::stdout().lock();
+    for report in &reports {
+        let show = match many.console {
+            ConsoleMode::All => {
+                let rest = partial_line(&report.console);
+                if !rest.is_empty() {
+                    let _ = write!(out, "[{}] ", report.id);
+                    let _ = out.write_all(rest);
+                    let _ = writeln!(out);
+                }
+                false
+            }
+            ConsoleMode::Errors => !report.end.is_success(),
+            ConsoleMode::None => false,
+        };
+        if show {
+            for line in report.console_text().lines() {
+                let _ = writeln!(out, "[{}] {line}", report.id);
+            }
+        }
+        if !report.end.is_success() && many.console != ConsoleMode::None {
+            let _ = writeln!(out, "[{}] {}", report.id, report.end);
+        }
+    }
+
+    let count = |f: fn(&GuestEnd) -> bool| reports.iter().filter(|r| f(&r.end)).count();
+    let exited_0 = count(|e| *e == GuestEnd::Exited(0));
+    let exited_other = count(|e| matches!(e, GuestEnd::Exited(c) if *c != 0));
+    let panicked = count(|e| matches!(e, GuestEnd::Panicked(_)));
+    let crashed = count(|e| matches!(e, GuestEnd::Crashed(_)));
+    let killed = count(|e| *e == GuestEnd::Killed);
+    spawn_times.sort();
+    let _ = writeln!(
+        out,
+        "{} guests: {exited_0} exited 0, {exited_other} exited non-zero, {panicked} panicked, {crashed} crashed, {killed} killed",
+        reports.len()
+    );
+    let _ = writeln!(
+        out,
+        "spawn p50 {:.0} us, p99 {:.0} us; wall time {:.3} s; peak host RSS {} MiB; {} workers",
+        percentile(&spawn_times, 0.5).as_secs_f64() * 1e6,
+        percentile(&spawn_times, 0.99).as_secs_f64() * 1e6,
+        wall.as_secs_f64(),
+        peak_rss_kib() / 1024,
+        host.workers()
+    );
+    let status = reports
+        .iter()
+        .map(|r| r.end.exit_status())
+        .find(|s| *s != 0)
+        .unwrap_or(0);
+    Ok(ExitCode::from(status as u8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_line_is_what_follows_the_last_newline() {
+        assert_eq!(partial_line(b"a\nb\nc"), b"c");
+        assert_eq!(partial_line(b"a\n"), b"");
+        assert_eq!(partial_line(b"abc"), b"abc");
+    }
+
+    #[test]
+    fn percentiles_pick_from_sorted_samples() {
+        let samples: Vec<_> = (1..=100).map(Duration::from_micros).collect();
+        assert_eq!(percentile(&samples, 0.5), Duration::from_micros(51));
+        assert_eq!(percentile(&samples, 0.99), Duration::from_micros(99));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+    }
+}
