@@ -20,6 +20,10 @@ const GUESTS: &[(&str, &str)] = &[
         "computes without hypercalls for a while (500ms, 2s, forever)",
     ),
     ("idle", "blocks for a while (2s, 500ms), then exits 0"),
+    (
+        "sched",
+        "measures its own wake-up lateness (ROUNDS PERIOD_US)",
+    ),
     ("bench", "the guest half of `shoal bench`"),
     (
         "bad-pointer",

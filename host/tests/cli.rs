@@ -201,3 +201,67 @@ fn run_count_reports_failures_and_fails() {
         text(&out.stdout)
     );
 }
+
+#[test]
+fn bench_json_prints_one_object_per_figure() {
+    let out = shoal(&[
+        "bench",
+        "--json",
+        "--iterations",
+        "200",
+        "--rounds",
+        "1",
+        "--spawns",
+        "10",
+        "--idle",
+        "10",
+        "--busy",
+        "4",
+        "--spinners",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let names: Vec<String> = stdout
+        .lines()
+        .map(|line| {
+            assert!(
+                line.starts_with('{') && line.ends_with('}'),
+                "not a JSON object: {line}"
+            );
+            assert!(
+                line.contains("\"value\":") && line.contains("\"unit\":"),
+                "{line}"
+            );
+            let name = line
+                .split("\"name\":\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next());
+            name.unwrap_or_else(|| panic!("no name in {line}"))
+                .to_string()
+        })
+        .collect();
+    for expected in [
+        "pio_exit_floor",
+        "hypercall_round_trip",
+        "clock_read",
+        "spawn_p50",
+        "spawn_throughput",
+        "memory_per_idle_guest",
+        "wakeup_latency_p99",
+        "fairness_max_deviation",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    let ratio_line = stdout
+        .lines()
+        .find(|l| l.contains("hypercall_round_trip"))
+        .unwrap_or_default();
+    assert!(
+        ratio_line.contains("\"floor\":") && ratio_line.contains("\"ratio\":"),
+        "{ratio_line}"
+    );
+}

@@ -67,6 +67,18 @@ enum Command {
         /// Rounds per measurement (the median is reported).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Guests spawned back to back for spawn latency and throughput.
+        #[arg(long, default_value_t = 1000)]
+        spawns: usize,
+        /// Idle guests held at once for memory per guest.
+        #[arg(long, default_value_t = 1000)]
+        idle: usize,
+        /// Spinning guests while wake-up latency is measured.
+        #[arg(long, default_value_t = 1000)]
+        busy: usize,
+        /// Spinning guests whose CPU shares are compared.
+        #[arg(long, default_value_t = 8)]
+        spinners: usize,
     },
 }
 
@@ -156,9 +168,9 @@ fn inspect(kernel: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(json: bool, iterations: u64, rounds: usize) -> anyhow::Result<()> {
+fn bench(json: bool, sizes: shoal_host::bench::Sizes) -> anyhow::Result<()> {
     let host = Host::new().context("cannot start the host")?;
-    let figures = shoal_host::bench::run_all(&host, iterations, rounds)?;
+    let figures = shoal_host::bench::run_all(&host, sizes)?;
     for figure in figures {
         if json {
             println!("{}", figure.to_json());
@@ -250,7 +262,21 @@ fn main() -> ExitCode {
             json,
             iterations,
             rounds,
-        } => bench(json, iterations, rounds).map(|()| ExitCode::SUCCESS),
+            spawns,
+            idle,
+            busy,
+            spinners,
+        } => {
+            let sizes = shoal_host::bench::Sizes {
+                iterations,
+                rounds,
+                spawns,
+                idle,
+                busy,
+                spinners,
+            };
+            bench(json, sizes).map(|()| ExitCode::SUCCESS)
+        }
     };
     result.unwrap_or_else(|e| {
         eprintln!("shoal: error: {e:#}");

@@ -6,6 +6,8 @@
 //! between the measurements so that drift of the machine affects each the
 //! same way; the median round is reported.
 
+mod sched;
+
 use crate::builtin;
 use crate::host::{GuestConfig, Host};
 use crate::loader::LoadError;
@@ -28,7 +30,7 @@ pub struct Figure {
 }
 
 impl Figure {
-    fn plain(name: &'static str, value: f64, unit: &'static str) -> Self {
+    pub(crate) fn plain(name: &'static str, value: f64, unit: &'static str) -> Self {
         Self {
             name,
             value,
@@ -113,20 +115,84 @@ fn run_guest(host: &Host, image: &crate::Image, mode: &str, count: u64) -> Resul
     }
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// Runs every benchmark. `iterations` is the number of exits per round.
-pub fn run_all(host: &Host, iterations: u64, rounds: usize) -> Result<Vec<Figure>, BenchError> {
-    let image = builtin::image("bench")
+/// Sizes of the scheduling and scale benchmarks.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    /// Exits per round of the hypercall benchmarks.
+    pub iterations: u64,
+    /// Rounds of the hypercall benchmarks (the median is reported).
+    pub rounds: usize,
+    /// Guests spawned back to back for spawn latency and throughput.
+    pub spawns: usize,
+    /// Idle guests held at once for memory per guest.
+    pub idle: usize,
+    /// Spinning guests while wake-up latency is measured.
+    pub busy: usize,
+    /// Spinning guests whose CPU shares are compared.
+    pub spinners: usize,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Self {
+            iterations: 20_000,
+            rounds: 5,
+            spawns: 1000,
+            idle: 1000,
+            busy: 1000,
+            spinners: 8,
+        }
+    }
+}
+
+fn builtin_image(name: &'static str) -> Result<crate::Image, BenchError> {
+    builtin::image(name)
         .ok_or(BenchError::NoResult {
-            mode: "load".into(),
+            mode: name.into(),
             end: "not built in".into(),
             console: String::new(),
         })?
-        .map_err(BenchError::Image)?;
+        .map_err(BenchError::Image)
+}
+
+/// Runs every benchmark.
+pub fn run_all(host: &Host, sizes: Sizes) -> Result<Vec<Figure>, BenchError> {
+    let mut figures = hypercall_figures(host, sizes.iterations, sizes.rounds)?;
+    let bench = builtin_image("bench")?;
+    let spin = builtin_image("spin")?;
+    figures.extend(sched::spawn_figures(host, &bench, sizes.spawns)?);
+    figures.extend(sched::idle_memory(
+        host,
+        &builtin_image("idle")?,
+        sizes.idle,
+    )?);
+    figures.extend(sched::wakeup(
+        host,
+        &spin,
+        &builtin_image("sched")?,
+        sizes.busy,
+    )?);
+    figures.extend(sched::fairness(
+        host,
+        &spin,
+        sizes.spinners,
+        std::time::Duration::from_secs(2),
+    )?);
+    Ok(figures)
+}
+
+/// The hypercall path: the exit floor, a hypercall against it, a clock read.
+fn hypercall_figures(
+    host: &Host,
+    iterations: u64,
+    rounds: usize,
+) -> Result<Vec<Figure>, BenchError> {
+    let image = builtin_image("bench")?;
     let iterations = iterations.max(1);
     let rounds = rounds.max(1);
     let (mut floor, mut hypercall) = (Vec::new(), Vec::new());

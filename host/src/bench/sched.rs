@@ -1,0 +1,155 @@
+//! Scheduling and scale figures: spawn latency and throughput, memory per
+//! idle guest, wake-up latency under load, fairness.
+
+use super::{BenchError, Figure, median};
+use crate::host::{GuestConfig, GuestHandle, Host};
+use crate::loader::Image;
+use std::time::{Duration, Instant};
+
+fn spawn(host: &Host, image: &Image, args: &[&str]) -> Result<GuestHandle, BenchError> {
+    host.spawn(
+        image,
+        GuestConfig {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        },
+    )
+    .map_err(BenchError::Spawn)
+}
+
+/// Kills every guest first, then waits for them: killing and waiting one
+/// at a time would wait for each queued spinner's turn in between.
+fn kill_all(guests: Vec<GuestHandle>) {
+    for guest in &guests {
+        guest.kill();
+    }
+    drop(guests);
+}
+
+fn mem_available_kib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Spawn latency (p50, p99) and throughput: `count` guests that exit at
+/// once, spawned back to back.
+pub fn spawn_figures(host: &Host, quick: &Image, count: usize) -> Result<Vec<Figure>, BenchError> {
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(count);
+    let mut guests = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        guests.push(spawn(host, quick, &["floor", "1"])?);
+        latencies.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    for guest in guests {
+        guest.wait();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let p99 = latencies[(latencies.len() - 1) * 99 / 100];
+    Ok(vec![
+        Figure::plain("spawn_p50", median(latencies), "us"),
+        Figure::plain("spawn_p99", p99, "us"),
+        Figure::plain("spawn_throughput", count as f64 / elapsed, "guests/s"),
+    ])
+}
+
+/// Host memory per idle guest: MemAvailable before and with `count` idle
+/// guests blocked at once.
+pub fn idle_memory(host: &Host, idle: &Image, count: usize) -> Result<Vec<Figure>, BenchError> {
+    let before = mem_available_kib().unwrap_or(0);
+    let guests = (0..count)
+        .map(|_| spawn(host, idle, &["3600s"]))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Let every guest reach its block.
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while guests
+        .iter()
+        .any(|g| g.state() != crate::GuestState::Blocked)
+        && Instant::now() < give_up
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let during = mem_available_kib().unwrap_or(0);
+    kill_all(guests);
+    Ok(vec![
+        Figure::plain("idle_guests", count as f64, "guests"),
+        Figure::plain(
+            "memory_per_idle_guest",
+            before.saturating_sub(during) as f64 / count.max(1) as f64,
+            "KiB",
+        ),
+    ])
+}
+
+/// Wake-up lateness of the `sched` guest while `busy` guests spin.
+pub fn wakeup(
+    host: &Host,
+    spin: &Image,
+    sched: &Image,
+    busy: usize,
+) -> Result<Vec<Figure>, BenchError> {
+    let spinners = (0..busy)
+        .map(|_| spawn(host, spin, &["forever"]))
+        .collect::<Result<Vec<_>, _>>()?;
+    let report = spawn(host, sched, &["300", "2000"])?.wait();
+    kill_all(spinners);
+    let text = report.console_text();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let value = |name: &str| {
+        words
+            .iter()
+            .position(|w| *w == name)
+            .and_then(|i| words.get(i + 1))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    match (value("p50"), value("p99")) {
+        (Some(p50), Some(p99)) => Ok(vec![
+            Figure::plain("wakeup_busy_guests", busy as f64, "guests"),
+            Figure::plain("wakeup_latency_p50", p50 / 1000.0, "us"),
+            Figure::plain("wakeup_latency_p99", p99 / 1000.0, "us"),
+        ]),
+        _ => Err(BenchError::NoResult {
+            mode: "sched".into(),
+            end: report.end.to_string(),
+            console: text,
+        }),
+    }
+}
+
+/// CPU shares of `count` spinners over `span`: the largest deviation from
+/// the mean, as a fraction of it.
+pub fn fairness(
+    host: &Host,
+    spin: &Image,
+    count: usize,
+    span: Duration,
+) -> Result<Vec<Figure>, BenchError> {
+    let spinners = (0..count)
+        .map(|_| spawn(host, spin, &["forever"]))
+        .collect::<Result<Vec<_>, _>>()?;
+    let start: Vec<u64> = spinners.iter().map(|s| s.stats().cpu_ns).collect();
+    std::thread::sleep(span);
+    let shares: Vec<f64> = spinners
+        .iter()
+        .zip(start)
+        .map(|(s, before)| s.stats().cpu_ns.saturating_sub(before) as f64)
+        .collect();
+    kill_all(spinners);
+    let mean = shares.iter().sum::<f64>() / shares.len().max(1) as f64;
+    let spread = shares
+        .iter()
+        .map(|s| (s - mean).abs() / mean.max(1.0))
+        .fold(0.0, f64::max);
+    Ok(vec![
+        Figure::plain("fairness_spinners", count as f64, "guests"),
+        Figure::plain("fairness_max_deviation", spread * 100.0, "%"),
+    ])
+}
