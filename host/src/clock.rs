@@ -51,18 +51,21 @@ pub fn rdtsc() -> u64 {
 }
 
 /// One guest's time base: monotonic time 0 is the guest's start.
+///
+/// The host reads guest time with the same formula as the guest (TSC
+/// through the clock page), so host and guest never disagree about
+/// whether a deadline has passed.
 #[derive(Clone, Copy, Debug)]
 pub struct GuestClock {
-    /// The host instant of guest time 0.
-    pub start: Instant,
     /// The page as published.
     pub page: ClockPage,
+    /// Guest TSC minus host TSC.
+    tsc_offset: i64,
 }
 
 impl GuestClock {
     /// Starts a guest clock now. `tsc_offset` is guest TSC minus host TSC.
     pub fn start(scale: TscScale, tsc_offset: i64) -> Self {
-        let start = Instant::now();
         let host_tsc = rdtsc();
         let wall = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -76,7 +79,7 @@ impl GuestClock {
             tsc_hz: scale.hz,
             wall_ns_base: wall,
         };
-        Self { start, page }
+        Self { page, tsc_offset }
     }
 
     /// Writes the clock page into the guest's RAM.
@@ -84,15 +87,17 @@ impl GuestClock {
         ram.write_host(CLOCK_PAGE, self.page.as_bytes())
     }
 
-    /// Guest monotonic nanoseconds now, by the host's clock.
+    /// Guest monotonic nanoseconds now, exactly as the guest computes them.
     pub fn now_ns(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
+        self.page
+            .tsc_to_ns(rdtsc().wrapping_add_signed(self.tsc_offset))
     }
 
     /// The host instant at which guest time reaches `deadline_ns`
     /// (`None` for a deadline too far away to represent).
     pub fn instant_of(&self, deadline_ns: u64) -> Option<Instant> {
-        self.start.checked_add(Duration::from_nanos(deadline_ns))
+        let remaining = deadline_ns.saturating_sub(self.now_ns());
+        Instant::now().checked_add(Duration::from_nanos(remaining))
     }
 }
 

@@ -100,8 +100,8 @@ pub enum Crash {
         /// Bytes the host needed there.
         len: u64,
     },
-    /// An I/O access the ABI does not define.
-    #[error("{} of {size} bytes to port {port:#x} is not part of the ABI", if *write { "out" } else { "in" })]
+    /// An I/O access the ABI does not define (`size` 0: string I/O).
+    #[error("{} of {size} bytes to port {port:#x} is not part of the ABI", if *size == 0 { "string I/O" } else if *write { "out" } else { "in" })]
     BadPortAccess {
         /// Port.
         port: u16,

@@ -140,14 +140,10 @@ impl Guest {
         &self.clock
     }
 
-    /// Makes kicks sent to the current thread interrupt this guest.
-    pub fn arm_kick(&mut self) {
-        self.vcpu.arm_kick();
-    }
-
-    /// Undoes [`Guest::arm_kick`].
-    pub fn disarm_kick(&self) {
-        self.vcpu.disarm_kick();
+    /// Makes kicks sent to the current thread interrupt this guest until
+    /// the guard is dropped.
+    pub fn arm_kick(&mut self) -> crate::kvm::KickGuard {
+        self.vcpu.arm_kick()
     }
 
     /// Runs the guest until it blocks, yields or ends, or until `preempt`
@@ -158,14 +154,15 @@ impl Guest {
             if killed.load(Ordering::SeqCst) {
                 return Step::Ended(GuestEnd::Killed);
             }
+            if preempt.swap(false, Ordering::SeqCst) {
+                return Step::Preempted;
+            }
             let exit = match self.vcpu.run() {
                 Ok(exit) => exit,
                 Err(e) => return Step::Ended(GuestEnd::Crashed(Crash::Internal(e.to_string()))),
             };
             if exit == Exit::Kicked {
-                if preempt.swap(false, Ordering::SeqCst) && !killed.load(Ordering::SeqCst) {
-                    return Step::Preempted;
-                }
+                // The loop's checks decide: killed, preempted, or a stale kick.
                 continue;
             }
             self.stats.count_exit();
@@ -220,6 +217,11 @@ impl Guest {
                 port,
                 size,
                 write: false,
+            }),
+            Exit::StringIo { port } => crash(Crash::BadPortAccess {
+                port,
+                size: 0,
+                write: true,
             }),
             Exit::Shutdown => crash(match self.vcpu.regs() {
                 Ok(regs) => Crash::TripleFault { rip: regs.rip },

@@ -156,3 +156,28 @@ fn dropping_a_handle_kills_the_guest() {
     // Returns only once the guest's thread has ended.
     drop(guest);
 }
+
+#[test]
+fn a_panicking_console_sink_ends_only_its_own_guest() {
+    let host = common::host();
+    let image = common::image("hello");
+    let bad = host
+        .spawn(
+            &image,
+            GuestConfig {
+                console_sink: Some(Box::new(|_, _| panic!("embedder's sink fails"))),
+                ..Default::default()
+            },
+        )
+        .expect("spawns");
+    let good = common::spawn(&host, "hello", &[]);
+    let bad = bad.wait();
+    assert!(
+        matches!(&bad.end, GuestEnd::Crashed(shoal_host::Crash::Internal(why)) if why.contains("host panicked")),
+        "{}",
+        bad.end
+    );
+    common::assert_exited_0(&good.wait());
+    // The workers survived: the host still runs guests.
+    common::assert_exited_0(&common::spawn(&host, "hello", &[]).wait());
+}

@@ -70,8 +70,12 @@ impl GuestRam {
             .map_or(0, |ptr| ptr as u64)
     }
 
-    /// Checks that `addr..addr + len` is guest-owned memory.
+    /// Checks that `addr..addr + len` is guest-owned memory. An empty
+    /// range touches nothing and is accepted wherever it points.
     pub fn check_guest(&self, addr: u64, len: u64) -> Result<(), Fault> {
+        if len == 0 {
+            return Ok(());
+        }
         let fault = Fault { addr, len };
         let end = addr.checked_add(len).ok_or(fault)?;
         if addr < IMAGE_BASE || end > self.size {
@@ -87,6 +91,9 @@ impl GuestRam {
             len: buf.len() as u64,
         };
         self.check_guest(addr, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
         self.mem
             .read_slice(buf, GuestAddress(addr))
             .map_err(|_| fault)
@@ -99,6 +106,9 @@ impl GuestRam {
             len: data.len() as u64,
         };
         self.check_guest(addr, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
         self.mem
             .write_slice(data, GuestAddress(addr))
             .map_err(|_| fault)

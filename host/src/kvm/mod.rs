@@ -11,5 +11,5 @@ pub mod vcpu;
 pub mod vm;
 
 pub use memory::GuestRam;
-pub use vcpu::{Exit, Kick, Vcpu};
+pub use vcpu::{Exit, Kick, KickGuard, Vcpu};
 pub use vm::{Kvm, Vm};

@@ -90,6 +90,11 @@ pub enum Exit {
         /// Access size.
         size: u8,
     },
+    /// String I/O (`rep ins`/`rep outs`) on `port`: never part of the ABI.
+    StringIo {
+        /// Port.
+        port: u16,
+    },
     /// Triple fault.
     Shutdown,
     /// `KVM_RUN` was interrupted by a kick.
@@ -205,19 +210,24 @@ impl Vcpu {
 
     /// Makes this thread's kick target this vCPU: a [`Kick`] sent to the
     /// thread from now on makes the current or next [`Vcpu::run`] return
-    /// [`Exit::Kicked`]. Call on the thread that runs the vCPU, before
-    /// running it; the registration lasts until another vCPU is armed on the
-    /// thread or [`Vcpu::disarm_kick`] is called.
-    pub fn arm_kick(&mut self) {
+    /// [`Exit::Kicked`]. Call on the thread that runs the vCPU, right before
+    /// running it. The returned guard disarms when dropped, also during a
+    /// panic; it must be dropped before the vCPU is, which declaring it
+    /// after the vCPU's owner in the same scope ensures.
+    pub fn arm_kick(&mut self) -> KickGuard {
         Kick::install_handler();
         let run = self.fd.get_kvm_run();
         let flag = std::ptr::addr_of_mut!(run.immediate_exit);
         KICK_TARGET.with(|target| target.set(flag));
+        KickGuard(std::marker::PhantomData)
     }
 
-    /// Undoes [`Vcpu::arm_kick`] for this thread.
-    pub fn disarm_kick(&self) {
-        KICK_TARGET.with(|target| target.set(std::ptr::null_mut()));
+    /// The repeat count of the last I/O exit (1 unless `rep ins/outs`).
+    fn io_count(&mut self) -> u32 {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: called only right after a KVM_EXIT_IO, for which KVM
+        // fills the `io` member of the exit union.
+        unsafe { run.__bindgen_anon_1.io.count }
     }
 
     /// Runs the guest until its next exit. Performs exactly one ioctl.
@@ -249,10 +259,24 @@ impl Vcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Kicked,
             Err(e) => return Err(VcpuError::Run(e)),
         };
-        if exit == Exit::Kicked {
-            self.fd.set_kvm_immediate_exit(0);
+        match exit {
+            Exit::Kicked => self.fd.set_kvm_immediate_exit(0),
+            Exit::Out { port, .. } | Exit::In { port, .. } if self.io_count() != 1 => {
+                return Ok(Exit::StringIo { port });
+            }
+            _ => {}
         }
         Ok(exit)
+    }
+}
+
+/// Keeps a vCPU armed for kicks on this thread; disarms on drop.
+#[must_use = "the vCPU is disarmed as soon as the guard is dropped"]
+pub struct KickGuard(std::marker::PhantomData<*const ()>);
+
+impl Drop for KickGuard {
+    fn drop(&mut self) {
+        let _ = KICK_TARGET.try_with(|target| target.set(std::ptr::null_mut()));
     }
 }
 
@@ -301,11 +325,15 @@ impl Kick {
         });
     }
 
-    /// Kicks the thread `thread` (a `pthread_t` of a live thread).
-    pub fn send(thread: libc::pthread_t) {
+    /// Kicks the thread `thread`.
+    ///
+    /// # Safety
+    /// `thread` must be a thread of this process that has not been joined
+    /// or detached-and-exited (signalling a stale `pthread_t` is undefined).
+    pub unsafe fn send(thread: libc::pthread_t) {
         Self::install_handler();
-        // SAFETY: the caller passes a thread that has not been joined; a
-        // signal with an installed handler has no other effect.
+        // SAFETY: the caller guarantees `thread` is live; the signal has an
+        // installed handler, so it has no effect beyond the kick.
         unsafe {
             libc::pthread_kill(thread, Self::signal());
         }

@@ -91,11 +91,30 @@ impl Inner {
         self.timers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Kicks the worker in `slot`, if it is running.
+    fn kick(&self, slot: &WorkerSlot) {
+        let thread = slot.thread.load(Ordering::Acquire);
+        if thread != 0 {
+            // SAFETY: a worker publishes its thread id while it runs and
+            // clears it before it returns; workers are joined only in
+            // `Scheduler::stop`, after the host has ended every guest, so
+            // nobody kicks then.
+            unsafe { crate::kvm::Kick::send(thread as libc::pthread_t) };
+        }
+    }
+
+    /// Wakes the timer thread. Taking its lock first means the notice
+    /// cannot slip in between the timer's last look at the queues and its
+    /// wait.
+    fn notify_timer(&self) {
+        drop(self.lock_timers());
+        self.timer_cv.notify_one();
+    }
+
     /// Queues a woken guest ahead of preempted ones.
     fn push_woken(&self, task: Task) {
         task.control.set_state(GuestState::Runnable);
         let _ = self.wake_tx.send(Job::Run(task));
-        self.timer_cv.notify_one();
     }
 
     /// Queues a new, preempted or yielding guest at the back of the run
@@ -103,7 +122,7 @@ impl Inner {
     fn push_runnable(&self, task: Task) {
         task.control.set_state(GuestState::Runnable);
         let _ = self.run_tx.send(Job::Run(task));
-        self.timer_cv.notify_one();
+        self.notify_timer();
     }
 
     /// Parks `task` until guest time `deadline_ns` (or a wake).
@@ -127,11 +146,11 @@ impl Inner {
             // A kill raced with blocking: it found nothing to wake, so wake now.
             drop(timers);
             self.push_woken(parked.task);
-            return;
+        } else {
+            timers.parked.insert(id, parked);
+            drop(timers);
         }
-        timers.parked.insert(id, parked);
-        drop(timers);
-        self.timer_cv.notify_one();
+        self.notify_timer();
     }
 
     /// Wakes guest `id` if it is parked.
@@ -139,6 +158,7 @@ impl Inner {
         let parked = self.lock_timers().parked.remove(&id);
         if let Some(parked) = parked {
             self.unpark(parked);
+            self.notify_timer();
         }
     }
 
@@ -176,10 +196,7 @@ impl SchedulerRef {
         control.killed.store(true, Ordering::SeqCst);
         let worker = control.worker.load(Ordering::SeqCst);
         if let Some(slot) = self.0.workers.get(worker) {
-            let thread = slot.thread.load(Ordering::Acquire);
-            if thread != 0 {
-                crate::kvm::Kick::send(thread as libc::pthread_t);
-            }
+            self.0.kick(slot);
         }
         self.0.wake(control.id);
     }

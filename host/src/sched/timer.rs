@@ -85,11 +85,10 @@ fn preempt(inner: &Inner) -> bool {
         } else {
             waiting > 0 && ran >= inner.slice
         };
-        if give_way && !slot.preempt.swap(true, Ordering::SeqCst) {
-            let thread = slot.thread.load(Ordering::Acquire);
-            if thread != 0 {
-                crate::kvm::Kick::send(thread as libc::pthread_t);
-            }
+        // Kick once per request; kick again if a request has gone unheard
+        // for another slice (belt and braces against a lost signal).
+        if give_way && (!slot.preempt.swap(true, Ordering::SeqCst) || ran >= inner.slice * 2) {
+            inner.kick(slot);
         }
     }
     true

@@ -2,6 +2,7 @@
 
 use super::{Inner, Job, Task};
 use crate::control::{GuestState, NO_WORKER};
+use crate::end::{Crash, GuestEnd};
 use crate::guest::Step;
 use crossbeam_channel::select_biased;
 use std::sync::atomic::Ordering;
@@ -29,17 +30,28 @@ pub(super) fn run(inner: &Inner, index: usize) {
 fn run_task(inner: &Inner, index: usize, mut task: Task) {
     let slot = &inner.workers[index];
     let control = std::sync::Arc::clone(&task.control);
-    control.worker.store(index, Ordering::SeqCst);
-    slot.preempt.store(false, Ordering::SeqCst);
-    control.set_state(GuestState::Running);
     let span = tracing::trace_span!("guest", id = control.id);
     let _entered = span.enter();
+    control.set_state(GuestState::Running);
+    // Order matters: arm first, so that any kick from now on interrupts
+    // this guest; then forget requests aimed at the previous guest; then
+    // let the timer thread see who runs and since when.
+    let armed = task.guest.arm_kick();
+    slot.preempt.store(false, Ordering::SeqCst);
+    control.worker.store(index, Ordering::SeqCst);
     slot.running_since.store(inner.now_ns(), Ordering::Release);
     let started = Instant::now();
-    // Kicks sent to this thread interrupt this guest only while it runs.
-    task.guest.arm_kick();
-    let step = task.guest.run(&control.killed, &slot.preempt);
-    task.guest.disarm_kick();
+    // A panic here (an embedder's console sink, say) ends this guest, not
+    // the worker: the other guests keep running.
+    let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        task.guest.run(&control.killed, &slot.preempt)
+    }))
+    .unwrap_or_else(|_| {
+        Step::Ended(GuestEnd::Crashed(Crash::Internal(
+            "the host panicked while serving this guest".into(),
+        )))
+    });
+    drop(armed);
     slot.running_since.store(0, Ordering::Release);
     control
         .stats
