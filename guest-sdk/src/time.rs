@@ -77,3 +77,33 @@ pub fn sleep(duration: Duration) {
         block_until(deadline);
     }
 }
+
+/// Parses a duration argument: `500ms`, `2s`, `750us`, or a bare number of
+/// milliseconds. Returns nanoseconds, or `None` for anything else.
+pub fn parse_duration_ns(text: &str) -> Option<u64> {
+    let (digits, scale) = if let Some(us) = text.strip_suffix("us") {
+        (us, 1_000)
+    } else if let Some(ms) = text.strip_suffix("ms") {
+        (ms, 1_000_000)
+    } else if let Some(s) = text.strip_suffix('s') {
+        (s, 1_000_000_000)
+    } else {
+        (text, 1_000_000)
+    };
+    digits.parse::<u64>().ok()?.checked_mul(scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration_ns("500ms"), Some(500_000_000));
+        assert_eq!(parse_duration_ns("2s"), Some(2_000_000_000));
+        assert_eq!(parse_duration_ns("750us"), Some(750_000));
+        assert_eq!(parse_duration_ns("10"), Some(10_000_000));
+        assert_eq!(parse_duration_ns("soon"), None);
+        assert_eq!(parse_duration_ns("99999999999999s"), None);
+    }
+}

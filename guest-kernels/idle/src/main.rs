@@ -8,19 +8,11 @@ use shoal_guest::{boot, println, time};
 
 shoal_guest::entry!(main);
 
-fn parse_ns(arg: &str) -> Option<u64> {
-    let (digits, scale) = match arg.strip_suffix("ms") {
-        Some(ms) => (ms, 1_000_000),
-        None => match arg.strip_suffix('s') {
-            Some(s) => (s, 1_000_000_000),
-            None => (arg, 1_000_000),
-        },
-    };
-    digits.parse::<u64>().ok()?.checked_mul(scale)
-}
-
 fn main() -> i32 {
-    let Some(duration) = boot::args().next().map_or(Some(1_000_000_000), parse_ns) else {
+    let Some(duration) = boot::args()
+        .next()
+        .map_or(Some(1_000_000_000), time::parse_duration_ns)
+    else {
         println!("usage: idle DURATION (2s, 500ms)");
         return 2;
     };

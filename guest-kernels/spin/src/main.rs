@@ -8,19 +8,12 @@ use shoal_guest::{boot, println, time};
 
 shoal_guest::entry!(main);
 
-/// Parses `500ms`, `2s` or a bare number of milliseconds.
+/// `forever`, or a duration the SDK parses (`500ms`, `2s`).
 fn parse_ns(arg: &str) -> Option<u64> {
     if arg == "forever" {
         return Some(u64::MAX);
     }
-    let (digits, scale) = match arg.strip_suffix("ms") {
-        Some(ms) => (ms, 1_000_000),
-        None => match arg.strip_suffix('s') {
-            Some(s) => (s, 1_000_000_000),
-            None => (arg, 1_000_000),
-        },
-    };
-    digits.parse::<u64>().ok()?.checked_mul(scale)
+    time::parse_duration_ns(arg)
 }
 
 fn main() -> i32 {
