@@ -2,7 +2,8 @@
 //! worker running it.
 
 use crate::console::Console;
-use crate::end::GuestEnd;
+use crate::end::{Crash, GuestEnd};
+use crate::limits::Limits;
 use crate::stats::GuestStats;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -51,12 +52,18 @@ pub struct GuestControl {
     pub console: Arc<Console>,
     /// The counters.
     pub stats: Arc<GuestStats>,
+    /// The guest's limits.
+    pub limits: Limits,
+    /// Why the host stopped the guest, when `killed` was set for a limit.
+    stop_reason: Mutex<Option<Crash>>,
 }
 
 impl GuestControl {
     /// A control block for a guest that has not run yet.
-    pub fn new(id: u64, console: Arc<Console>, stats: Arc<GuestStats>) -> Self {
+    pub fn new(id: u64, console: Arc<Console>, stats: Arc<GuestStats>, limits: Limits) -> Self {
         Self {
+            limits,
+            stop_reason: Mutex::new(None),
             id,
             killed: AtomicBool::new(false),
             state: AtomicU8::new(GuestState::Runnable as u8),
@@ -65,6 +72,28 @@ impl GuestControl {
             ended: Condvar::new(),
             console,
             stats,
+        }
+    }
+
+    /// Records why the host is about to stop the guest (the first reason
+    /// wins); the caller then kills it.
+    pub fn set_stop_reason(&self, reason: Crash) {
+        self.stop_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(reason);
+    }
+
+    /// What a kill means for this guest: killed, or stopped for a limit.
+    pub fn killed_end(&self) -> GuestEnd {
+        match self
+            .stop_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            Some(reason) => GuestEnd::Crashed(reason),
+            None => GuestEnd::Killed,
         }
     }
 

@@ -110,6 +110,9 @@ pub enum Crash {
         /// `out` (true) or `in`.
         write: bool,
     },
+    /// The guest exceeded one of its limits.
+    #[error("limit exceeded: {0}")]
+    LimitExceeded(crate::limits::Limit),
     /// An exit the host does not serve.
     #[error("unexpected exit: {0}")]
     UnexpectedExit(&'static str),

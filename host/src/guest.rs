@@ -10,6 +10,7 @@ use crate::kvm::memory::{GuestRam, MemoryError};
 use crate::kvm::vcpu::{Exit, VcpuError};
 use crate::kvm::vm::VmError;
 use crate::kvm::{Kvm, Vcpu, Vm};
+use crate::limits::{Limit, RateWindow};
 use crate::loader::Image;
 use crate::stats::GuestStats;
 use shoal_abi::layout::{EXCEPTION_PORT_BASE, EXCEPTION_VECTORS, HYPERCALL_PORT, NULL_EXIT_PORT};
@@ -60,6 +61,7 @@ pub struct Guest {
     features: u64,
     console: Arc<Console>,
     stats: Arc<GuestStats>,
+    exit_rate: Option<RateWindow>,
 }
 
 /// Everything needed to create a guest.
@@ -78,6 +80,8 @@ pub struct GuestParts<'a> {
     pub console: Arc<Console>,
     /// The counters.
     pub stats: Arc<GuestStats>,
+    /// Most exits per second, if limited.
+    pub exit_rate: Option<u64>,
 }
 
 impl Guest {
@@ -127,6 +131,7 @@ impl Guest {
             features: parts.features,
             console: parts.console,
             stats: parts.stats,
+            exit_rate: parts.exit_rate.map(RateWindow::new),
         })
     }
 
@@ -166,6 +171,12 @@ impl Guest {
                 continue;
             }
             self.stats.count_exit();
+            if let Some(window) = self.exit_rate.as_mut() {
+                if !window.allow(self.clock.now_ns()) {
+                    let limit = Limit::ExitRate(window.limit());
+                    return Step::Ended(GuestEnd::Crashed(Crash::LimitExceeded(limit)));
+                }
+            }
             match self.serve(exit) {
                 Flow::Resume => {}
                 Flow::Block(deadline) => return Step::Blocked(deadline),

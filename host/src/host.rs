@@ -7,6 +7,7 @@ pub use crate::control::GuestState;
 use crate::end::GuestEnd;
 use crate::guest::{Guest, GuestParts, SpawnError};
 use crate::kvm::vm::{Kvm, VmError};
+use crate::limits::Limits;
 use crate::loader::Image;
 use crate::sched::{DEFAULT_SLICE, Scheduler, SchedulerRef, Task};
 use crate::stats::{GuestStats, StatsSnapshot};
@@ -26,6 +27,8 @@ pub struct GuestConfig {
     pub console_limit: u64,
     /// Receives console output as it is written.
     pub console_sink: Option<ConsoleSink>,
+    /// Run-time, CPU-time and exit-rate limits.
+    pub limits: Limits,
 }
 
 impl Default for GuestConfig {
@@ -35,6 +38,7 @@ impl Default for GuestConfig {
             args: Vec::new(),
             console_limit: DEFAULT_CONSOLE_LIMIT,
             console_sink: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -151,10 +155,11 @@ impl Host {
                 features: shoal_abi::features::ALL_V1,
                 console: Arc::clone(&console),
                 stats: Arc::clone(&stats),
+                exit_rate: config.limits.exit_rate,
             },
             &self.scale,
         )?;
-        let control = Arc::new(GuestControl::new(id, console, stats));
+        let control = Arc::new(GuestControl::new(id, console, stats, config.limits));
         {
             let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
             live.retain(|_, control| control.strong_count() > 0);

@@ -35,11 +35,13 @@ pub mod guest;
 pub mod host;
 pub mod hypercall;
 pub mod kvm;
+pub mod limits;
 pub mod loader;
 pub mod sched;
 pub mod stats;
 
 pub use end::{Crash, GuestEnd, PanicReport};
 pub use host::{GuestConfig, GuestHandle, GuestReport, GuestState, Host, HostConfig, HostError};
+pub use limits::{Limit, Limits};
 pub use loader::{Image, LoadError};
 pub use stats::StatsSnapshot;

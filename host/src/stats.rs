@@ -88,6 +88,11 @@ impl GuestStats {
         self.cpu_ns.fetch_add(n, Relaxed);
     }
 
+    /// Time on a worker so far, in nanoseconds.
+    pub fn cpu_ns(&self) -> u64 {
+        self.cpu_ns.load(Relaxed)
+    }
+
     /// One preemption.
     pub fn count_preemption(&self) {
         self.preemptions.fetch_add(1, Relaxed);

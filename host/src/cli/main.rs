@@ -2,10 +2,11 @@
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use shoal_host::{GuestConfig, Host, Image, builtin};
+use shoal_host::{GuestConfig, Host, Image, Limits, builtin};
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 mod many;
 
@@ -34,6 +35,15 @@ enum Command {
         /// Do not stream the guest's console (its end is still reported).
         #[arg(long, short)]
         quiet: bool,
+        /// Stop the guest (status 125) after this much real time: 500ms, 2s.
+        #[arg(long, value_parser = parse_duration)]
+        run_time: Option<Duration>,
+        /// Stop the guest after this much CPU time: 500ms, 2s.
+        #[arg(long, value_parser = parse_duration)]
+        cpu_time: Option<Duration>,
+        /// Stop the guest if it makes more exits than this in one second.
+        #[arg(long)]
+        exit_rate: Option<u64>,
         /// Run this many guests of the kernel at once. `{i}` in the
         /// arguments becomes each guest's index.
         #[arg(long, short = 'n', default_value_t = 1)]
@@ -99,6 +109,22 @@ fn parse_size(text: &str) -> Result<u64, String> {
     value
         .checked_mul(1 << shift)
         .ok_or_else(|| format!("size too large: {text:?}"))
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (digits, unit): (&str, fn(u64) -> Duration) = if let Some(ms) = text.strip_suffix("ms") {
+        (ms, Duration::from_millis)
+    } else if let Some(us) = text.strip_suffix("us") {
+        (us, Duration::from_micros)
+    } else if let Some(s) = text.strip_suffix('s') {
+        (s, Duration::from_secs)
+    } else {
+        return Err(format!("not a duration (500ms, 2s): {text:?}"));
+    };
+    digits
+        .parse()
+        .map(unit)
+        .map_err(|_| format!("not a duration (500ms, 2s): {text:?}"))
 }
 
 fn load(kernel: &str) -> anyhow::Result<Image> {
@@ -208,6 +234,9 @@ fn main() -> ExitCode {
             console,
             kernel,
             args,
+            run_time,
+            cpu_time,
+            exit_rate,
             ..
         } if count > 1 => load(&kernel).and_then(|image| {
             let console = console.unwrap_or(if count <= 100 {
@@ -223,6 +252,11 @@ fn main() -> ExitCode {
                     mem_size: mem,
                     console_limit,
                     args,
+                    limits: Limits {
+                        run_time,
+                        cpu_time,
+                        exit_rate,
+                    },
                 },
             )
         }),
@@ -232,6 +266,9 @@ fn main() -> ExitCode {
             quiet,
             kernel,
             args,
+            run_time,
+            cpu_time,
+            exit_rate,
             ..
         } => {
             let sink: Option<shoal_host::console::ConsoleSink> = if quiet {
@@ -248,6 +285,11 @@ fn main() -> ExitCode {
                 args,
                 console_limit,
                 console_sink: sink,
+                limits: Limits {
+                    run_time,
+                    cpu_time,
+                    exit_rate,
+                },
             };
             run(&kernel, config)
         }
@@ -287,6 +329,15 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("10us"), Ok(Duration::from_micros(10)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
 
     #[test]
     fn sizes_parse_with_suffixes() {

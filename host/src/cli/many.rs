@@ -31,6 +31,8 @@ pub struct Many {
     pub console_limit: u64,
     /// Arguments; `{i}` is replaced by the guest's index (0-based).
     pub args: Vec<String>,
+    /// Limits of every guest.
+    pub limits: shoal_host::Limits,
 }
 
 /// Writes complete lines prefixed with the guest id; keeps partial lines.
@@ -113,6 +115,7 @@ pub fn run(image: &Image, many: Many) -> anyhow::Result<ExitCode> {
                 .collect(),
             console_limit: many.console_limit,
             console_sink: (many.console == ConsoleMode::All).then(prefixing_sink),
+            limits: many.limits,
         };
         let spawn_started = Instant::now();
         let guest = host

@@ -55,6 +55,19 @@ struct Timers {
     heap: BinaryHeap<std::cmp::Reverse<(Instant, u64, u64)>>,
     parked: HashMap<u64, Parked>,
     next_generation: u64,
+    /// Run-time limits: (when, guest id), earliest first.
+    expiries: BinaryHeap<std::cmp::Reverse<(Instant, u64)>>,
+    /// Guests with a run-time limit that have not ended.
+    limited: HashMap<u64, Arc<GuestControl>>,
+}
+
+impl Timers {
+    /// The earliest instant the timer thread must act at.
+    fn next_event(&self) -> Option<Instant> {
+        let deadline = self.heap.peek().map(|r| r.0.0);
+        let expiry = self.expiries.peek().map(|r| r.0.0);
+        deadline.into_iter().chain(expiry).min()
+    }
 }
 
 /// One worker's slot, written by the worker and read by the timer thread.
@@ -67,6 +80,9 @@ struct WorkerSlot {
     running_since: AtomicU64,
     /// Asks the running guest to give up the worker at its next exit.
     preempt: AtomicBool,
+    /// When the running guest's CPU-time limit runs out, in ns since the
+    /// scheduler's epoch (0: no limit).
+    cpu_deadline: AtomicU64,
 }
 
 struct Inner {
@@ -151,6 +167,22 @@ impl Inner {
             drop(timers);
         }
         self.notify_timer();
+    }
+
+    /// Stops a guest for exceeding a limit: records the reason, then kills.
+    fn stop_for(&self, control: &GuestControl, reason: crate::end::Crash) {
+        control.set_stop_reason(reason);
+        control.killed.store(true, Ordering::SeqCst);
+        if let Some(slot) = self.workers.get(control.worker.load(Ordering::SeqCst)) {
+            self.kick(slot);
+        }
+    }
+
+    /// Forgets a guest's run-time limit once it ended.
+    fn forget_limit(&self, control: &GuestControl) {
+        if control.limits.run_time.is_some() {
+            self.lock_timers().limited.remove(&control.id);
+        }
     }
 
     /// Wakes guest `id` if it is parked.
@@ -247,6 +279,18 @@ impl Scheduler {
 
     /// Hands a new guest to the scheduler.
     pub fn submit(&self, task: Task) {
+        if let Some(run_time) = task.control.limits.run_time {
+            let when = Instant::now().checked_add(run_time);
+            let mut timers = self.inner.lock_timers();
+            if let Some(when) = when {
+                timers
+                    .expiries
+                    .push(std::cmp::Reverse((when, task.control.id)));
+                timers
+                    .limited
+                    .insert(task.control.id, Arc::clone(&task.control));
+            }
+        }
         self.inner.push_runnable(task);
     }
 

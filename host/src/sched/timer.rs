@@ -2,6 +2,8 @@
 //! workers.
 
 use super::{Inner, WorkerSlot};
+use crate::end::Crash;
+use crate::limits::Limit;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -38,11 +40,23 @@ pub(super) fn run(inner: &Inner) {
                 inner.unpark(parked);
             }
         }
+        while let Some(std::cmp::Reverse((when, id))) = timers.expiries.peek().copied() {
+            if when > now {
+                break;
+            }
+            timers.expiries.pop();
+            if let Some(control) = timers.limited.remove(&id) {
+                let limit = control.limits.run_time.unwrap_or_default();
+                inner.stop_for(&control, Crash::LimitExceeded(Limit::RunTime(limit)));
+                if let Some(parked) = timers.parked.remove(&id) {
+                    inner.unpark(parked);
+                }
+            }
+        }
         let busy = preempt(inner);
         let next = timers
-            .heap
-            .peek()
-            .map(|r| r.0.0.saturating_duration_since(now));
+            .next_event()
+            .map(|when| when.saturating_duration_since(now));
         let wait = match (next, busy) {
             (Some(next), true) => next.min(check_interval(inner.slice)),
             (Some(next), false) => next,
@@ -79,7 +93,11 @@ fn preempt(inner: &Inner) -> bool {
     running.sort_by_key(|(ran, _)| std::cmp::Reverse(*ran));
     for (ran, slot) in running {
         let ran = Duration::from_nanos(ran);
-        let give_way = if woken > 0 && ran >= WAKE_GRACE {
+        let cpu_deadline = slot.cpu_deadline.load(Ordering::Acquire);
+        let give_way = if cpu_deadline != 0 && now >= cpu_deadline {
+            // Out of CPU time: the worker ends the guest when it returns.
+            true
+        } else if woken > 0 && ran >= WAKE_GRACE {
             woken -= 1;
             true
         } else {

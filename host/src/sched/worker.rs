@@ -4,6 +4,7 @@ use super::{Inner, Job, Task};
 use crate::control::{GuestState, NO_WORKER};
 use crate::end::{Crash, GuestEnd};
 use crate::guest::Step;
+use crate::limits::Limit;
 use crossbeam_channel::select_biased;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -39,7 +40,13 @@ fn run_task(inner: &Inner, index: usize, mut task: Task) {
     let armed = task.guest.arm_kick();
     slot.preempt.store(false, Ordering::SeqCst);
     control.worker.store(index, Ordering::SeqCst);
-    slot.running_since.store(inner.now_ns(), Ordering::Release);
+    let now = inner.now_ns();
+    let cpu_deadline = control.limits.cpu_time.map_or(0, |limit| {
+        let left = (limit.as_nanos() as u64).saturating_sub(control.stats.cpu_ns());
+        now.saturating_add(left).max(1)
+    });
+    slot.cpu_deadline.store(cpu_deadline, Ordering::Release);
+    slot.running_since.store(now, Ordering::Release);
     let started = Instant::now();
     // A panic here (an embedder's console sink, say) ends this guest, not
     // the worker: the other guests keep running.
@@ -53,10 +60,19 @@ fn run_task(inner: &Inner, index: usize, mut task: Task) {
     });
     drop(armed);
     slot.running_since.store(0, Ordering::Release);
+    slot.cpu_deadline.store(0, Ordering::Release);
     control
         .stats
         .add_cpu_ns(started.elapsed().as_nanos() as u64);
     control.worker.store(NO_WORKER, Ordering::SeqCst);
+    let step = match (step, control.limits.cpu_time) {
+        (Step::Ended(GuestEnd::Killed), _) => Step::Ended(control.killed_end()),
+        (step @ Step::Ended(_), _) => step,
+        (_, Some(limit)) if control.stats.cpu_ns() >= limit.as_nanos() as u64 => Step::Ended(
+            GuestEnd::Crashed(Crash::LimitExceeded(Limit::CpuTime(limit))),
+        ),
+        (step, _) => step,
+    };
     match step {
         Step::Blocked(deadline) => {
             tracing::trace!(deadline, "blocked");
@@ -70,6 +86,7 @@ fn run_task(inner: &Inner, index: usize, mut task: Task) {
         Step::Ended(end) => {
             // Free the VM before anyone can see the end.
             drop(task);
+            inner.forget_limit(&control);
             tracing::info!(id = control.id, %end, "guest ended");
             control.finish(end);
         }

@@ -1,0 +1,128 @@
+//! Per-guest limits stop exactly the guest that exceeds them, with the
+//! limit as the reason, while a neighbour carries on.
+
+mod common;
+
+use shoal_host::{Crash, GuestConfig, GuestEnd, Limit, Limits};
+use std::time::Duration;
+
+fn limited(args: &[&str], limits: Limits) -> GuestConfig {
+    GuestConfig {
+        args: args.iter().map(|a| a.to_string()).collect(),
+        limits,
+        ..Default::default()
+    }
+}
+
+/// Runs `name` with `limits` beside an unlimited `clock` guest; returns
+/// the limited guest's report after checking the neighbour exited 0.
+fn run_beside_a_neighbour(name: &str, args: &[&str], limits: Limits) -> shoal_host::GuestReport {
+    let host = common::host();
+    let neighbour = common::spawn(&host, "clock", &["5"]);
+    let report = host
+        .spawn(&common::image(name), limited(args, limits))
+        .expect("spawns")
+        .wait();
+    common::assert_exited_0(&neighbour.wait());
+    report
+}
+
+#[test]
+fn run_time_limit_stops_a_blocked_guest() {
+    let limit = Duration::from_millis(50);
+    let report = run_beside_a_neighbour(
+        "idle",
+        &["100s"],
+        Limits {
+            run_time: Some(limit),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        report.end,
+        GuestEnd::Crashed(Crash::LimitExceeded(Limit::RunTime(limit)))
+    );
+}
+
+#[test]
+fn run_time_limit_stops_a_spinning_guest() {
+    let limit = Duration::from_millis(50);
+    let report = run_beside_a_neighbour(
+        "spin",
+        &["forever"],
+        Limits {
+            run_time: Some(limit),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        report.end,
+        GuestEnd::Crashed(Crash::LimitExceeded(Limit::RunTime(limit)))
+    );
+    assert_eq!(report.console_text(), "spinning\n");
+}
+
+#[test]
+fn cpu_time_limit_stops_a_spinner_after_its_budget() {
+    let limit = Duration::from_millis(30);
+    let report = run_beside_a_neighbour(
+        "spin",
+        &["forever"],
+        Limits {
+            cpu_time: Some(limit),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        report.end,
+        GuestEnd::Crashed(Crash::LimitExceeded(Limit::CpuTime(limit)))
+    );
+    assert!(
+        report.stats.cpu_ns >= limit.as_nanos() as u64,
+        "{:?}",
+        report.stats
+    );
+}
+
+#[test]
+fn cpu_time_limit_leaves_an_idle_guest_alone() {
+    let report = run_beside_a_neighbour(
+        "idle",
+        &["30ms"],
+        Limits {
+            cpu_time: Some(Duration::from_millis(30)),
+            ..Default::default()
+        },
+    );
+    assert_eq!(report.end, GuestEnd::Exited(0));
+}
+
+#[test]
+fn exit_rate_limit_stops_a_flood() {
+    let report = run_beside_a_neighbour(
+        "bench",
+        &["floor", "1000000"],
+        Limits {
+            exit_rate: Some(500),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        report.end,
+        GuestEnd::Crashed(Crash::LimitExceeded(Limit::ExitRate(500)))
+    );
+    assert_eq!(report.stats.exits, 501, "{:?}", report.stats);
+}
+
+#[test]
+fn exit_rate_limit_allows_a_guest_under_it() {
+    let report = run_beside_a_neighbour(
+        "hello",
+        &[],
+        Limits {
+            exit_rate: Some(100),
+            ..Default::default()
+        },
+    );
+    assert_eq!(report.end, GuestEnd::Exited(0));
+}
