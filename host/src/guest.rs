@@ -171,11 +171,11 @@ impl Guest {
                 continue;
             }
             self.stats.count_exit();
-            if let Some(window) = self.exit_rate.as_mut() {
-                if !window.allow(self.clock.now_ns()) {
-                    let limit = Limit::ExitRate(window.limit());
-                    return Step::Ended(GuestEnd::Crashed(Crash::LimitExceeded(limit)));
-                }
+            if let Some(window) = self.exit_rate.as_mut()
+                && !window.allow(self.clock.now_ns())
+            {
+                let limit = Limit::ExitRate(window.limit());
+                return Step::Ended(GuestEnd::Crashed(Crash::LimitExceeded(limit)));
             }
             match self.serve(exit) {
                 Flow::Resume => {}
