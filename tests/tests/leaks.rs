@@ -1,10 +1,22 @@
-//! Ending a guest frees what it held: file descriptors and threads return
-//! to their starting level after many guests exit and crash. (Alone in its
-//! test binary so no other test's guests are counted.)
+//! Ending a guest frees what it held: file descriptors, threads and host
+//! memory return to their starting level after thousands of guests exit
+//! and crash. (Alone in its test binary so no other test's guests are
+//! counted.)
 
 mod common;
 
 use shoal_host::{GuestConfig, GuestEnd};
+
+fn mem_available_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
 
 fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
@@ -26,7 +38,8 @@ fn guests_that_exit_or_crash_leave_no_fds_or_threads_behind() {
     );
     let fds = count("/proc/self/fd");
     let threads = count("/proc/self/task");
-    for round in 0..200 {
+    let available = mem_available_mib();
+    for round in 0..2000 {
         let image = if round % 2 == 0 { &hello } else { &crasher };
         let report = host
             .spawn(image, GuestConfig::default())
@@ -40,4 +53,7 @@ fn guests_that_exit_or_crash_leave_no_fds_or_threads_behind() {
     }
     assert_eq!(count("/proc/self/fd"), fds, "file descriptors leaked");
     assert_eq!(count("/proc/self/task"), threads, "threads leaked");
+    // 2000 leaked VMs would hold about 1 GiB of kernel memory; allow noise.
+    let lost = available.saturating_sub(mem_available_mib());
+    assert!(lost < 256, "{lost} MiB of host memory did not come back");
 }
