@@ -28,38 +28,23 @@ fn run_beside_a_neighbour(name: &str, args: &[&str], limits: Limits) -> shoal_ho
 }
 
 #[test]
-fn run_time_limit_stops_a_blocked_guest() {
+fn run_time_limit_stops_blocked_and_spinning_guests() {
     let limit = Duration::from_millis(50);
-    let report = run_beside_a_neighbour(
-        "idle",
-        &["100s"],
-        Limits {
-            run_time: Some(limit),
-            ..Default::default()
-        },
-    );
-    assert_eq!(
-        report.end,
-        GuestEnd::Crashed(Crash::LimitExceeded(Limit::RunTime(limit)))
-    );
-}
-
-#[test]
-fn run_time_limit_stops_a_spinning_guest() {
-    let limit = Duration::from_millis(50);
-    let report = run_beside_a_neighbour(
-        "spin",
-        &["forever"],
-        Limits {
-            run_time: Some(limit),
-            ..Default::default()
-        },
-    );
-    assert_eq!(
-        report.end,
-        GuestEnd::Crashed(Crash::LimitExceeded(Limit::RunTime(limit)))
-    );
-    assert_eq!(report.console_text(), "spinning\n");
+    for (name, arg) in [("idle", "100s"), ("spin", "forever")] {
+        let report = run_beside_a_neighbour(
+            name,
+            &[arg],
+            Limits {
+                run_time: Some(limit),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            report.end,
+            GuestEnd::Crashed(Crash::LimitExceeded(Limit::RunTime(limit))),
+            "{name}"
+        );
+    }
 }
 
 #[test]
