@@ -2,6 +2,7 @@
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use shoal_host::console::ConsoleSink;
 use shoal_host::{GuestConfig, Host, Image, Limits, builtin};
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -20,45 +21,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a guest kernel and stream its console.
+    /// Run a guest kernel (or many) and stream its console.
     ///
     /// Exit status: the guest's exit code when it exits (a non-zero code
     /// that truncates to 0 gives 1), 101 when it panics, 125 when the host
-    /// stops it for breaking a rule, 126 when it cannot be started.
-    Run {
-        /// Guest memory, in bytes or with a K/M/G suffix (2M to 256M).
-        #[arg(long, default_value = "4M", value_parser = parse_size)]
-        mem: u64,
-        /// Most console bytes the guest may write; the rest is dropped.
-        #[arg(long, default_value = "1M", value_parser = parse_size)]
-        console_limit: u64,
-        /// Do not stream the guest's console (its end is still reported).
-        #[arg(long, short)]
-        quiet: bool,
-        /// Stop the guest (status 125) after this much real time: 500ms, 2s.
-        #[arg(long, value_parser = parse_duration)]
-        run_time: Option<Duration>,
-        /// Stop the guest after this much CPU time: 500ms, 2s.
-        #[arg(long, value_parser = parse_duration)]
-        cpu_time: Option<Duration>,
-        /// Stop the guest if it makes more exits than this in one second.
-        #[arg(long)]
-        exit_rate: Option<u64>,
-        /// Run this many guests of the kernel at once. `{i}` in the
-        /// arguments becomes each guest's index.
-        #[arg(long, short = 'n', default_value_t = 1)]
-        count: usize,
-        /// With --count: print every line prefixed by its guest id (all),
-        /// only the output of guests that failed (errors), or nothing.
-        /// Default: all up to 100 guests, errors above.
-        #[arg(long, value_enum)]
-        console: Option<many::ConsoleMode>,
-        /// A guest ELF file, or the name of a built-in guest (see `shoal list`).
-        kernel: String,
-        /// Arguments passed to the guest (after `--`).
-        #[arg(last = true)]
-        args: Vec<String>,
-    },
+    /// stops it for breaking a rule or a limit, 126 when it cannot be
+    /// started. With --count, the status of the first guest that failed.
+    Run(RunArgs),
     /// Show a guest image: ABI version, entry point, segments, memory needed.
     Inspect {
         /// A guest ELF file, or the name of a built-in guest.
@@ -67,29 +36,90 @@ enum Command {
     /// List the built-in guests.
     List,
     /// Measure the hypercall path against the raw exit floor.
-    Bench {
-        /// Print one JSON object per line.
-        #[arg(long)]
-        json: bool,
-        /// Exits per measurement round.
-        #[arg(long, default_value_t = 20_000)]
-        iterations: u64,
-        /// Rounds per measurement (the median is reported).
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-        /// Guests spawned back to back for spawn latency and throughput.
-        #[arg(long, default_value_t = 1000)]
-        spawns: usize,
-        /// Idle guests held at once for memory per guest.
-        #[arg(long, default_value_t = 1000)]
-        idle: usize,
-        /// Spinning guests while wake-up latency is measured.
-        #[arg(long, default_value_t = 1000)]
-        busy: usize,
-        /// Spinning guests whose CPU shares are compared.
-        #[arg(long, default_value_t = 8)]
-        spinners: usize,
-    },
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Guest memory, in bytes or with a K/M/G suffix (2M to 256M).
+    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    mem: u64,
+    /// Most console bytes the guest may write; the rest is dropped.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    console_limit: u64,
+    /// Do not stream the guest's console (its end is still reported).
+    #[arg(long, short)]
+    quiet: bool,
+    /// Stop the guest (status 125) after this much real time: 500ms, 2s.
+    #[arg(long, value_parser = parse_duration)]
+    run_time: Option<Duration>,
+    /// Stop the guest after this much CPU time: 500ms, 2s.
+    #[arg(long, value_parser = parse_duration)]
+    cpu_time: Option<Duration>,
+    /// Stop the guest if it makes more exits than this in one second.
+    #[arg(long)]
+    exit_rate: Option<u64>,
+    /// Run this many guests of the kernel at once. `{i}` in the
+    /// arguments becomes each guest's index.
+    #[arg(long, short = 'n', default_value_t = 1)]
+    count: usize,
+    /// With --count: print every line prefixed by its guest id (all),
+    /// only the output of guests that failed (errors), or nothing.
+    /// Default: all up to 100 guests, errors above.
+    #[arg(long, value_enum)]
+    console: Option<many::ConsoleMode>,
+    /// A guest ELF file, or the name of a built-in guest (see `shoal list`).
+    kernel: String,
+    /// Arguments passed to the guest (after `--`).
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+impl RunArgs {
+    /// The configuration of guest number `index`: `{i}` in the arguments
+    /// becomes the index.
+    fn config(&self, index: usize, console_sink: Option<ConsoleSink>) -> GuestConfig {
+        GuestConfig {
+            mem_size: self.mem,
+            args: self
+                .args
+                .iter()
+                .map(|a| a.replace("{i}", &index.to_string()))
+                .collect(),
+            console_limit: self.console_limit,
+            console_sink,
+            limits: Limits {
+                run_time: self.run_time,
+                cpu_time: self.cpu_time,
+                exit_rate: self.exit_rate,
+            },
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Print one JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// Exits per measurement round.
+    #[arg(long, default_value_t = 20_000)]
+    iterations: u64,
+    /// Rounds per measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Guests spawned back to back for spawn latency and throughput.
+    #[arg(long, default_value_t = 1000)]
+    spawns: usize,
+    /// Idle guests held at once for memory per guest.
+    #[arg(long, default_value_t = 1000)]
+    idle: usize,
+    /// Spinning guests while wake-up latency is measured.
+    #[arg(long, default_value_t = 1000)]
+    busy: usize,
+    /// Spinning guests whose CPU shares are compared.
+    #[arg(long, default_value_t = 8)]
+    spinners: usize,
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -144,11 +174,21 @@ fn load(kernel: &str) -> anyhow::Result<Image> {
     }
 }
 
-fn run(kernel: &str, config: GuestConfig) -> anyhow::Result<ExitCode> {
-    let image = load(kernel)?;
+fn run(run: RunArgs) -> anyhow::Result<ExitCode> {
+    let image = load(&run.kernel)?;
+    if run.count > 1 {
+        return many::run(&image, &run);
+    }
+    let sink: Option<ConsoleSink> = (!run.quiet).then(|| -> ConsoleSink {
+        Box::new(|_, bytes| {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(bytes);
+            let _ = out.flush();
+        })
+    });
     let host = Host::new().context("cannot start the host")?;
     let guest = host
-        .spawn(&image, config)
+        .spawn(&image, run.config(0, sink))
         .context("cannot start the guest")?;
     let report = guest.wait();
     let status = report.end.exit_status();
@@ -194,7 +234,16 @@ fn inspect(kernel: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(json: bool, sizes: shoal_host::bench::Sizes) -> anyhow::Result<()> {
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let json = args.json;
+    let sizes = shoal_host::bench::Sizes {
+        iterations: args.iterations,
+        rounds: args.rounds,
+        spawns: args.spawns,
+        idle: args.idle,
+        busy: args.busy,
+        spinners: args.spinners,
+    };
     let host = Host::new().context("cannot start the host")?;
     let figures = shoal_host::bench::run_all(&host, sizes)?;
     for figure in figures {
@@ -227,72 +276,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run {
-            mem,
-            console_limit,
-            count,
-            console,
-            kernel,
-            args,
-            run_time,
-            cpu_time,
-            exit_rate,
-            ..
-        } if count > 1 => load(&kernel).and_then(|image| {
-            let console = console.unwrap_or(if count <= 100 {
-                many::ConsoleMode::All
-            } else {
-                many::ConsoleMode::Errors
-            });
-            many::run(
-                &image,
-                many::Many {
-                    count,
-                    console,
-                    mem_size: mem,
-                    console_limit,
-                    args,
-                    limits: Limits {
-                        run_time,
-                        cpu_time,
-                        exit_rate,
-                    },
-                },
-            )
-        }),
-        Command::Run {
-            mem,
-            console_limit,
-            quiet,
-            kernel,
-            args,
-            run_time,
-            cpu_time,
-            exit_rate,
-            ..
-        } => {
-            let sink: Option<shoal_host::console::ConsoleSink> = if quiet {
-                None
-            } else {
-                Some(Box::new(|_, bytes| {
-                    let mut out = std::io::stdout().lock();
-                    let _ = out.write_all(bytes);
-                    let _ = out.flush();
-                }))
-            };
-            let config = GuestConfig {
-                mem_size: mem,
-                args,
-                console_limit,
-                console_sink: sink,
-                limits: Limits {
-                    run_time,
-                    cpu_time,
-                    exit_rate,
-                },
-            };
-            run(&kernel, config)
-        }
+        Command::Run(args) => run(args),
         Command::Inspect { kernel } => inspect(&kernel).map(|()| ExitCode::SUCCESS),
         Command::List => {
             for (name, description) in builtin::list() {
@@ -300,25 +284,7 @@ fn main() -> ExitCode {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench {
-            json,
-            iterations,
-            rounds,
-            spawns,
-            idle,
-            busy,
-            spinners,
-        } => {
-            let sizes = shoal_host::bench::Sizes {
-                iterations,
-                rounds,
-                spawns,
-                idle,
-                busy,
-                spinners,
-            };
-            bench(json, sizes).map(|()| ExitCode::SUCCESS)
-        }
+        Command::Bench(args) => bench(args).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("shoal: error: {e:#}");

@@ -2,8 +2,9 @@
 //! prefixed, summarized or silenced, a progress line on a terminal, and a
 //! final summary.
 
+use super::RunArgs;
 use anyhow::Context;
-use shoal_host::{GuestConfig, GuestEnd, GuestReport, Host, Image};
+use shoal_host::{GuestEnd, GuestReport, Host, Image};
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -17,22 +18,6 @@ pub enum ConsoleMode {
     Errors,
     /// Nothing.
     None,
-}
-
-/// Options of a many-guest run.
-pub struct Many {
-    /// Number of guests.
-    pub count: usize,
-    /// Console handling.
-    pub console: ConsoleMode,
-    /// Guest memory.
-    pub mem_size: u64,
-    /// Console byte limit per guest.
-    pub console_limit: u64,
-    /// Arguments; `{i}` is replaced by the guest's index (0-based).
-    pub args: Vec<String>,
-    /// Limits of every guest.
-    pub limits: shoal_host::Limits,
 }
 
 /// Writes complete lines prefixed with the guest id; keeps partial lines.
@@ -95,46 +80,42 @@ impl Progress {
     }
 }
 
-/// Runs `many.count` guests of `image` and prints the summary.
-pub fn run(image: &Image, many: Many) -> anyhow::Result<ExitCode> {
+/// Runs `run.count` guests of `image` and prints the summary.
+pub fn run(image: &Image, run: &RunArgs) -> anyhow::Result<ExitCode> {
+    let count = run.count;
+    let console = run.console.unwrap_or(if count <= 100 {
+        ConsoleMode::All
+    } else {
+        ConsoleMode::Errors
+    });
     let host = Host::new().context("cannot start the host")?;
     let started = Instant::now();
     let mut progress = Progress {
         enabled: std::io::stderr().is_terminal(),
         last: Instant::now(),
     };
-    let mut spawn_times = Vec::with_capacity(many.count);
-    let mut guests = Vec::with_capacity(many.count);
-    for i in 0..many.count {
-        let config = GuestConfig {
-            mem_size: many.mem_size,
-            args: many
-                .args
-                .iter()
-                .map(|a| a.replace("{i}", &i.to_string()))
-                .collect(),
-            console_limit: many.console_limit,
-            console_sink: (many.console == ConsoleMode::All).then(prefixing_sink),
-            limits: many.limits,
-        };
+    let mut spawn_times = Vec::with_capacity(count);
+    let mut guests = Vec::with_capacity(count);
+    for i in 0..count {
+        let config = run.config(i, (console == ConsoleMode::All).then(prefixing_sink));
         let spawn_started = Instant::now();
         let guest = host
             .spawn(image, config)
-            .with_context(|| format!("cannot start guest {} of {}", i + 1, many.count))?;
+            .with_context(|| format!("cannot start guest {} of {}", i + 1, count))?;
         spawn_times.push(spawn_started.elapsed());
         guests.push(guest);
-        progress.show(i + 1, 0, many.count);
+        progress.show(i + 1, 0, count);
     }
-    let mut reports: Vec<GuestReport> = Vec::with_capacity(many.count);
+    let mut reports: Vec<GuestReport> = Vec::with_capacity(count);
     for guest in guests {
         reports.push(guest.wait());
-        progress.show(many.count, reports.len(), many.count);
+        progress.show(count, reports.len(), count);
     }
     let wall = started.elapsed();
 
     let mut out = std::io::stdout().lock();
     for report in &reports {
-        let show = match many.console {
+        let show = match console {
             ConsoleMode::All => {
                 let rest = partial_line(&report.console);
                 if !rest.is_empty() {
@@ -152,7 +133,7 @@ pub fn run(image: &Image, many: Many) -> anyhow::Result<ExitCode> {
                 let _ = writeln!(out, "[{}] {line}", report.id);
             }
         }
-        if !report.end.is_success() && many.console != ConsoleMode::None {
+        if !report.end.is_success() && console != ConsoleMode::None {
             let _ = writeln!(out, "[{}] {}", report.id, report.end);
         }
     }
