@@ -42,6 +42,10 @@ const GUESTS: &[(&str, &str)] = &[
         "hostile: writes through a null pointer with no handler",
     ),
     ("privileged", "hostile: executes hlt at CPL3"),
+    (
+        "residue",
+        "leaves a secret behind (write) or looks for one (check)",
+    ),
 ];
 
 fn watch(path: &Path) {

@@ -34,8 +34,8 @@ mod tests {
             let image = image(name)
                 .expect("listed")
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert_eq!(image.abi_version, shoal_abi::ABI_VERSION);
-            assert!(image.entry >= shoal_abi::layout::IMAGE_BASE);
+            assert_eq!(image.abi_version(), shoal_abi::ABI_VERSION);
+            assert!(image.entry() >= shoal_abi::layout::IMAGE_BASE);
         }
     }
 }

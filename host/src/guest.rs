@@ -1,18 +1,18 @@
 //! One guest: its VM, vCPU, memory and services, and the loop that runs it
 //! from exit to exit.
 
-use crate::boot::{self, BootError, BootParams, descriptors};
-use crate::clock::{GuestClock, TscScale, rdtsc};
+use crate::boot::{BootError, BootParams, Template, descriptors};
+use crate::clock::{GuestClock, TscScale};
 use crate::console::Console;
 use crate::end::{Crash, GuestEnd};
 use crate::hypercall::{self, Context, Flow};
 use crate::kvm::memory::{GuestRam, MemoryError};
 use crate::kvm::vcpu::{Exit, VcpuError};
 use crate::kvm::vm::VmError;
-use crate::kvm::{Kvm, Vcpu, Vm};
+use crate::kvm::{Vcpu, Vm};
 use crate::limits::{Limit, RateWindow};
-use crate::loader::Image;
-use crate::stats::GuestStats;
+use crate::pool::Shell;
+use crate::stats::{ExitReason, GuestStats};
 use shoal_abi::layout::{EXCEPTION_PORT_BASE, EXCEPTION_VECTORS, HYPERCALL_PORT, NULL_EXIT_PORT};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,10 +68,8 @@ pub struct Guest {
 pub struct GuestParts<'a> {
     /// Guest id.
     pub id: u64,
-    /// The image.
-    pub image: &'a Image,
-    /// RAM size.
-    pub mem_size: u64,
+    /// The image laid out in the guest's memory size.
+    pub template: &'a Template,
     /// Arguments.
     pub args: &'a [String],
     /// Feature bits offered.
@@ -85,41 +83,35 @@ pub struct GuestParts<'a> {
 }
 
 impl Guest {
-    /// Builds the guest's memory, VM and vCPU. `scale` gives the TSC
-    /// frequency; when it is not yet known, it is initialised from this
-    /// guest's vCPU.
+    /// Loads the template into `shell` (a VM that never ran, with RAM of
+    /// the template's size) and sets the vCPU at the entry point.
     pub fn create(
-        kvm: &Kvm,
+        shell: Shell,
+        scale: TscScale,
         parts: GuestParts<'_>,
-        scale: &std::sync::OnceLock<TscScale>,
     ) -> Result<Self, SpawnError> {
-        let ram = GuestRam::new(parts.mem_size)?;
-        let layout = boot::build(
+        let Shell {
+            vcpu,
+            vm,
+            ram,
+            tsc_offset,
+        } = shell;
+        let template = parts.template;
+        template.load(
             &ram,
-            parts.image,
             &BootParams {
                 guest_id: parts.id,
                 features: parts.features,
                 args: parts.args,
             },
         )?;
-        let vm = kvm.create_vm(&ram)?;
-        let vcpu = vm.create_vcpu()?;
-        vcpu.setup(&layout.cpu)?;
-        let scale = *scale.get_or_init(|| match vcpu.tsc_khz() {
-            Ok(khz) if khz > 0 => TscScale::from_hz(u64::from(khz) * 1000),
-            _ => TscScale::measure(std::time::Duration::from_millis(20)),
-        });
-        let before = rdtsc();
-        let guest_tsc = vcpu.guest_tsc()?;
-        let after = rdtsc();
-        let host_tsc = before / 2 + after / 2;
-        let clock = GuestClock::start(scale, guest_tsc.wrapping_sub(host_tsc) as i64);
+        vcpu.setup(template.cpu())?;
+        let clock = GuestClock::start(scale, tsc_offset);
         clock.publish(&ram)?;
         tracing::debug!(
             id = parts.id,
-            entry = layout.cpu.rip,
-            table_frames = layout.page_tables.frames(),
+            entry = template.cpu().rip,
+            table_frames = template.table_frames(),
             "guest created"
         );
         Ok(Self {
@@ -168,9 +160,10 @@ impl Guest {
             };
             if exit == Exit::Kicked {
                 // The loop's checks decide: killed, preempted, or a stale kick.
+                self.stats.count_kick();
                 continue;
             }
-            self.stats.count_exit();
+            self.stats.count_exit(exit_reason(&exit));
             if let Some(window) = self.exit_rate.as_mut()
                 && !window.allow(self.clock.now_ns())
             {
@@ -277,5 +270,29 @@ impl Guest {
             rsp: word(base + 3),
             fault_addr,
         }
+    }
+}
+
+/// The counter an exit goes to.
+fn exit_reason(exit: &Exit) -> ExitReason {
+    match *exit {
+        Exit::Out {
+            port: HYPERCALL_PORT,
+            size: 4,
+            ..
+        } => ExitReason::Hypercall,
+        Exit::Out {
+            port: NULL_EXIT_PORT,
+            size: 4,
+            ..
+        } => ExitReason::NullExit,
+        Exit::Out { port, size: 4, .. }
+            if (EXCEPTION_PORT_BASE..EXCEPTION_PORT_BASE + EXCEPTION_VECTORS).contains(&port) =>
+        {
+            ExitReason::Exception
+        }
+        Exit::Out { .. } | Exit::In { .. } | Exit::StringIo { .. } => ExitReason::BadPort,
+        Exit::Shutdown => ExitReason::TripleFault,
+        Exit::Kicked | Exit::Other(_) => ExitReason::Other,
     }
 }

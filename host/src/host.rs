@@ -6,9 +6,11 @@ use crate::control::GuestControl;
 pub use crate::control::GuestState;
 use crate::end::GuestEnd;
 use crate::guest::{Guest, GuestParts, SpawnError};
+use crate::kvm::GuestRam;
 use crate::kvm::vm::{Kvm, VmError};
 use crate::limits::Limits;
 use crate::loader::Image;
+use crate::pool::{Pool, PoolStatus, Templates, Toolstack};
 use crate::sched::{DEFAULT_SLICE, Scheduler, SchedulerRef, Task};
 use crate::stats::{GuestStats, StatsSnapshot};
 use shoal_abi::layout::DEFAULT_MEMORY;
@@ -81,13 +83,21 @@ pub struct HostConfig {
     pub workers: usize,
     /// Longest a guest keeps a worker while others wait.
     pub slice: Duration,
+    /// VMs kept created ahead of demand, for guests of
+    /// [`DEFAULT_MEMORY`] (0: every spawn creates its VM).
+    pub pool: usize,
 }
+
+/// VMs a host keeps ready by default: enough to absorb a burst of spawns
+/// while the filler catches up, at ~600 KiB of kernel memory each.
+pub const DEFAULT_POOL: usize = 32;
 
 impl Default for HostConfig {
     fn default() -> Self {
         Self {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             slice: DEFAULT_SLICE,
+            pool: DEFAULT_POOL,
         }
     }
 }
@@ -108,8 +118,9 @@ impl Default for HostConfig {
 /// Dropping the host kills the guests still running and waits for them.
 #[derive(Debug)]
 pub struct Host {
-    kvm: Kvm,
-    scale: OnceLock<crate::clock::TscScale>,
+    toolstack: Arc<Toolstack>,
+    pool: Pool,
+    templates: Templates,
     next_id: AtomicU64,
     sched: Scheduler,
     live: Mutex<HashMap<u64, Weak<GuestControl>>>,
@@ -126,11 +137,19 @@ impl Host {
     /// vCPU file descriptor.
     pub fn with_config(config: HostConfig) -> Result<Self, HostError> {
         raise_fd_limit();
-        Ok(Self {
+        let toolstack = Arc::new(Toolstack {
             kvm: Kvm::open()?,
             scale: OnceLock::new(),
+        });
+        let pool =
+            Pool::start(&toolstack, config.pool, DEFAULT_MEMORY).map_err(HostError::Threads)?;
+        let sched = Scheduler::start(config.workers, config.slice).map_err(HostError::Threads)?;
+        Ok(Self {
+            pool,
+            toolstack,
+            templates: Templates::default(),
             next_id: AtomicU64::new(1),
-            sched: Scheduler::start(config.workers, config.slice).map_err(HostError::Threads)?,
+            sched,
             live: Mutex::new(HashMap::new()),
         })
     }
@@ -140,24 +159,35 @@ impl Host {
         self.sched.workers()
     }
 
+    /// The pool of VMs made ahead of demand: how many are ready, how many
+    /// were made, and how many spawns found none ready.
+    pub fn pool(&self) -> PoolStatus {
+        self.pool.status()
+    }
+
     /// Creates a guest from `image` and makes it runnable.
     pub fn spawn(&self, image: &Image, config: GuestConfig) -> Result<GuestHandle, SpawnError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let console = Arc::new(Console::new(id, config.console_limit, config.console_sink));
         let stats = Arc::new(GuestStats::default());
+        GuestRam::check_size(config.mem_size)?;
+        let template = self.templates.get(image, config.mem_size)?;
+        let shell = match self.pool.take(config.mem_size) {
+            Some(shell) => shell,
+            None => self.toolstack.shell(config.mem_size)?,
+        };
         let guest = Guest::create(
-            &self.kvm,
+            shell,
+            self.toolstack.scale(),
             GuestParts {
                 id,
-                image,
-                mem_size: config.mem_size,
+                template: &template,
                 args: &config.args,
                 features: shoal_abi::features::ALL_V1,
                 console: Arc::clone(&console),
                 stats: Arc::clone(&stats),
                 exit_rate: config.limits.exit_rate,
             },
-            &self.scale,
         )?;
         let control = Arc::new(GuestControl::new(id, console, stats, config.limits));
         {

@@ -37,6 +37,7 @@ pub mod hypercall;
 pub mod kvm;
 pub mod limits;
 pub mod loader;
+pub mod pool;
 pub mod sched;
 pub mod stats;
 
@@ -44,4 +45,4 @@ pub use end::{Crash, GuestEnd, PanicReport};
 pub use host::{GuestConfig, GuestHandle, GuestReport, GuestState, Host, HostConfig, HostError};
 pub use limits::{Limit, Limits};
 pub use loader::{Image, LoadError};
-pub use stats::StatsSnapshot;
+pub use stats::{ExitReason, StatsSnapshot};

@@ -15,6 +15,7 @@ use elf::note::Note;
 use shoal_abi::ABI_VERSION;
 use shoal_abi::layout::{IMAGE_BASE, MAX_MEMORY, PAGE_SIZE};
 use shoal_abi::note::{NOTE_NAME, NOTE_TYPE_ABI_VERSION};
+use std::hash::{Hash, Hasher};
 use std::path::Path;
 
 /// Most loadable segments an image may have.
@@ -110,14 +111,14 @@ impl Segment {
 }
 
 /// A checked guest image, ready to be loaded into any number of guests.
+/// Immutable once checked, so the host can build its memory template once
+/// and share it between every guest of the image.
 #[derive(Clone, Debug)]
 pub struct Image {
-    /// Entry point.
-    pub entry: u64,
-    /// The ABI version from the note.
-    pub abi_version: u32,
-    /// Loadable segments, sorted by address.
-    pub segments: Vec<Segment>,
+    entry: u64,
+    abi_version: u32,
+    segments: Vec<Segment>,
+    fingerprint: u64,
 }
 
 impl Image {
@@ -190,11 +191,37 @@ impl Image {
         {
             return Err(LoadError::BadEntry(entry));
         }
+        let mut hasher = std::hash::DefaultHasher::new();
+        (entry, abi_version).hash(&mut hasher);
+        for s in &segments {
+            (s.vaddr, s.mem_size, &s.data, s.writable, s.executable).hash(&mut hasher);
+        }
         Ok(Image {
             entry,
             abi_version,
             segments,
+            fingerprint: hasher.finish(),
         })
+    }
+
+    /// Entry point.
+    pub fn entry(&self) -> u64 {
+        self.entry
+    }
+
+    /// The ABI version from the note.
+    pub fn abi_version(&self) -> u32 {
+        self.abi_version
+    }
+
+    /// Loadable segments, sorted by address.
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    /// A hash of everything loaded: equal images have equal fingerprints.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     /// First byte of the image.

@@ -3,13 +3,59 @@
 
 use shoal_abi::HypercallNr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
 
 const CALLS: usize = HypercallNr::ALL.len();
 
+/// Why the guest's vCPU returned to the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExitReason {
+    /// An `out` to the hypercall port.
+    Hypercall,
+    /// An `out` to the null-exit port.
+    NullExit,
+    /// A CPU exception the guest did not handle.
+    Exception,
+    /// An access to a port outside the ABI (string I/O included).
+    BadPort,
+    /// A triple fault.
+    TripleFault,
+    /// Anything else KVM reported.
+    Other,
+}
+
+impl ExitReason {
+    /// Every reason, in counter order.
+    pub const ALL: [ExitReason; 6] = [
+        ExitReason::Hypercall,
+        ExitReason::NullExit,
+        ExitReason::Exception,
+        ExitReason::BadPort,
+        ExitReason::TripleFault,
+        ExitReason::Other,
+    ];
+
+    /// A short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitReason::Hypercall => "hypercall",
+            ExitReason::NullExit => "null_exit",
+            ExitReason::Exception => "exception",
+            ExitReason::BadPort => "bad_port",
+            ExitReason::TripleFault => "triple_fault",
+            ExitReason::Other => "other",
+        }
+    }
+}
+
 /// Live counters of one guest.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GuestStats {
+    spawned: Instant,
+    first_exit_ns: AtomicU64,
     exits: AtomicU64,
+    by_reason: [AtomicU64; ExitReason::ALL.len()],
+    kicks: AtomicU64,
     hypercalls: [AtomicU64; CALLS],
     unknown_hypercalls: AtomicU64,
     null_exits: AtomicU64,
@@ -19,11 +65,39 @@ pub struct GuestStats {
     preemptions: AtomicU64,
 }
 
+impl Default for GuestStats {
+    fn default() -> Self {
+        Self {
+            spawned: Instant::now(),
+            first_exit_ns: AtomicU64::new(0),
+            exits: AtomicU64::new(0),
+            by_reason: Default::default(),
+            kicks: AtomicU64::new(0),
+            hypercalls: Default::default(),
+            unknown_hypercalls: AtomicU64::new(0),
+            null_exits: AtomicU64::new(0),
+            console_bytes: AtomicU64::new(0),
+            blocked_ns: AtomicU64::new(0),
+            cpu_ns: AtomicU64::new(0),
+            preemptions: AtomicU64::new(0),
+        }
+    }
+}
+
 /// A snapshot of [`GuestStats`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
-    /// Exits to the host, of every kind.
+    /// Nanoseconds from the spawn call to the guest's first exit (its
+    /// first hypercall, usually): the guest's start-up latency. 0 until
+    /// then.
+    pub first_exit_ns: u64,
+    /// Exits the guest caused, of every kind.
     pub exits: u64,
+    /// Exits by reason (in [`ExitReason::ALL`] order).
+    pub exits_by_reason: Vec<(ExitReason, u64)>,
+    /// Times the host interrupted the running guest (preemption, kill,
+    /// limits): not caused by the guest, not in `exits`.
+    pub kicks: u64,
     /// Hypercalls served, by call (in [`HypercallNr::ALL`] order).
     pub hypercalls: Vec<(HypercallNr, u64)>,
     /// Hypercalls with an unknown number.
@@ -41,6 +115,14 @@ pub struct StatsSnapshot {
 }
 
 impl StatsSnapshot {
+    /// Exits for one reason.
+    pub fn exits_for(&self, reason: ExitReason) -> u64 {
+        self.exits_by_reason
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, c)| *c)
+    }
+
     /// Count of one hypercall.
     pub fn hypercall(&self, nr: HypercallNr) -> u64 {
         self.hypercalls
@@ -51,9 +133,20 @@ impl StatsSnapshot {
 }
 
 impl GuestStats {
-    /// One exit.
-    pub fn count_exit(&self) {
-        self.exits.fetch_add(1, Relaxed);
+    /// One exit the guest caused.
+    pub fn count_exit(&self, reason: ExitReason) {
+        if self.exits.fetch_add(1, Relaxed) == 0 {
+            let ns = self.spawned.elapsed().as_nanos() as u64;
+            self.first_exit_ns.store(ns.max(1), Relaxed);
+        }
+        if let Some(i) = ExitReason::ALL.iter().position(|r| *r == reason) {
+            self.by_reason[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// One interruption by the host.
+    pub fn count_kick(&self) {
+        self.kicks.fetch_add(1, Relaxed);
     }
 
     /// One served hypercall.
@@ -101,7 +194,14 @@ impl GuestStats {
     /// A snapshot.
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
+            first_exit_ns: self.first_exit_ns.load(Relaxed),
             exits: self.exits.load(Relaxed),
+            exits_by_reason: ExitReason::ALL
+                .iter()
+                .zip(&self.by_reason)
+                .map(|(r, c)| (*r, c.load(Relaxed)))
+                .collect(),
+            kicks: self.kicks.load(Relaxed),
             hypercalls: HypercallNr::ALL
                 .iter()
                 .zip(&self.hypercalls)

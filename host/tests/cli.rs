@@ -245,7 +245,9 @@ fn bench_json_prints_one_object_per_figure() {
         "pio_exit_floor",
         "hypercall_round_trip",
         "clock_read",
-        "spawn_p50",
+        "spawn_warm_p50",
+        "start_warm_p50",
+        "spawn_cold_p50",
         "spawn_throughput",
         "memory_per_idle_guest",
         "wakeup_latency_p99",
@@ -263,5 +265,21 @@ fn bench_json_prints_one_object_per_figure() {
     assert!(
         ratio_line.contains("\"floor\":") && ratio_line.contains("\"ratio\":"),
         "{ratio_line}"
+    );
+}
+
+#[test]
+fn bench_only_runs_the_named_groups_and_refuses_unknown_ones() {
+    let out = shoal(&["bench", "--json", "--only", "spawn", "--spawns", "5"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("\"spawn_warm_p50\""), "{stdout}");
+    assert!(!stdout.contains("pio_exit_floor"), "{stdout}");
+    let out = shoal(&["bench", "--only", "nope"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("fairness"),
+        "{}",
+        text(&out.stderr)
     );
 }

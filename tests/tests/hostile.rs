@@ -4,7 +4,7 @@
 mod common;
 
 use shoal_abi::layout::DEFAULT_MEMORY;
-use shoal_host::{Crash, GuestEnd};
+use shoal_host::{Crash, ExitReason, GuestEnd};
 
 #[test]
 fn bad_pointers_get_documented_errors() {
@@ -91,4 +91,7 @@ fn privileged_instruction_at_cpl3_is_a_general_protection_fault() {
         "rip {rip:#x}"
     );
     assert_eq!(report.console_text(), "executing hlt at CPL3\n");
+    // One console write, then the exception stub's report.
+    assert_eq!(report.stats.exits_for(ExitReason::Hypercall), 1);
+    assert_eq!(report.stats.exits_for(ExitReason::Exception), 1);
 }

@@ -4,7 +4,7 @@ mod common;
 
 use shoal_abi::HypercallNr;
 use shoal_host::guest::SpawnError;
-use shoal_host::{GuestConfig, GuestEnd, GuestState};
+use shoal_host::{ExitReason, GuestConfig, GuestEnd, GuestState};
 use std::time::{Duration, Instant};
 
 fn wait_for_state(guest: &shoal_host::GuestHandle, state: GuestState) {
@@ -51,6 +51,9 @@ fn a_spinning_guest_that_finishes_exits_normally() {
     // Two console writes and the exit: spinning and reading the clock cost
     // no exits at all.
     assert_eq!(report.stats.exits, 3, "{:?}", report.stats);
+    assert_eq!(report.stats.exits_for(ExitReason::Hypercall), 3);
+    assert_eq!(report.stats.exits_for(ExitReason::NullExit), 0);
+    assert!(report.stats.first_exit_ns > 0, "{:?}", report.stats);
 }
 
 #[test]

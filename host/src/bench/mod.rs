@@ -78,6 +78,12 @@ pub enum BenchError {
         /// Its output.
         console: String,
     },
+    /// `--only` named a group that does not exist.
+    #[error("no benchmark group {0:?} (groups: {groups})", groups = GROUPS.join(", "))]
+    UnknownGroup(String),
+    /// A second host for comparison could not start.
+    #[error("cannot start a host for comparison")]
+    Host(#[source] crate::host::HostError),
 }
 
 /// What one bench guest run measured.
@@ -160,29 +166,49 @@ fn builtin_image(name: &'static str) -> Result<crate::Image, BenchError> {
         .map_err(BenchError::Image)
 }
 
-/// Runs every benchmark.
-pub fn run_all(host: &Host, sizes: Sizes) -> Result<Vec<Figure>, BenchError> {
-    let mut figures = hypercall_figures(host, sizes.iterations, sizes.rounds)?;
-    let bench = builtin_image("bench")?;
-    let spin = builtin_image("spin")?;
-    figures.extend(sched::spawn_figures(host, &bench, sizes.spawns)?);
-    figures.extend(sched::idle_memory(
-        host,
-        &builtin_image("idle")?,
-        sizes.idle,
-    )?);
-    figures.extend(sched::wakeup(
-        host,
-        &spin,
-        &builtin_image("sched")?,
-        sizes.busy,
-    )?);
-    figures.extend(sched::fairness(
-        host,
-        &spin,
-        sizes.spinners,
-        std::time::Duration::from_secs(2),
-    )?);
+/// Benchmark groups, in the order they run.
+pub const GROUPS: [&str; 5] = ["hypercall", "spawn", "memory", "wakeup", "fairness"];
+
+/// Runs the benchmark groups named in `only` (every group if empty).
+pub fn run_all(host: &Host, sizes: Sizes, only: &[String]) -> Result<Vec<Figure>, BenchError> {
+    if let Some(unknown) = only.iter().find(|g| !GROUPS.contains(&g.as_str())) {
+        return Err(BenchError::UnknownGroup(unknown.clone()));
+    }
+    let wanted = |group: &str| only.is_empty() || only.iter().any(|g| g == group);
+    let mut figures = Vec::new();
+    if wanted("hypercall") {
+        figures.extend(hypercall_figures(host, sizes.iterations, sizes.rounds)?);
+    }
+    if wanted("spawn") {
+        figures.extend(sched::spawn_figures(
+            host,
+            &builtin_image("bench")?,
+            sizes.spawns,
+        )?);
+    }
+    if wanted("memory") {
+        figures.extend(sched::idle_memory(
+            host,
+            &builtin_image("idle")?,
+            sizes.idle,
+        )?);
+    }
+    if wanted("wakeup") {
+        figures.extend(sched::wakeup(
+            host,
+            &builtin_image("spin")?,
+            &builtin_image("sched")?,
+            sizes.busy,
+        )?);
+    }
+    if wanted("fairness") {
+        figures.extend(sched::fairness(
+            host,
+            &builtin_image("spin")?,
+            sizes.spinners,
+            std::time::Duration::from_secs(2),
+        )?);
+    }
     Ok(figures)
 }
 

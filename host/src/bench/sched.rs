@@ -2,7 +2,7 @@
 //! idle guest, wake-up latency under load, fairness.
 
 use super::{BenchError, Figure, median};
-use crate::host::{GuestConfig, GuestHandle, Host};
+use crate::host::{GuestConfig, GuestHandle, Host, HostConfig};
 use crate::loader::Image;
 use std::time::{Duration, Instant};
 
@@ -37,28 +37,84 @@ fn mem_available_kib() -> Option<u64> {
         .ok()
 }
 
-/// Spawn latency (p50, p99) and throughput: `count` guests that exit at
-/// once, spawned back to back.
-pub fn spawn_figures(host: &Host, quick: &Image, count: usize) -> Result<Vec<Figure>, BenchError> {
-    let started = Instant::now();
-    let mut latencies = Vec::with_capacity(count);
-    let mut guests = Vec::with_capacity(count);
+fn percentiles(mut values: Vec<f64>) -> (f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let p99 = values
+        .get((values.len().max(1) - 1) * 99 / 100)
+        .copied()
+        .unwrap_or(f64::NAN);
+    (median(values), p99)
+}
+
+/// Spawns `count` guests that exit at once, one at a time: each waits for
+/// the pool to have a VM ready (`warm`) or runs on a host without a pool.
+/// Returns spawn-call and spawn-to-first-exit latencies in microseconds.
+fn one_by_one(
+    host: &Host,
+    quick: &Image,
+    count: usize,
+    warm: bool,
+) -> Result<[Vec<f64>; 2], BenchError> {
+    let (mut spawn_us, mut start_us) = (Vec::with_capacity(count), Vec::with_capacity(count));
     for _ in 0..count {
+        let give_up = Instant::now() + Duration::from_secs(1);
+        while warm && host.pool().ready == 0 && Instant::now() < give_up {
+            std::thread::sleep(Duration::from_micros(100));
+        }
         let t = Instant::now();
-        guests.push(spawn(host, quick, &["floor", "1"])?);
-        latencies.push(t.elapsed().as_secs_f64() * 1e6);
+        let guest = spawn(host, quick, &["floor", "1"])?;
+        spawn_us.push(t.elapsed().as_secs_f64() * 1e6);
+        start_us.push(guest.wait().stats.first_exit_ns as f64 / 1e3);
     }
+    Ok([spawn_us, start_us])
+}
+
+/// Spawn latency from the warm pool and cold (p50, p99; the spawn call,
+/// and spawn to the guest's first exit), and throughput: `count` guests
+/// that exit at once, spawned back to back.
+pub fn spawn_figures(host: &Host, quick: &Image, count: usize) -> Result<Vec<Figure>, BenchError> {
+    let [spawn_us, start_us] = one_by_one(host, quick, count, true)?;
+    let (spawn_p50, spawn_p99) = percentiles(spawn_us);
+    let (start_p50, start_p99) = percentiles(start_us);
+    let mut figures = vec![
+        Figure::plain("spawn_warm_p50", spawn_p50, "us"),
+        Figure::plain("spawn_warm_p99", spawn_p99, "us"),
+        Figure::plain("start_warm_p50", start_p50, "us"),
+        Figure::plain("start_warm_p99", start_p99, "us"),
+    ];
+    let cold = Host::with_config(HostConfig {
+        pool: 0,
+        ..HostConfig::default()
+    })
+    .map_err(BenchError::Host)?;
+    let [spawn_us, start_us] = one_by_one(&cold, quick, count.min(200), false)?;
+    drop(cold);
+    figures.push(Figure::plain(
+        "spawn_cold_p50",
+        percentiles(spawn_us).0,
+        "us",
+    ));
+    figures.push(Figure::plain(
+        "start_cold_p50",
+        percentiles(start_us).0,
+        "us",
+    ));
+
+    let started = Instant::now();
+    let guests = (0..count)
+        .map(|_| spawn(host, quick, &["floor", "1"]))
+        .collect::<Result<Vec<_>, _>>()?;
     for guest in guests {
         guest.wait();
     }
     let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort_by(f64::total_cmp);
-    let p99 = latencies[(latencies.len() - 1) * 99 / 100];
-    Ok(vec![
-        Figure::plain("spawn_p50", median(latencies), "us"),
-        Figure::plain("spawn_p99", p99, "us"),
-        Figure::plain("spawn_throughput", count as f64 / elapsed, "guests/s"),
-    ])
+    tracing::info!(pool = ?host.pool(), "after the throughput run");
+    figures.push(Figure::plain(
+        "spawn_throughput",
+        count as f64 / elapsed,
+        "guests/s",
+    ));
+    Ok(figures)
 }
 
 /// Host memory per idle guest: MemAvailable before and with `count` idle

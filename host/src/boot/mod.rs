@@ -1,5 +1,6 @@
 //! Building a guest's initial memory and CPU state: the image, the system
-//! area, the page tables, the boot info page.
+//! area, the page tables (once per image, in a [`Template`]), the boot info
+//! page (per guest).
 
 pub mod descriptors;
 pub mod paging;
@@ -10,6 +11,7 @@ use crate::loader::{Image, page_end, page_start};
 use paging::{NO_EXECUTE, PageTables, PagingError, USER, WRITABLE};
 use shoal_abi::boot::{ARGS_MAX, ARGS_OFFSET, BOOT_MAGIC, BootInfo};
 use shoal_abi::layout::{BOOT_INFO_PAGE, CLOCK_PAGE, PAGE_SIZE, STACK_SIZE};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use zerocopy::IntoBytes;
 
 /// Why a guest could not be laid out.
@@ -52,17 +54,6 @@ pub struct BootParams<'a> {
     pub args: &'a [String],
 }
 
-/// The result of laying out a guest.
-#[derive(Debug)]
-pub struct Layout {
-    /// Initial CPU state.
-    pub cpu: CpuSetup,
-    /// The page tables (owned by the host from now on).
-    pub page_tables: PageTables,
-    /// The boot info as written.
-    pub boot_info: BootInfo,
-}
-
 /// Encodes arguments as NUL-terminated strings.
 pub fn encode_args(args: &[String]) -> Result<Vec<u8>, BootError> {
     let mut bytes = Vec::new();
@@ -79,91 +70,156 @@ pub fn encode_args(args: &[String]) -> Result<Vec<u8>, BootError> {
     Ok(bytes)
 }
 
-/// Loads `image` into `ram` and builds everything the guest's first
-/// instruction needs. `ram` must be fresh (all zero).
-pub fn build(ram: &GuestRam, image: &Image, params: &BootParams<'_>) -> Result<Layout, BootError> {
-    let mem_size = ram.size();
-    let stack_bottom = mem_size - STACK_SIZE;
-    let limit = stack_bottom - PAGE_SIZE;
-    if image.end() > limit {
-        return Err(BootError::TooSmall {
-            image_end: image.end(),
+/// Everything about a guest's initial state that depends only on its
+/// image and memory size: the image, the system area and the page tables,
+/// written once into a memory file that every guest of the image maps
+/// copy-on-write ([`GuestRam::overlay`]); the boot info and initial CPU
+/// state.
+#[derive(Debug)]
+pub struct Template {
+    file: OwnedFd,
+    len: u64,
+    mem_size: u64,
+    cpu: CpuSetup,
+    boot_info: BootInfo,
+    table_frames: usize,
+}
+
+impl Template {
+    /// Lays out `image` in `mem_size` bytes of guest memory.
+    pub fn build(image: &Image, mem_size: u64) -> Result<Self, BootError> {
+        let file = memfd(mem_size)?;
+        let ram = GuestRam::shared(file.as_fd(), mem_size)?;
+        let stack_bottom = mem_size - STACK_SIZE;
+        let limit = stack_bottom - PAGE_SIZE;
+        if image.end() > limit {
+            return Err(BootError::TooSmall {
+                image_end: image.end(),
+                mem_size,
+                limit,
+            });
+        }
+
+        for segment in image.segments() {
+            ram.write_host(segment.vaddr, &segment.data)?;
+        }
+        descriptors::write(&ram)?;
+
+        let mut pt = PageTables::new();
+        let user_ro = USER | NO_EXECUTE;
+        let user_rw = USER | WRITABLE | NO_EXECUTE;
+        pt.map(BOOT_INFO_PAGE, BOOT_INFO_PAGE, user_ro)?;
+        pt.map(CLOCK_PAGE, CLOCK_PAGE, user_ro)?;
+        pt.map(descriptors::GDT, descriptors::GDT, WRITABLE | NO_EXECUTE)?;
+        pt.map(descriptors::IDT, descriptors::IDT, 0)?;
+        pt.identity(
+            descriptors::TSS,
+            page_end(descriptors::TSS + descriptors::TSS_SIZE),
+            WRITABLE | NO_EXECUTE,
+        )?;
+        pt.map(
+            descriptors::KERNEL_STACK,
+            descriptors::KERNEL_STACK,
+            WRITABLE | NO_EXECUTE,
+        )?;
+        for segment in image.segments() {
+            let mut flags = USER;
+            if segment.writable {
+                flags |= WRITABLE;
+            }
+            if !segment.executable {
+                flags |= NO_EXECUTE;
+            }
+            pt.identity(page_start(segment.vaddr), page_end(segment.end()), flags)?;
+        }
+        let heap_start = image.end();
+        pt.identity(heap_start, limit, user_rw)?;
+        pt.identity(stack_bottom, mem_size, user_rw)?;
+        pt.write(&ram)?;
+
+        let boot_info = BootInfo {
+            magic: BOOT_MAGIC,
+            abi_version: shoal_abi::ABI_VERSION,
+            argc: 0,
+            features: 0,
+            guest_id: 0,
             mem_size,
-            limit,
-        });
+            clock_page: CLOCK_PAGE,
+            image_start: image.start(),
+            image_end: image.end(),
+            heap_start,
+            heap_end: limit,
+            stack_bottom,
+            stack_top: mem_size,
+            args_len: 0,
+        };
+        let cpu = CpuSetup {
+            gdt: (descriptors::GDT, descriptors::GDT_LIMIT),
+            idt: (descriptors::IDT, descriptors::IDT_LIMIT),
+            tss: (descriptors::TSS, (descriptors::TSS_SIZE - 1) as u32),
+            cr3: pt.root(),
+            rip: image.entry(),
+            rsp: mem_size,
+            rdi: BOOT_INFO_PAGE,
+        };
+        Ok(Self {
+            file,
+            len: image.end(),
+            mem_size,
+            cpu,
+            boot_info,
+            table_frames: pt.frames(),
+        })
     }
-    let args = encode_args(params.args)?;
 
-    for segment in &image.segments {
-        ram.write_host(segment.vaddr, &segment.data)?;
+    /// Guest memory size the template was laid out for.
+    pub fn mem_size(&self) -> u64 {
+        self.mem_size
     }
-    descriptors::write(ram)?;
 
-    let mut pt = PageTables::new();
-    let user_ro = USER | NO_EXECUTE;
-    let user_rw = USER | WRITABLE | NO_EXECUTE;
-    pt.map(BOOT_INFO_PAGE, BOOT_INFO_PAGE, user_ro)?;
-    pt.map(CLOCK_PAGE, CLOCK_PAGE, user_ro)?;
-    pt.map(descriptors::GDT, descriptors::GDT, WRITABLE | NO_EXECUTE)?;
-    pt.map(descriptors::IDT, descriptors::IDT, 0)?;
-    pt.identity(
-        descriptors::TSS,
-        page_end(descriptors::TSS + descriptors::TSS_SIZE),
-        WRITABLE | NO_EXECUTE,
-    )?;
-    pt.map(
-        descriptors::KERNEL_STACK,
-        descriptors::KERNEL_STACK,
-        WRITABLE | NO_EXECUTE,
-    )?;
-    for segment in &image.segments {
-        let mut flags = USER;
-        if segment.writable {
-            flags |= WRITABLE;
+    /// The initial CPU state.
+    pub fn cpu(&self) -> &CpuSetup {
+        &self.cpu
+    }
+
+    /// Page-table frames the layout uses.
+    pub fn table_frames(&self) -> usize {
+        self.table_frames
+    }
+
+    /// Maps the template into `ram` (of the template's size, not yet run)
+    /// and writes the guest's own boot info. Returns the boot info.
+    pub fn load(&self, ram: &GuestRam, params: &BootParams<'_>) -> Result<BootInfo, BootError> {
+        if ram.size() != self.mem_size {
+            return Err(BootError::Memory(MemoryError::BadSize(ram.size())));
         }
-        if !segment.executable {
-            flags |= NO_EXECUTE;
-        }
-        pt.identity(page_start(segment.vaddr), page_end(segment.end()), flags)?;
+        let args = encode_args(params.args)?;
+        ram.overlay(self.file.as_fd(), self.len)?;
+        let boot_info = BootInfo {
+            argc: params.args.len() as u32,
+            features: params.features,
+            guest_id: params.guest_id,
+            args_len: args.len() as u64,
+            ..self.boot_info
+        };
+        ram.write_host(BOOT_INFO_PAGE, boot_info.as_bytes())?;
+        ram.write_host(BOOT_INFO_PAGE + ARGS_OFFSET, &args)?;
+        Ok(boot_info)
     }
-    let heap_start = image.end();
-    pt.identity(heap_start, limit, user_rw)?;
-    pt.identity(stack_bottom, mem_size, user_rw)?;
-    pt.write(ram)?;
+}
 
-    let boot_info = BootInfo {
-        magic: BOOT_MAGIC,
-        abi_version: shoal_abi::ABI_VERSION,
-        argc: params.args.len() as u32,
-        features: params.features,
-        guest_id: params.guest_id,
-        mem_size,
-        clock_page: CLOCK_PAGE,
-        image_start: image.start(),
-        image_end: image.end(),
-        heap_start,
-        heap_end: limit,
-        stack_bottom,
-        stack_top: mem_size,
-        args_len: args.len() as u64,
-    };
-    ram.write_host(BOOT_INFO_PAGE, boot_info.as_bytes())?;
-    ram.write_host(BOOT_INFO_PAGE + ARGS_OFFSET, &args)?;
-
-    let cpu = CpuSetup {
-        gdt: (descriptors::GDT, descriptors::GDT_LIMIT),
-        idt: (descriptors::IDT, descriptors::IDT_LIMIT),
-        tss: (descriptors::TSS, (descriptors::TSS_SIZE - 1) as u32),
-        cr3: pt.root(),
-        rip: image.entry,
-        rsp: mem_size,
-        rdi: BOOT_INFO_PAGE,
-    };
-    Ok(Layout {
-        cpu,
-        page_tables: pt,
-        boot_info,
-    })
+/// An anonymous memory file of `len` bytes, closed on exec.
+fn memfd(len: u64) -> Result<OwnedFd, MemoryError> {
+    // SAFETY: the name is a NUL-terminated string; the call has no other
+    // preconditions.
+    let fd = unsafe { libc::memfd_create(c"shoal-template".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len).map_err(MemoryError::Mmap)?;
+    Ok(file.into())
 }
 
 #[cfg(test)]

@@ -120,6 +120,10 @@ struct BenchArgs {
     /// Spinning guests whose CPU shares are compared.
     #[arg(long, default_value_t = 8)]
     spinners: usize,
+    /// Run only these groups (comma-separated): hypercall, spawn, memory,
+    /// wakeup, fairness.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -200,10 +204,10 @@ fn run(run: RunArgs) -> anyhow::Result<ExitCode> {
 
 fn inspect(kernel: &str) -> anyhow::Result<()> {
     let image = load(kernel)?;
-    println!("ABI version: {}", image.abi_version);
-    println!("entry:       {:#x}", image.entry);
+    println!("ABI version: {}", image.abi_version());
+    println!("entry:       {:#x}", image.entry());
     println!("segments:");
-    for s in &image.segments {
+    for s in image.segments() {
         let flags = format!(
             "r{}{}",
             if s.writable { "w" } else { "-" },
@@ -245,7 +249,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         spinners: args.spinners,
     };
     let host = Host::new().context("cannot start the host")?;
-    let figures = shoal_host::bench::run_all(&host, sizes)?;
+    let figures = shoal_host::bench::run_all(&host, sizes, &args.only)?;
     for figure in figures {
         if json {
             println!("{}", figure.to_json());

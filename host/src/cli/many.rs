@@ -159,6 +159,12 @@ pub fn run(image: &Image, run: &RunArgs) -> anyhow::Result<ExitCode> {
         peak_rss_kib() / 1024,
         host.workers()
     );
+    let pool = host.pool();
+    let _ = writeln!(
+        out,
+        "VMs made ahead of demand: {}, made on demand: {}",
+        pool.created, pool.misses
+    );
     let status = reports
         .iter()
         .map(|r| r.end.exit_status())

@@ -9,9 +9,15 @@
 //!   descriptor tables or the page tables. Addresses and lengths are checked
 //!   with overflow-safe arithmetic; bytes are copied, never borrowed, so a
 //!   guest cannot change what the host is looking at.
+//!
+//! The host mapping is private. [`GuestRam::overlay`] maps the start of a
+//! template file over it copy-on-write, so every guest of one image shares
+//! the image's pages until it writes to them.
 
 use shoal_abi::layout::{IMAGE_BASE, MAX_MEMORY, MIN_MEMORY, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 /// A guest address range the guest may not pass to the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -33,29 +39,134 @@ pub enum MemoryError {
     BadSize(u64),
     /// The host mapping failed.
     #[error("cannot map guest memory")]
-    Mmap(#[source] vm_memory::mmap::FromRangesError),
+    Mmap(#[source] std::io::Error),
     /// A host-side write fell outside RAM (a bug in the host's layout code).
     #[error("host write at {0:#x} is outside guest memory")]
     HostWrite(u64),
 }
 
-/// One guest's RAM, guest-physical `0..size`.
+/// A host mapping this module owns and unmaps when dropped.
+#[derive(Debug)]
+struct Mapping {
+    addr: usize,
+    len: usize,
+}
+
+impl Mapping {
+    const PROT: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+
+    /// Maps `len` bytes: anonymous and private, or `fd` shared.
+    fn new(len: usize, shared: Option<BorrowedFd<'_>>) -> Result<Self, MemoryError> {
+        let (flags, fd) = match shared {
+            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
+            Some(fd) => (libc::MAP_SHARED, fd.as_raw_fd()),
+        };
+        // SAFETY: a fresh mapping at an address the kernel chooses touches
+        // no existing memory.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                Self::PROT,
+                flags | libc::MAP_NORESERVE,
+                fd,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(Self {
+            addr: addr as usize,
+            len,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `addr..addr + len` is a mapping this value created and
+        // owns; nothing refers to it any more (`GuestRam` drops its
+        // `vm-memory` view first).
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// One guest's RAM, guest-physical `0..size`. Fields drop in order: the
+/// `vm-memory` view before the mapping it looks at.
 #[derive(Debug)]
 pub struct GuestRam {
     mem: GuestMemoryMmap<()>,
+    mapping: Mapping,
     size: u64,
 }
 
 impl GuestRam {
-    /// Maps `size` bytes of lazily backed memory.
+    /// Maps `size` bytes of lazily backed, private memory.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
+        Self::map(size, None)
+    }
+
+    /// Maps the first `size` bytes of the file `fd` shared: the host's
+    /// writes go to the file (for building templates).
+    pub fn shared(fd: BorrowedFd<'_>, size: u64) -> Result<Self, MemoryError> {
+        Self::map(size, Some(fd))
+    }
+
+    /// Checks that guest RAM may have `size` bytes.
+    pub fn check_size(size: u64) -> Result<(), MemoryError> {
         if !size.is_multiple_of(PAGE_SIZE) || !(MIN_MEMORY..=MAX_MEMORY).contains(&size) {
             return Err(MemoryError::BadSize(size));
         }
+        Ok(())
+    }
+
+    fn map(size: u64, shared: Option<BorrowedFd<'_>>) -> Result<Self, MemoryError> {
+        Self::check_size(size)?;
         let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
-        let mem =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)]).map_err(MemoryError::Mmap)?;
-        Ok(Self { mem, size })
+        let mapping = Mapping::new(len, shared)?;
+        let flags = if shared.is_some() {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS
+        } | libc::MAP_NORESERVE;
+        // SAFETY: `mapping` is a live mapping of exactly `len` bytes with
+        // these protections and flags, and outlives the view (field order).
+        let region =
+            unsafe { MmapRegion::build_raw(mapping.addr as *mut u8, len, Mapping::PROT, flags) }
+                .map_err(|e| MemoryError::Mmap(std::io::Error::other(e)))?;
+        let mem = GuestRegionMmap::new(region, GuestAddress(0))
+            .and_then(|region| GuestMemoryMmap::from_regions(vec![region]).ok())
+            .ok_or(MemoryError::BadSize(size))?;
+        Ok(Self { mem, mapping, size })
+    }
+
+    /// Maps the first `len` bytes of `template` over this RAM,
+    /// copy-on-write: the guest reads the template's pages until it writes
+    /// to them. Whatever RAM held there before is gone. Call only before
+    /// the guest first runs: KVM drops its mappings of the replaced pages,
+    /// but nothing else may be looking at them.
+    pub fn overlay(&self, template: BorrowedFd<'_>, len: u64) -> Result<(), MemoryError> {
+        if !len.is_multiple_of(PAGE_SIZE) || len > self.size {
+            return Err(MemoryError::BadSize(len));
+        }
+        // SAFETY: the new mapping replaces pages inside this RAM's own
+        // mapping only (`len <= size`, page-aligned), with the same
+        // protections; the host holds no reference into them.
+        let addr = unsafe {
+            libc::mmap(
+                self.mapping.addr as *mut libc::c_void,
+                len as usize,
+                Mapping::PROT,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                template.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(())
     }
 
     /// RAM size in bytes.
@@ -65,9 +176,7 @@ impl GuestRam {
 
     /// Host virtual address of guest-physical 0 (for the KVM memory slot).
     pub fn host_base(&self) -> u64 {
-        self.mem
-            .get_host_address(GuestAddress(0))
-            .map_or(0, |ptr| ptr as u64)
+        self.mapping.addr as u64
     }
 
     /// Checks that `addr..addr + len` is guest-owned memory. An empty

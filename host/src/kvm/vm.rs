@@ -48,19 +48,11 @@ impl Kvm {
 
     /// Creates a VM whose only memory is `ram`, at guest-physical 0.
     pub fn create_vm(&self, ram: &GuestRam) -> Result<Vm, VmError> {
-        let fd = self.fd.create_vm().map_err(VmError::Create)?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: ram.size(),
-            userspace_addr: ram.host_base(),
+        let vm = Vm {
+            fd: self.fd.create_vm().map_err(VmError::Create)?,
         };
-        // SAFETY: the region is exactly `ram`'s mapping, which the caller
-        // keeps alive as long as the VM (`Guest` owns both and drops the VM
-        // first).
-        unsafe { fd.set_user_memory_region(region) }.map_err(VmError::Memory)?;
-        Ok(Vm { fd })
+        vm.set_memory(ram)?;
+        Ok(vm)
     }
 }
 
@@ -71,6 +63,22 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// Makes `ram` the VM's memory, at guest-physical 0. The caller keeps
+    /// `ram` alive as long as the VM (`Guest` and `Shell` own both and drop
+    /// the VM first).
+    fn set_memory(&self, ram: &GuestRam) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: ram.size(),
+            userspace_addr: ram.host_base(),
+        };
+        // SAFETY: the region is exactly `ram`'s mapping, which the caller
+        // keeps alive as long as the VM.
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(VmError::Memory)
+    }
+
     /// Creates vCPU 0.
     pub fn create_vcpu(&self) -> Result<Vcpu, VcpuError> {
         self.fd

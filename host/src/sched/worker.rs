@@ -84,11 +84,8 @@ fn run_task(inner: &Inner, index: usize, mut task: Task) {
         }
         Step::Yielded => inner.push_runnable(task),
         Step::Ended(end) => {
-            // Free the VM before anyone can see the end.
-            drop(task);
             inner.forget_limit(&control);
-            tracing::info!(id = control.id, %end, "guest ended");
-            control.finish(end);
+            let _ = inner.reap_tx.send(super::Reap::Ended(task, end));
         }
     }
 }

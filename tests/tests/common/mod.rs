@@ -42,7 +42,7 @@ pub fn run_with(name: &str, config: GuestConfig) -> GuestReport {
 pub fn text_range(name: &str) -> std::ops::Range<u64> {
     let image = image(name);
     let text = image
-        .segments
+        .segments()
         .iter()
         .find(|s| s.executable)
         .expect("an executable segment");

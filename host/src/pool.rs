@@ -1,0 +1,258 @@
+//! Guests made ahead of demand, LightVM's split toolstack: a filler thread
+//! keeps a few *shells* ready (a VM with its blank memory registered and
+//! its vCPU created, the slow part of starting a guest), and every image's
+//! memory layout is built once into a [`Template`] that guests map
+//! copy-on-write. Spawning a guest is then taking a shell, mapping the
+//! template into it, writing its boot info and entering it.
+
+use crate::boot::{BootError, Template};
+use crate::clock::{TscScale, rdtsc};
+use crate::guest::SpawnError;
+use crate::kvm::memory::GuestRam;
+use crate::kvm::{Kvm, Vcpu, Vm};
+use crate::loader::Image;
+use crossbeam_channel::{Receiver, Sender, bounded};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// A VM that has never run, with blank RAM registered and vCPU 0 created.
+/// Fields drop in order: vCPU, VM, then RAM.
+#[derive(Debug)]
+pub struct Shell {
+    /// The vCPU.
+    pub vcpu: Vcpu,
+    /// The VM.
+    pub vm: Vm,
+    /// Its RAM, all zero.
+    pub ram: GuestRam,
+    /// The vCPU's TSC minus the host's.
+    pub tsc_offset: i64,
+}
+
+/// What every shell of a host shares.
+#[derive(Debug)]
+pub struct Toolstack {
+    /// `/dev/kvm`.
+    pub kvm: Kvm,
+    /// The TSC frequency, learnt from the first vCPU.
+    pub scale: OnceLock<TscScale>,
+}
+
+impl Toolstack {
+    /// Creates a shell with `mem_size` bytes of RAM.
+    pub fn shell(&self, mem_size: u64) -> Result<Shell, SpawnError> {
+        let ram = GuestRam::new(mem_size)?;
+        let vm = self.kvm.create_vm(&ram)?;
+        let vcpu = vm.create_vcpu()?;
+        self.scale.get_or_init(|| match vcpu.tsc_khz() {
+            Ok(khz) if khz > 0 => TscScale::from_hz(u64::from(khz) * 1000),
+            _ => TscScale::measure(Duration::from_millis(20)),
+        });
+        let before = rdtsc();
+        let guest_tsc = vcpu.guest_tsc()?;
+        let after = rdtsc();
+        let host_tsc = before / 2 + after / 2;
+        Ok(Shell {
+            vcpu,
+            vm,
+            ram,
+            tsc_offset: guest_tsc.wrapping_sub(host_tsc) as i64,
+        })
+    }
+
+    /// The TSC scale (known once a shell exists).
+    pub fn scale(&self) -> TscScale {
+        *self
+            .scale
+            .get_or_init(|| TscScale::measure(Duration::from_millis(20)))
+    }
+}
+
+/// Shells of one memory size made ahead of demand by a filler thread.
+///
+/// Shells are never reused: a VM that ran a guest is destroyed. (Reusing
+/// one safely means dropping every shadow mapping KVM built for the old
+/// guest, a memory-slot change that waits for an SRCU grace period: it
+/// measured slower than making a new VM.)
+#[derive(Debug)]
+pub struct Pool {
+    stop: Arc<AtomicBool>,
+    ready: Option<Receiver<Shell>>,
+    /// Asks the filler to top the pool up.
+    refill: Option<Sender<()>>,
+    mem_size: u64,
+    counters: Arc<Counters>,
+    filler: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    created: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// What a pool holds and has done.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// Shells ready now.
+    pub ready: usize,
+    /// Most shells kept ready.
+    pub capacity: usize,
+    /// Shells the filler made.
+    pub created: u64,
+    /// Spawns that found no shell ready and made their VM themselves.
+    pub misses: u64,
+}
+
+impl Pool {
+    /// Starts a filler that keeps up to `capacity` shells of `mem_size`
+    /// bytes ready. A capacity of 0 starts nothing: every spawn is cold.
+    pub fn start(
+        toolstack: &Arc<Toolstack>,
+        capacity: usize,
+        mem_size: u64,
+    ) -> std::io::Result<Self> {
+        let counters = Arc::new(Counters::default());
+        if capacity == 0 {
+            return Ok(Self {
+                stop: Arc::default(),
+                ready: None,
+                refill: None,
+                mem_size,
+                counters,
+                filler: None,
+            });
+        }
+        let (tx, rx) = bounded(capacity);
+        let (refill, refill_rx) = bounded(1);
+        let _ = refill.try_send(());
+        let stop = Arc::new(AtomicBool::new(false));
+        let toolstack = Arc::clone(toolstack);
+        let filler = std::thread::Builder::new()
+            .name("shoal-pool".into())
+            .spawn({
+                let stop = Arc::clone(&stop);
+                let counters = Arc::clone(&counters);
+                move || fill(&toolstack, &tx, &refill_rx, mem_size, &stop, &counters)
+            })?;
+        Ok(Self {
+            stop,
+            ready: Some(rx),
+            refill: Some(refill),
+            mem_size,
+            counters,
+            filler: Some(filler),
+        })
+    }
+
+    /// A ready shell of `mem_size` bytes, if there is one.
+    pub fn take(&self, mem_size: u64) -> Option<Shell> {
+        if mem_size != self.mem_size {
+            return None;
+        }
+        let ready = self.ready.as_ref()?;
+        let shell = ready.try_recv().ok();
+        if shell.is_none() {
+            self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(refill) = &self.refill {
+            let _ = refill.try_send(());
+        }
+        shell
+    }
+
+    /// What the pool holds and has done.
+    pub fn status(&self) -> PoolStatus {
+        PoolStatus {
+            ready: self.ready.as_ref().map_or(0, Receiver::len),
+            capacity: self
+                .ready
+                .as_ref()
+                .and_then(Receiver::capacity)
+                .unwrap_or(0),
+            created: self.counters.created.load(Ordering::Relaxed),
+            misses: self.counters.misses.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Closing the channel stops the filler at its next send; the flag
+        // stops it while it is failing to make shells.
+        self.stop.store(true, Ordering::Release);
+        self.ready = None;
+        self.refill = None;
+        if let Some(filler) = self.filler.take() {
+            let _ = filler.join();
+        }
+    }
+}
+
+/// The filler loop: at each request, makes shells until the pool is full.
+fn fill(
+    toolstack: &Toolstack,
+    tx: &Sender<Shell>,
+    refill: &Receiver<()>,
+    mem_size: u64,
+    stop: &AtomicBool,
+    counters: &Counters,
+) {
+    while refill.recv().is_ok() {
+        while !tx.is_full() {
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            match toolstack.shell(mem_size) {
+                Ok(shell) => {
+                    counters.created.fetch_add(1, Ordering::Relaxed);
+                    if tx.send(shell).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    // Out of file descriptors or memory, say: spawns fall
+                    // back to cold starts, which report the error; try
+                    // again later.
+                    tracing::warn!(error = %e, "cannot make a shell ahead of demand");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+/// Templates by image fingerprint and memory size, built on first use.
+#[derive(Debug, Default)]
+pub struct Templates {
+    built: Mutex<HashMap<(u64, u64), Arc<Template>>>,
+}
+
+/// Templates kept at most; past that, all are dropped and rebuilt on
+/// demand (guests keep mapping a dropped template's pages).
+const TEMPLATES_KEPT: usize = 64;
+
+impl Templates {
+    /// The template of `image` in `mem_size` bytes.
+    pub fn get(&self, image: &Image, mem_size: u64) -> Result<Arc<Template>, BootError> {
+        let key = (image.fingerprint(), mem_size);
+        if let Some(template) = self.lock().get(&key) {
+            return Ok(Arc::clone(template));
+        }
+        // Built outside the lock: two spawns racing build it twice, and one
+        // copy wins.
+        let template = Arc::new(Template::build(image, mem_size)?);
+        let mut built = self.lock();
+        if built.len() >= TEMPLATES_KEPT {
+            built.clear();
+        }
+        Ok(Arc::clone(built.entry(key).or_insert(template)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), Arc<Template>>> {
+        self.built.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
