@@ -103,7 +103,8 @@ pub struct PoolStatus {
     pub capacity: usize,
     /// Shells the filler made.
     pub created: u64,
-    /// Spawns that found no shell ready and made their VM themselves.
+    /// Spawns that found no shell ready (or asked for another memory size)
+    /// and made their VM themselves.
     pub misses: u64,
 }
 
@@ -148,13 +149,15 @@ impl Pool {
         })
     }
 
-    /// A ready shell of `mem_size` bytes, if there is one.
+    /// A ready shell of `mem_size` bytes, if there is one (the pool
+    /// holds shells of one size only).
     pub fn take(&self, mem_size: u64) -> Option<Shell> {
-        if mem_size != self.mem_size {
-            return None;
-        }
         let ready = self.ready.as_ref()?;
-        let shell = ready.try_recv().ok();
+        let shell = if mem_size == self.mem_size {
+            ready.try_recv().ok()
+        } else {
+            None
+        };
         if shell.is_none() {
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
         }
