@@ -163,14 +163,15 @@ impl Guest {
                 self.stats.count_kick();
                 continue;
             }
-            self.stats.count_exit(exit_reason(&exit));
+            let reason = exit_reason(&exit);
+            self.stats.count_exit(reason);
             if let Some(window) = self.exit_rate.as_mut()
                 && !window.allow(self.clock.now_ns())
             {
                 let limit = Limit::ExitRate(window.limit());
                 return Step::Ended(GuestEnd::Crashed(Crash::LimitExceeded(limit)));
             }
-            match self.serve(exit) {
+            match self.serve(reason, exit) {
                 Flow::Resume => {}
                 Flow::Block(deadline) => return Step::Blocked(deadline),
                 Flow::Yield => return Step::Yielded,
@@ -179,14 +180,12 @@ impl Guest {
         }
     }
 
-    fn serve(&mut self, exit: Exit) -> Flow {
+    /// Serves one exit, classified by [`exit_reason`] (the only place
+    /// that looks at port numbers).
+    fn serve(&mut self, reason: ExitReason, exit: Exit) -> Flow {
         let crash = |c| Flow::End(GuestEnd::Crashed(c));
-        match exit {
-            Exit::Out {
-                port: HYPERCALL_PORT,
-                size: 4,
-                value,
-            } => {
+        match (reason, exit) {
+            (ExitReason::Hypercall, Exit::Out { value, .. }) => {
                 let ctx = Context {
                     id: self.id,
                     ram: &self.ram,
@@ -197,42 +196,30 @@ impl Guest {
                 };
                 hypercall::dispatch(&ctx, u64::from(value))
             }
-            Exit::Out {
-                port: NULL_EXIT_PORT,
-                size: 4,
-                ..
-            } => {
-                self.stats.count_null_exit();
-                Flow::Resume
-            }
-            Exit::Out {
-                port,
-                size: 4,
-                value,
-            } if (EXCEPTION_PORT_BASE..EXCEPTION_PORT_BASE + EXCEPTION_VECTORS).contains(&port) => {
+            (ExitReason::NullExit, _) | (_, Exit::Kicked) => Flow::Resume,
+            (ExitReason::Exception, Exit::Out { port, value, .. }) => {
                 crash(self.exception((port - EXCEPTION_PORT_BASE) as u8, u64::from(value)))
             }
-            Exit::Out { port, size, .. } => crash(Crash::BadPortAccess {
+            (_, Exit::Out { port, size, .. }) => crash(Crash::BadPortAccess {
                 port,
                 size,
                 write: true,
             }),
-            Exit::In { port, size } => crash(Crash::BadPortAccess {
+            (_, Exit::In { port, size }) => crash(Crash::BadPortAccess {
                 port,
                 size,
                 write: false,
             }),
-            Exit::StringIo { port } => crash(Crash::BadPortAccess {
+            (_, Exit::StringIo { port }) => crash(Crash::BadPortAccess {
                 port,
                 size: 0,
                 write: true,
             }),
-            Exit::Shutdown => crash(match self.vcpu.regs() {
+            (_, Exit::Shutdown) => crash(match self.vcpu.regs() {
                 Ok(regs) => Crash::TripleFault { rip: regs.rip },
                 Err(e) => Crash::Internal(e.to_string()),
             }),
-            Exit::Kicked => Flow::Resume,
-            Exit::Other(what) => crash(Crash::UnexpectedExit(what)),
+            (_, Exit::Other(what)) => crash(Crash::UnexpectedExit(what)),
         }
     }
 
@@ -273,7 +260,8 @@ impl Guest {
     }
 }
 
-/// The counter an exit goes to.
+/// What an exit is: the one place that decodes ports into the ABI's
+/// meaning, for both the counters and [`Guest::serve`].
 fn exit_reason(exit: &Exit) -> ExitReason {
     match *exit {
         Exit::Out {

@@ -9,6 +9,7 @@ const CALLS: usize = HypercallNr::ALL.len();
 
 /// Why the guest's vCPU returned to the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(usize)]
 pub enum ExitReason {
     /// An `out` to the hypercall port.
     Hypercall,
@@ -25,7 +26,7 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
-    /// Every reason, in counter order.
+    /// Every reason, in counter order (the discriminants' order).
     pub const ALL: [ExitReason; 6] = [
         ExitReason::Hypercall,
         ExitReason::NullExit,
@@ -53,12 +54,10 @@ impl ExitReason {
 pub struct GuestStats {
     spawned: Instant,
     first_exit_ns: AtomicU64,
-    exits: AtomicU64,
     by_reason: [AtomicU64; ExitReason::ALL.len()],
     kicks: AtomicU64,
     hypercalls: [AtomicU64; CALLS],
     unknown_hypercalls: AtomicU64,
-    null_exits: AtomicU64,
     console_bytes: AtomicU64,
     blocked_ns: AtomicU64,
     cpu_ns: AtomicU64,
@@ -70,12 +69,10 @@ impl Default for GuestStats {
         Self {
             spawned: Instant::now(),
             first_exit_ns: AtomicU64::new(0),
-            exits: AtomicU64::new(0),
             by_reason: Default::default(),
             kicks: AtomicU64::new(0),
             hypercalls: Default::default(),
             unknown_hypercalls: AtomicU64::new(0),
-            null_exits: AtomicU64::new(0),
             console_bytes: AtomicU64::new(0),
             blocked_ns: AtomicU64::new(0),
             cpu_ns: AtomicU64::new(0),
@@ -135,12 +132,11 @@ impl StatsSnapshot {
 impl GuestStats {
     /// One exit the guest caused.
     pub fn count_exit(&self, reason: ExitReason) {
-        if self.exits.fetch_add(1, Relaxed) == 0 {
+        if self.by_reason[reason as usize].fetch_add(1, Relaxed) == 0
+            && self.first_exit_ns.load(Relaxed) == 0
+        {
             let ns = self.spawned.elapsed().as_nanos() as u64;
             self.first_exit_ns.store(ns.max(1), Relaxed);
-        }
-        if let Some(i) = ExitReason::ALL.iter().position(|r| *r == reason) {
-            self.by_reason[i].fetch_add(1, Relaxed);
         }
     }
 
@@ -159,11 +155,6 @@ impl GuestStats {
     /// One unknown hypercall.
     pub fn count_unknown_hypercall(&self) {
         self.unknown_hypercalls.fetch_add(1, Relaxed);
-    }
-
-    /// One null exit.
-    pub fn count_null_exit(&self) {
-        self.null_exits.fetch_add(1, Relaxed);
     }
 
     /// Console bytes.
@@ -193,26 +184,50 @@ impl GuestStats {
 
     /// A snapshot.
     pub fn snapshot(&self) -> StatsSnapshot {
+        let exits_by_reason = counts(&ExitReason::ALL, &self.by_reason);
         StatsSnapshot {
             first_exit_ns: self.first_exit_ns.load(Relaxed),
-            exits: self.exits.load(Relaxed),
-            exits_by_reason: ExitReason::ALL
-                .iter()
-                .zip(&self.by_reason)
-                .map(|(r, c)| (*r, c.load(Relaxed)))
-                .collect(),
+            exits: exits_by_reason.iter().map(|(_, c)| c).sum(),
+            null_exits: self.by_reason[ExitReason::NullExit as usize].load(Relaxed),
+            exits_by_reason,
             kicks: self.kicks.load(Relaxed),
-            hypercalls: HypercallNr::ALL
-                .iter()
-                .zip(&self.hypercalls)
-                .map(|(nr, c)| (*nr, c.load(Relaxed)))
-                .collect(),
+            hypercalls: counts(&HypercallNr::ALL, &self.hypercalls),
             unknown_hypercalls: self.unknown_hypercalls.load(Relaxed),
-            null_exits: self.null_exits.load(Relaxed),
             console_bytes: self.console_bytes.load(Relaxed),
             blocked_ns: self.blocked_ns.load(Relaxed),
             cpu_ns: self.cpu_ns.load(Relaxed),
             preemptions: self.preemptions.load(Relaxed),
         }
+    }
+}
+
+/// Pairs each key with its counter's value.
+fn counts<K: Copy>(keys: &[K], counters: &[AtomicU64]) -> Vec<(K, u64)> {
+    keys.iter()
+        .zip(counters)
+        .map(|(k, c)| (*k, c.load(Relaxed)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_index_their_counters_and_exits_are_their_sum() {
+        for (i, reason) in ExitReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i);
+        }
+        let stats = GuestStats::default();
+        stats.count_exit(ExitReason::Hypercall);
+        stats.count_exit(ExitReason::NullExit);
+        stats.count_exit(ExitReason::NullExit);
+        stats.count_kick();
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.exits, 3);
+        assert_eq!(snapshot.null_exits, 2);
+        assert_eq!(snapshot.exits_for(ExitReason::Hypercall), 1);
+        assert_eq!(snapshot.kicks, 1);
+        assert!(snapshot.first_exit_ns > 0);
     }
 }
