@@ -82,6 +82,12 @@ pub struct GuestParts<'a> {
     pub exit_rate: Option<u64>,
 }
 
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.stats.release_memory(&self.ram);
+    }
+}
+
 impl Guest {
     /// Loads the template into `shell` (a VM that never ran, with RAM of
     /// the template's size) and sets the vCPU at the entry point.
@@ -108,6 +114,7 @@ impl Guest {
         vcpu.setup(template.cpu())?;
         let clock = GuestClock::start(scale, tsc_offset);
         clock.publish(&ram)?;
+        parts.stats.watch_memory(&ram);
         tracing::debug!(
             id = parts.id,
             entry = template.cpu().rip,

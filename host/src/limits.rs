@@ -1,6 +1,7 @@
 //! Per-guest limits beyond memory size and console bytes: run time, CPU
-//! time and exit rate. A guest that exceeds one is stopped with the limit
-//! as its reason.
+//! time, exit rate and CPU share. A guest that exceeds one of the first
+//! three is stopped with the limit as its reason; a guest that uses up its
+//! CPU share waits for the next period.
 
 use std::time::Duration;
 
@@ -13,6 +14,59 @@ pub struct Limits {
     pub cpu_time: Option<Duration>,
     /// Most exits (hypercalls and null exits) in any one-second window.
     pub exit_rate: Option<u64>,
+    /// Most CPU the guest may use, in per cent of one CPU (1 to 100),
+    /// over every [`SHARE_PERIOD`]: a guest that used its share is taken
+    /// off its worker and waits, runnable again, for the next period
+    /// (a cap in the manner of CFS bandwidth control). The guest is not
+    /// stopped.
+    pub cpu_share: Option<u8>,
+}
+
+/// The period over which [`Limits::cpu_share`] is counted.
+pub const SHARE_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Counts one guest's CPU use against its share, period by period. Times
+/// are nanoseconds on any monotonic scale.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuShare {
+    quota_ns: u64,
+    period_start_ns: u64,
+    used_ns: u64,
+}
+
+impl CpuShare {
+    /// A share of `percent` per cent of one CPU (clamped to 1..=100).
+    pub fn new(percent: u8) -> Self {
+        let period = SHARE_PERIOD.as_nanos() as u64;
+        Self {
+            quota_ns: period / 100 * u64::from(percent.clamp(1, 100)),
+            period_start_ns: 0,
+            used_ns: 0,
+        }
+    }
+
+    fn roll(&mut self, now_ns: u64) {
+        let period = SHARE_PERIOD.as_nanos() as u64;
+        if now_ns.saturating_sub(self.period_start_ns) >= period {
+            self.period_start_ns = now_ns - (now_ns - self.period_start_ns) % period;
+            self.used_ns = 0;
+        }
+    }
+
+    /// CPU time left in the period that contains `now_ns`.
+    pub fn left(&mut self, now_ns: u64) -> u64 {
+        self.roll(now_ns);
+        self.quota_ns.saturating_sub(self.used_ns)
+    }
+
+    /// Charges `ran_ns` of CPU, ending at `now_ns`. Returns when the guest
+    /// may run again if it used up its share, or `None`.
+    pub fn charge(&mut self, ran_ns: u64, now_ns: u64) -> Option<u64> {
+        self.roll(now_ns);
+        self.used_ns += ran_ns;
+        (self.used_ns >= self.quota_ns)
+            .then(|| self.period_start_ns + SHARE_PERIOD.as_nanos() as u64)
+    }
 }
 
 /// The limit a guest exceeded.
@@ -66,6 +120,19 @@ impl RateWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_share_throttles_at_its_quota_until_the_next_period() {
+        const MS: u64 = 1_000_000;
+        let mut share = CpuShare::new(20);
+        assert_eq!(share.left(0), 20 * MS);
+        assert_eq!(share.charge(15 * MS, 15 * MS), None);
+        assert_eq!(share.left(16 * MS), 5 * MS);
+        assert_eq!(share.charge(5 * MS, 21 * MS), Some(100 * MS));
+        assert_eq!(share.left(99 * MS), 0);
+        assert_eq!(share.left(100 * MS), 20 * MS, "a new period starts afresh");
+        assert_eq!(share.charge(30 * MS, 350 * MS), Some(400 * MS));
+    }
 
     #[test]
     fn rate_window_allows_the_limit_per_second_then_refuses() {

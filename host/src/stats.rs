@@ -1,8 +1,13 @@
 //! Per-guest counters, updated by the guest's runner and readable at any
 //! time from its handle.
 
+use crate::kvm::GuestRam;
+use crate::kvm::memory::resident_bytes;
 use shoal_abi::HypercallNr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::time::Instant;
 
 const CALLS: usize = HypercallNr::ALL.len();
@@ -60,8 +65,14 @@ pub struct GuestStats {
     unknown_hypercalls: AtomicU64,
     console_bytes: AtomicU64,
     blocked_ns: AtomicU64,
+    throttled_ns: AtomicU64,
     cpu_ns: AtomicU64,
     preemptions: AtomicU64,
+    /// Host address and size of the guest's RAM while it exists (0: none).
+    ram_addr: AtomicU64,
+    ram_len: AtomicU64,
+    /// Resident bytes when the RAM was freed.
+    resident_at_end: AtomicU64,
 }
 
 impl Default for GuestStats {
@@ -75,8 +86,12 @@ impl Default for GuestStats {
             unknown_hypercalls: AtomicU64::new(0),
             console_bytes: AtomicU64::new(0),
             blocked_ns: AtomicU64::new(0),
+            throttled_ns: AtomicU64::new(0),
             cpu_ns: AtomicU64::new(0),
             preemptions: AtomicU64::new(0),
+            ram_addr: AtomicU64::new(0),
+            ram_len: AtomicU64::new(0),
+            resident_at_end: AtomicU64::new(0),
         }
     }
 }
@@ -105,10 +120,20 @@ pub struct StatsSnapshot {
     pub console_bytes: u64,
     /// Nanoseconds spent blocked.
     pub blocked_ns: u64,
+    /// Nanoseconds spent waiting for the next period after using up the
+    /// guest's CPU share ([`crate::Limits::cpu_share`]).
+    pub throttled_ns: u64,
     /// Nanoseconds spent on a worker (running, or in a hypercall).
     pub cpu_ns: u64,
     /// Times the scheduler took the worker away at the end of a slice.
     pub preemptions: u64,
+    /// Guest RAM size, in bytes.
+    pub memory_bytes: u64,
+    /// Bytes of guest RAM resident in host memory: pages the guest
+    /// touched, plus image pages it still shares copy-on-write with other
+    /// guests of its image (counted for each of them). After the guest
+    /// ended: the figure when its RAM was freed.
+    pub resident_bytes: u64,
 }
 
 impl StatsSnapshot {
@@ -167,6 +192,11 @@ impl GuestStats {
         self.blocked_ns.fetch_add(n, Relaxed);
     }
 
+    /// Time waiting, runnable, for the next CPU-share period.
+    pub fn add_throttled_ns(&self, n: u64) {
+        self.throttled_ns.fetch_add(n, Relaxed);
+    }
+
     /// Time on a worker.
     pub fn add_cpu_ns(&self, n: u64) {
         self.cpu_ns.fetch_add(n, Relaxed);
@@ -182,6 +212,19 @@ impl GuestStats {
         self.preemptions.fetch_add(1, Relaxed);
     }
 
+    /// Watches the guest's RAM for [`StatsSnapshot::resident_bytes`].
+    pub fn watch_memory(&self, ram: &GuestRam) {
+        self.ram_len.store(ram.size(), Relaxed);
+        self.ram_addr.store(ram.host_base(), Release);
+    }
+
+    /// Takes the last resident figure and stops watching, just before the
+    /// guest's RAM is freed.
+    pub fn release_memory(&self, ram: &GuestRam) {
+        self.resident_at_end.store(ram.resident_bytes(), Relaxed);
+        self.ram_addr.store(0, Release);
+    }
+
     /// A snapshot.
     pub fn snapshot(&self) -> StatsSnapshot {
         let exits_by_reason = counts(&ExitReason::ALL, &self.by_reason);
@@ -195,8 +238,14 @@ impl GuestStats {
             unknown_hypercalls: self.unknown_hypercalls.load(Relaxed),
             console_bytes: self.console_bytes.load(Relaxed),
             blocked_ns: self.blocked_ns.load(Relaxed),
+            throttled_ns: self.throttled_ns.load(Relaxed),
             cpu_ns: self.cpu_ns.load(Relaxed),
             preemptions: self.preemptions.load(Relaxed),
+            memory_bytes: self.ram_len.load(Relaxed),
+            resident_bytes: match self.ram_addr.load(Acquire) {
+                0 => self.resident_at_end.load(Relaxed),
+                addr => resident_bytes(addr as usize, self.ram_len.load(Relaxed) as usize),
+            },
         }
     }
 }

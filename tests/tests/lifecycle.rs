@@ -184,3 +184,24 @@ fn a_panicking_console_sink_ends_only_its_own_guest() {
     // The workers survived: the host still runs guests.
     common::assert_exited_0(&common::spawn(&host, "hello", &[]).wait());
 }
+
+#[test]
+fn stats_report_guest_memory_and_what_is_resident() {
+    let host = common::host();
+    let guest = common::spawn(&host, "idle", &["10s"]);
+    wait_for_state(&guest, GuestState::Blocked);
+    let live = guest.stats();
+    assert_eq!(live.memory_bytes, shoal_abi::layout::DEFAULT_MEMORY);
+    // Lazily backed: an idle guest has touched a few pages of its 4 MiB.
+    assert!(
+        live.resident_bytes > 0 && live.resident_bytes < live.memory_bytes / 4,
+        "{live:?}"
+    );
+    guest.kill();
+    let report = guest.wait();
+    assert_eq!(report.stats.memory_bytes, live.memory_bytes);
+    assert!(
+        report.stats.resident_bytes >= live.resident_bytes,
+        "{report:?}"
+    );
+}

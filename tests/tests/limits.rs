@@ -111,3 +111,27 @@ fn exit_rate_limit_allows_a_guest_under_it() {
     );
     assert_eq!(report.end, GuestEnd::Exited(0));
 }
+
+#[test]
+fn cpu_share_caps_a_spinner_without_stopping_it() {
+    let wall = Duration::from_secs(1);
+    let report = run_beside_a_neighbour(
+        "spin",
+        &["1s"],
+        Limits {
+            cpu_share: Some(20),
+            ..Default::default()
+        },
+    );
+    assert_eq!(report.end, GuestEnd::Exited(0), "{}", report.console_text());
+    // 20% of one CPU over 1 s is 200 ms, give or take a period's edge
+    // and the kick's delay; the rest of the second it waits, runnable.
+    let cpu = Duration::from_nanos(report.stats.cpu_ns);
+    let throttled = Duration::from_nanos(report.stats.throttled_ns);
+    assert!(
+        cpu >= wall / 12 && cpu <= wall * 3 / 10,
+        "{cpu:?} of CPU: {:?}",
+        report.stats
+    );
+    assert!(throttled >= wall / 2, "{throttled:?} throttled");
+}

@@ -59,6 +59,10 @@ struct RunArgs {
     /// Stop the guest if it makes more exits than this in one second.
     #[arg(long)]
     exit_rate: Option<u64>,
+    /// Cap the guest's CPU at this many per cent of one CPU (1 to 100),
+    /// counted every 100 ms; a guest over its share waits.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    cpu_share: Option<u8>,
     /// Run this many guests of the kernel at once. `{i}` in the
     /// arguments becomes each guest's index.
     #[arg(long, short = 'n', default_value_t = 1)]
@@ -92,6 +96,7 @@ impl RunArgs {
                 run_time: self.run_time,
                 cpu_time: self.cpu_time,
                 exit_rate: self.exit_rate,
+                cpu_share: self.cpu_share,
             },
         }
     }

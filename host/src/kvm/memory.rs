@@ -92,6 +92,22 @@ impl Drop for Mapping {
     }
 }
 
+/// Bytes of the host range `addr..addr + len` resident in memory: pages
+/// the guest touched, and image pages it shares copy-on-write with its
+/// template. 0 if the range is not mapped (any more).
+pub fn resident_bytes(addr: usize, len: usize) -> u64 {
+    let page = 4096;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `mincore` only inspects the page tables of the range and
+    // writes one byte per page into `vec`, which has room for every page;
+    // a range that is not mapped makes it fail with ENOMEM, nothing more.
+    let ok = unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) } == 0;
+    if !ok {
+        return 0;
+    }
+    vec.iter().filter(|b| *b & 1 != 0).count() as u64 * page as u64
+}
+
 /// One guest's RAM, guest-physical `0..size`. Fields drop in order: the
 /// `vm-memory` view before the mapping it looks at.
 #[derive(Debug)]
@@ -172,6 +188,11 @@ impl GuestRam {
     /// RAM size in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Bytes of this RAM resident in host memory (see [`resident_bytes`]).
+    pub fn resident_bytes(&self) -> u64 {
+        resident_bytes(self.mapping.addr, self.mapping.len)
     }
 
     /// Host virtual address of guest-physical 0 (for the KVM memory slot).

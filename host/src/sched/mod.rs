@@ -49,6 +49,8 @@ enum Job {
 struct Parked {
     generation: u64,
     since: Instant,
+    /// Parked for using up its CPU share, not for blocking.
+    throttled: bool,
     task: Task,
 }
 
@@ -154,9 +156,21 @@ impl Inner {
 
     /// Parks `task` until guest time `deadline_ns` (or a wake).
     fn park(&self, task: Task, deadline_ns: u64) {
-        let id = task.control.id;
         let when = task.guest.clock().instant_of(deadline_ns);
         task.control.set_state(GuestState::Blocked);
+        self.park_until(task, when, false);
+    }
+
+    /// Parks a guest that used up its CPU share until scheduler time
+    /// `until_ns` (or a kill), runnable all along.
+    fn throttle(&self, task: Task, until_ns: u64) {
+        let when = self.epoch.checked_add(Duration::from_nanos(until_ns));
+        task.control.set_state(GuestState::Runnable);
+        self.park_until(task, when, true);
+    }
+
+    fn park_until(&self, task: Task, when: Option<Instant>, throttled: bool) {
+        let id = task.control.id;
         let mut timers = self.lock_timers();
         let generation = timers.next_generation;
         timers.next_generation += 1;
@@ -167,10 +181,11 @@ impl Inner {
         let parked = Parked {
             generation,
             since: Instant::now(),
+            throttled,
             task,
         };
         if killed {
-            // A kill raced with blocking: it found nothing to wake, so wake now.
+            // A kill raced with parking: it found nothing to wake, so wake now.
             drop(timers);
             self.push_woken(parked.task);
         } else {
@@ -207,8 +222,13 @@ impl Inner {
 
     /// Moves a parked guest to the wake queue.
     fn unpark(&self, parked: Parked) {
-        let blocked = parked.since.elapsed().as_nanos() as u64;
-        parked.task.control.stats.add_blocked_ns(blocked);
+        let waited = parked.since.elapsed().as_nanos() as u64;
+        let stats = &parked.task.control.stats;
+        if parked.throttled {
+            stats.add_throttled_ns(waited);
+        } else {
+            stats.add_blocked_ns(waited);
+        }
         self.push_woken(parked.task);
     }
 }

@@ -95,7 +95,8 @@ fn preempt(inner: &Inner) -> bool {
         let ran = Duration::from_nanos(ran);
         let cpu_deadline = slot.cpu_deadline.load(Ordering::Acquire);
         let give_way = if cpu_deadline != 0 && now >= cpu_deadline {
-            // Out of CPU time: the worker ends the guest when it returns.
+            // Out of CPU time (the worker ends the guest) or out of its CPU
+            // share (the worker parks it until the next period).
             true
         } else if woken > 0 && ran >= WAKE_GRACE {
             woken -= 1;

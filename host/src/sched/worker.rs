@@ -31,6 +31,15 @@ pub(super) fn run(inner: &Inner, index: usize) {
 fn run_task(inner: &Inner, index: usize, mut task: Task) {
     let slot = &inner.workers[index];
     let control = std::sync::Arc::clone(&task.control);
+    let mut share = control.share.lock().unwrap_or_else(|e| e.into_inner());
+    let share_left = share.as_mut().map(|share| share.left(inner.now_ns()));
+    if share_left == Some(0) && !control.killed.load(Ordering::SeqCst) {
+        // Woken from a block with no share left in this period.
+        let until = share.as_mut().and_then(|s| s.charge(0, inner.now_ns()));
+        drop(share);
+        inner.throttle(task, until.unwrap_or_else(|| inner.now_ns()));
+        return;
+    }
     let span = tracing::trace_span!("guest", id = control.id);
     let _entered = span.enter();
     control.set_state(GuestState::Running);
@@ -41,10 +50,17 @@ fn run_task(inner: &Inner, index: usize, mut task: Task) {
     slot.preempt.store(false, Ordering::SeqCst);
     control.worker.store(index, Ordering::SeqCst);
     let now = inner.now_ns();
-    let cpu_deadline = control.limits.cpu_time.map_or(0, |limit| {
-        let left = (limit.as_nanos() as u64).saturating_sub(control.stats.cpu_ns());
-        now.saturating_add(left).max(1)
-    });
+    // The timer thread kicks the guest when its CPU time or its share
+    // for this period runs out.
+    let cpu_left = control
+        .limits
+        .cpu_time
+        .map(|limit| (limit.as_nanos() as u64).saturating_sub(control.stats.cpu_ns()));
+    let cpu_deadline = cpu_left
+        .into_iter()
+        .chain(share_left)
+        .min()
+        .map_or(0, |left| now.saturating_add(left).max(1));
     slot.cpu_deadline.store(cpu_deadline, Ordering::Release);
     slot.running_since.store(now, Ordering::Release);
     let started = Instant::now();
@@ -61,9 +77,10 @@ fn run_task(inner: &Inner, index: usize, mut task: Task) {
     drop(armed);
     slot.running_since.store(0, Ordering::Release);
     slot.cpu_deadline.store(0, Ordering::Release);
-    control
-        .stats
-        .add_cpu_ns(started.elapsed().as_nanos() as u64);
+    let ran = started.elapsed().as_nanos() as u64;
+    control.stats.add_cpu_ns(ran);
+    let throttled_until = share.as_mut().and_then(|s| s.charge(ran, inner.now_ns()));
+    drop(share);
     control.worker.store(NO_WORKER, Ordering::SeqCst);
     let step = match (step, control.limits.cpu_time) {
         (Step::Ended(GuestEnd::Killed), _) => Step::Ended(control.killed_end()),
@@ -73,6 +90,11 @@ fn run_task(inner: &Inner, index: usize, mut task: Task) {
         ),
         (step, _) => step,
     };
+    if let (Step::Preempted | Step::Yielded, Some(until)) = (&step, throttled_until) {
+        tracing::trace!(until, "used up its CPU share");
+        inner.throttle(task, until);
+        return;
+    }
     match step {
         Step::Blocked(deadline) => {
             tracing::trace!(deadline, "blocked");
