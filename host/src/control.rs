@@ -4,12 +4,12 @@
 use crate::console::Console;
 use crate::end::{Crash, GuestEnd};
 use crate::limits::{CpuShare, Limits};
-use crate::stats::GuestStats;
+use crate::stats::{GuestStats, StatsSnapshot};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Where a guest is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[repr(u8)]
 pub enum GuestState {
     /// Created, waiting for a worker.
@@ -30,6 +30,20 @@ impl GuestState {
             2 => Self::Blocked,
             _ => Self::Ended,
         }
+    }
+}
+
+/// Runs once a guest ended and everything it held is freed, with its end
+/// and final counters.
+pub type EndHook = Box<dyn FnOnce(&GuestEnd, StatsSnapshot) + Send>;
+
+/// A guest's [`EndHook`], if it has one.
+#[derive(Default)]
+struct OnEnd(Mutex<Option<EndHook>>);
+
+impl std::fmt::Debug for OnEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnEnd")
     }
 }
 
@@ -59,12 +73,14 @@ pub struct GuestControl {
     /// CPU use against [`Limits::cpu_share`], touched only by the worker
     /// running the guest.
     pub share: Mutex<Option<CpuShare>>,
+    on_end: OnEnd,
 }
 
 impl GuestControl {
     /// A control block for a guest that has not run yet.
     pub fn new(id: u64, console: Arc<Console>, stats: Arc<GuestStats>, limits: Limits) -> Self {
         Self {
+            on_end: OnEnd::default(),
             share: Mutex::new(limits.cpu_share.map(CpuShare::new)),
             limits,
             stop_reason: Mutex::new(None),
@@ -109,6 +125,26 @@ impl GuestControl {
     /// Records a state change.
     pub fn set_state(&self, state: GuestState) {
         self.state.store(state as u8, Ordering::Release);
+    }
+
+    /// Sets what runs once the guest ended.
+    pub fn set_on_end(&self, hook: EndHook) {
+        *self.on_end.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Records the guest's end, wakes every waiter, then runs the end hook
+    /// (once, with the first end recorded).
+    pub fn finish_and_notify(&self, end: GuestEnd) {
+        self.finish(end);
+        let hook = self
+            .on_end
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let (Some(hook), Some(end)) = (hook, self.end()) {
+            hook(&end, self.stats.snapshot());
+        }
     }
 
     /// Records the guest's end and wakes every waiter.

@@ -4,7 +4,7 @@ use crate::boot::descriptors::exception_name;
 use std::fmt;
 
 /// The end of a guest.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum GuestEnd {
     /// The guest called `exit` (or returned from its entry function).
     Exited(i32),
@@ -53,7 +53,7 @@ impl fmt::Display for GuestEnd {
 }
 
 /// A guest's panic, as its SDK reported it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PanicReport {
     /// The message (truncated to the ABI's limit).
     pub message: String,
@@ -66,7 +66,7 @@ pub struct PanicReport {
 }
 
 /// Why the host stopped a guest.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum Crash {
     /// A CPU exception with no handler in the guest.
     #[error("{} (vector {vector}{}) at rip {rip:#x}{}", exception_name(*vector),
@@ -115,7 +115,7 @@ pub enum Crash {
     LimitExceeded(crate::limits::Limit),
     /// An exit the host does not serve.
     #[error("unexpected exit: {0}")]
-    UnexpectedExit(&'static str),
+    UnexpectedExit(String),
     /// The host failed while serving this guest (KVM error).
     #[error("internal host error: {0}")]
     Internal(String),

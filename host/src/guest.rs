@@ -35,6 +35,10 @@ pub enum SpawnError {
     /// The runner thread could not be started.
     #[error("cannot start the guest's thread")]
     Thread(#[source] std::io::Error),
+    /// The shard process meant to run the guest failed (see
+    /// [`crate::HostConfig::shard_size`]); its reason, as text.
+    #[error("in a shard process: {0}")]
+    Shard(String),
 }
 
 /// What a run of the guest stopped at.
@@ -226,7 +230,7 @@ impl Guest {
                 Ok(regs) => Crash::TripleFault { rip: regs.rip },
                 Err(e) => Crash::Internal(e.to_string()),
             }),
-            (_, Exit::Other(what)) => crash(Crash::UnexpectedExit(what)),
+            (_, Exit::Other(what)) => crash(Crash::UnexpectedExit(what.into())),
         }
     }
 

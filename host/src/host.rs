@@ -1,22 +1,22 @@
 //! The embeddable host: spawn guests, wait for them, kill them, read their
 //! console and counters.
 
-use crate::console::{Console, ConsoleSink, DEFAULT_CONSOLE_LIMIT};
+use crate::console::{ConsoleSink, DEFAULT_CONSOLE_LIMIT};
 use crate::control::GuestControl;
 pub use crate::control::GuestState;
 use crate::end::GuestEnd;
-use crate::guest::{Guest, GuestParts, SpawnError};
-use crate::kvm::GuestRam;
-use crate::kvm::vm::{Kvm, VmError};
+use crate::guest::SpawnError;
+use crate::kvm::vm::VmError;
 use crate::limits::Limits;
 use crate::loader::Image;
-use crate::pool::{Pool, PoolStatus, Templates, Toolstack};
-use crate::sched::{DEFAULT_SLICE, Scheduler, SchedulerRef, Task};
-use crate::stats::{GuestStats, StatsSnapshot};
+use crate::local::Local;
+use crate::pool::PoolStatus;
+use crate::sched::{DEFAULT_SLICE, SchedulerRef};
+use crate::shard::{Remote, Shards};
+use crate::stats::StatsSnapshot;
 use shoal_abi::layout::DEFAULT_MEMORY;
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 /// How to run one guest.
@@ -79,18 +79,30 @@ pub enum HostError {
 /// How a host runs its guests.
 #[derive(Clone, Debug)]
 pub struct HostConfig {
-    /// Worker threads that run guests (default: one per CPU).
+    /// Worker threads that run guests (default: one per CPU), in each
+    /// process that runs guests.
     pub workers: usize,
     /// Longest a guest keeps a worker while others wait.
     pub slice: Duration,
     /// VMs kept created ahead of demand, for guests of
-    /// [`DEFAULT_MEMORY`] (0: every spawn creates its VM).
+    /// [`DEFAULT_MEMORY`] (0: every spawn creates its VM), in each
+    /// process that runs guests.
     pub pool: usize,
+    /// `None`: run every guest in this process. `Some(n)`: run guests in
+    /// shard processes of at most `n` guests each, started as needed
+    /// (this program again; see [`crate::shard`]). One process holds at
+    /// most ~10,000 guests (two file descriptors each) and slows as it
+    /// grows; shards keep the cost per guest flat.
+    pub shard_size: Option<usize>,
 }
 
 /// VMs a host keeps ready by default: enough to absorb a burst of spawns
 /// while the filler catches up, at ~600 KiB of kernel memory each.
 pub const DEFAULT_POOL: usize = 32;
+
+/// Guests per shard process that keep per-guest costs flat on the
+/// machines shoal targets (see `docs/benchmarks.md`).
+pub const DEFAULT_SHARD_SIZE: usize = 500;
 
 impl Default for HostConfig {
     fn default() -> Self {
@@ -98,6 +110,7 @@ impl Default for HostConfig {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             slice: DEFAULT_SLICE,
             pool: DEFAULT_POOL,
+            shard_size: None,
         }
     }
 }
@@ -118,12 +131,14 @@ impl Default for HostConfig {
 /// Dropping the host kills the guests still running and waits for them.
 #[derive(Debug)]
 pub struct Host {
-    toolstack: Arc<Toolstack>,
-    pool: Pool,
-    templates: Templates,
+    engine: Engine,
     next_id: AtomicU64,
-    sched: Scheduler,
-    live: Mutex<HashMap<u64, Weak<GuestControl>>>,
+}
+
+#[derive(Debug)]
+enum Engine {
+    Local(Local),
+    Sharded(Shards),
 }
 
 impl Host {
@@ -132,109 +147,65 @@ impl Host {
         Self::with_config(HostConfig::default())
     }
 
-    /// Opens `/dev/kvm` and starts the scheduler. Raises the process's
-    /// soft open-file limit to its hard limit: every guest holds a VM and a
-    /// vCPU file descriptor.
+    /// Starts a host: in this process (opens `/dev/kvm`, starts the
+    /// scheduler and the pool), or, with [`HostConfig::shard_size`], a
+    /// supervisor that starts its first shard at the first spawn.
     pub fn with_config(config: HostConfig) -> Result<Self, HostError> {
-        raise_fd_limit();
-        let toolstack = Arc::new(Toolstack {
-            kvm: Kvm::open()?,
-            scale: OnceLock::new(),
-        });
-        let pool =
-            Pool::start(&toolstack, config.pool, DEFAULT_MEMORY).map_err(HostError::Threads)?;
-        let sched = Scheduler::start(config.workers, config.slice).map_err(HostError::Threads)?;
+        let engine = match config.shard_size {
+            None => Engine::Local(Local::start(&config)?),
+            Some(size) => Engine::Sharded(Shards::new(config, size)),
+        };
         Ok(Self {
-            pool,
-            toolstack,
-            templates: Templates::default(),
+            engine,
             next_id: AtomicU64::new(1),
-            sched,
-            live: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Number of worker threads.
+    /// Number of worker threads (in each shard process, when sharded).
     pub fn workers(&self) -> usize {
-        self.sched.workers()
+        match &self.engine {
+            Engine::Local(local) => local.workers(),
+            Engine::Sharded(shards) => shards.workers(),
+        }
     }
 
-    /// The pool of VMs made ahead of demand: how many are ready, how many
-    /// were made, and how many spawns found none ready.
+    /// Processes running guests: 1 in process, else the shards running.
+    pub fn processes(&self) -> usize {
+        match &self.engine {
+            Engine::Local(_) => 1,
+            Engine::Sharded(shards) => shards.processes(),
+        }
+    }
+
+    /// The pool of VMs made ahead of demand (every shard's, added up):
+    /// how many are ready, how many were made, and how many spawns found
+    /// none ready.
     pub fn pool(&self) -> PoolStatus {
-        self.pool.status()
+        match &self.engine {
+            Engine::Local(local) => local.pool(),
+            Engine::Sharded(shards) => shards.pool(),
+        }
     }
 
     /// Creates a guest from `image` and makes it runnable.
     pub fn spawn(&self, image: &Image, config: GuestConfig) -> Result<GuestHandle, SpawnError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let console = Arc::new(Console::new(id, config.console_limit, config.console_sink));
-        let stats = Arc::new(GuestStats::default());
-        GuestRam::check_size(config.mem_size)?;
-        let template = self.templates.get(image, config.mem_size)?;
-        let shell = match self.pool.take(config.mem_size) {
-            Some(shell) => shell,
-            None => self.toolstack.shell(config.mem_size)?,
-        };
-        let guest = Guest::create(
-            shell,
-            self.toolstack.scale(),
-            GuestParts {
-                id,
-                template: &template,
-                args: &config.args,
-                features: shoal_abi::features::ALL_V1,
-                console: Arc::clone(&console),
-                stats: Arc::clone(&stats),
-                exit_rate: config.limits.exit_rate,
-            },
-        )?;
-        let control = Arc::new(GuestControl::new(id, console, stats, config.limits));
-        {
-            let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-            live.retain(|_, control| control.strong_count() > 0);
-            live.insert(id, Arc::downgrade(&control));
-        }
-        self.sched.submit(Task {
-            guest: Box::new(guest),
-            control: Arc::clone(&control),
-        });
-        Ok(GuestHandle {
-            control,
-            sched: self.sched.handle(),
+        Ok(match &self.engine {
+            Engine::Local(local) => {
+                let (control, sched) = local.spawn(id, image, config, None)?;
+                GuestHandle {
+                    control,
+                    runs: Runs::Here(sched),
+                }
+            }
+            Engine::Sharded(shards) => {
+                let remote = shards.spawn(id, image, config)?;
+                GuestHandle {
+                    control: Arc::clone(&remote.control),
+                    runs: Runs::InShard(remote),
+                }
+            }
         })
-    }
-}
-
-fn raise_fd_limit() {
-    // SAFETY: `getrlimit`/`setrlimit` only read and write the struct passed.
-    unsafe {
-        let mut limit: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let live: Vec<_> = self
-            .live
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .filter_map(|(_, control)| control.upgrade())
-            .collect();
-        let handle = self.sched.handle();
-        for control in &live {
-            handle.kill(control);
-        }
-        for control in &live {
-            control.wait();
-        }
-        self.sched.stop();
     }
 }
 
@@ -243,7 +214,15 @@ impl Drop for Host {
 /// handle.
 pub struct GuestHandle {
     control: Arc<GuestControl>,
-    sched: SchedulerRef,
+    runs: Runs,
+}
+
+/// Where a guest runs.
+enum Runs {
+    /// In this process, on this scheduler.
+    Here(SchedulerRef),
+    /// In a shard process.
+    InShard(Arc<Remote>),
 }
 
 impl std::fmt::Debug for GuestHandle {
@@ -258,7 +237,7 @@ impl std::fmt::Debug for GuestHandle {
 impl Drop for GuestHandle {
     fn drop(&mut self) {
         if self.control.end().is_none() {
-            self.sched.kill(&self.control);
+            self.kill();
             self.control.wait();
         }
     }
@@ -272,13 +251,19 @@ impl GuestHandle {
 
     /// Where the guest is in its life.
     pub fn state(&self) -> GuestState {
-        self.control.state()
+        match &self.runs {
+            Runs::Here(_) => self.control.state(),
+            Runs::InShard(remote) => remote.state(),
+        }
     }
 
     /// Stops the guest (it ends as [`GuestEnd::Killed`] unless it already
     /// ended). Returns at once; [`GuestHandle::wait`] for the end.
     pub fn kill(&self) {
-        self.sched.kill(&self.control);
+        match &self.runs {
+            Runs::Here(sched) => sched.kill(&self.control),
+            Runs::InShard(remote) => remote.kill(),
+        }
     }
 
     /// Console output so far.
@@ -288,7 +273,10 @@ impl GuestHandle {
 
     /// Counters so far.
     pub fn stats(&self) -> StatsSnapshot {
-        self.control.stats.snapshot()
+        match &self.runs {
+            Runs::Here(_) => self.control.stats.snapshot(),
+            Runs::InShard(remote) => remote.stats(),
+        }
     }
 
     /// The end, if the guest is over.
@@ -303,7 +291,7 @@ impl GuestHandle {
             id: self.control.id,
             end,
             console: self.control.console.snapshot(),
-            stats: self.control.stats.snapshot(),
+            stats: self.stats(),
         }
     }
 }

@@ -37,12 +37,17 @@ pub mod hypercall;
 pub mod kvm;
 pub mod limits;
 pub mod loader;
+mod local;
 pub mod pool;
 pub mod sched;
+pub mod shard;
 pub mod stats;
 
 pub use end::{Crash, GuestEnd, PanicReport};
-pub use host::{GuestConfig, GuestHandle, GuestReport, GuestState, Host, HostConfig, HostError};
+pub use host::{
+    DEFAULT_SHARD_SIZE, GuestConfig, GuestHandle, GuestReport, GuestState, Host, HostConfig,
+    HostError,
+};
 pub use limits::{Limit, Limits};
 pub use loader::{Image, LoadError};
 pub use stats::{ExitReason, StatsSnapshot};

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 /// Limits of one guest; `None` means unlimited.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     /// Longest life, from spawn, in real time.
     pub run_time: Option<Duration>,
@@ -70,7 +70,9 @@ impl CpuShare {
 }
 
 /// The limit a guest exceeded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize,
+)]
 pub enum Limit {
     /// [`Limits::run_time`].
     #[error("run time of {0:?}")]

@@ -89,7 +89,7 @@ pub enum LoadError {
 }
 
 /// One loadable segment, its bytes copied out of the file.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Segment {
     /// Guest address of the first byte.
     pub vaddr: u64,
@@ -113,7 +113,7 @@ impl Segment {
 /// A checked guest image, ready to be loaded into any number of guests.
 /// Immutable once checked, so the host can build its memory template once
 /// and share it between every guest of the image.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Image {
     entry: u64,
     abi_version: u32,

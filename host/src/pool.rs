@@ -95,7 +95,7 @@ struct Counters {
 }
 
 /// What a pool holds and has done.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PoolStatus {
     /// Shells ready now.
     pub ready: usize,

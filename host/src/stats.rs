@@ -13,7 +13,7 @@ use std::time::Instant;
 const CALLS: usize = HypercallNr::ALL.len();
 
 /// Why the guest's vCPU returned to the host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[repr(usize)]
 pub enum ExitReason {
     /// An `out` to the hypercall port.
@@ -97,7 +97,7 @@ impl Default for GuestStats {
 }
 
 /// A snapshot of [`GuestStats`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
     /// Nanoseconds from the spawn call to the guest's first exit (its
     /// first hypercall, usually): the guest's start-up latency. 0 until
@@ -111,6 +111,7 @@ pub struct StatsSnapshot {
     /// limits): not caused by the guest, not in `exits`.
     pub kicks: u64,
     /// Hypercalls served, by call (in [`HypercallNr::ALL`] order).
+    #[serde(with = "by_number")]
     pub hypercalls: Vec<(HypercallNr, u64)>,
     /// Hypercalls with an unknown number.
     pub unknown_hypercalls: u64,
@@ -247,6 +248,35 @@ impl GuestStats {
                 addr => resident_bytes(addr as usize, self.ram_len.load(Relaxed) as usize),
             },
         }
+    }
+}
+
+/// Hypercall counters on the wire, keyed by number (the ABI crate stays
+/// free of serde).
+mod by_number {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use shoal_abi::HypercallNr;
+
+    pub fn serialize<S: Serializer>(
+        counts: &[(HypercallNr, u64)],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let numbered: Vec<(u32, u64)> = counts.iter().map(|(nr, c)| (*nr as u32, *c)).collect();
+        numbered.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<(HypercallNr, u64)>, D::Error> {
+        let numbered = Vec::<(u32, u64)>::deserialize(d)?;
+        numbered
+            .into_iter()
+            .map(|(nr, c)| {
+                HypercallNr::try_from(nr)
+                    .map(|nr| (nr, c))
+                    .map_err(|_| serde::de::Error::custom(format!("hypercall {nr}")))
+            })
+            .collect()
     }
 }
 

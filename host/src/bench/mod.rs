@@ -7,6 +7,7 @@
 //! same way; the median round is reported.
 
 mod sched;
+pub use sched::mem_available_kib;
 
 use crate::builtin;
 use crate::host::{GuestConfig, Host};

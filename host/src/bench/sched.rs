@@ -26,7 +26,8 @@ fn kill_all(guests: Vec<GuestHandle>) {
     drop(guests);
 }
 
-fn mem_available_kib() -> Option<u64> {
+/// The kernel's estimate of memory available to new work, in KiB.
+pub fn mem_available_kib() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("MemAvailable:"))?

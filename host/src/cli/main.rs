@@ -67,6 +67,11 @@ struct RunArgs {
     /// arguments becomes each guest's index.
     #[arg(long, short = 'n', default_value_t = 1)]
     count: usize,
+    /// With --count: put at most this many guests in each host process
+    /// (0: all in this one). Default: 500 when --count is larger, else
+    /// all in this process.
+    #[arg(long)]
+    shard_size: Option<usize>,
     /// With --count: print every line prefixed by its guest id (all),
     /// only the output of guests that failed (errors), or nothing.
     /// Default: all up to 100 guests, errors above.

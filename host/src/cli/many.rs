@@ -4,7 +4,7 @@
 
 use super::RunArgs;
 use anyhow::Context;
-use shoal_host::{GuestEnd, GuestReport, Host, Image};
+use shoal_host::{DEFAULT_SHARD_SIZE, GuestEnd, GuestReport, Host, HostConfig, Image};
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -54,28 +54,47 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index.min(sorted.len() - 1)]
 }
 
-fn peak_rss_kib() -> i64 {
-    // SAFETY: `getrusage` fills the zeroed struct we pass.
-    unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage.ru_maxrss
-    }
-}
-
+/// A progress line on a terminal, and the host memory used at its peak
+/// (the largest drop in MemAvailable since the start: the shoal process,
+/// its shards and the kernel's memory for their VMs together), sampled
+/// every 100 ms.
 struct Progress {
-    enabled: bool,
+    terminal: bool,
     last: Instant,
+    available_at_start: Option<u64>,
+    lowest_available: Option<u64>,
 }
 
 impl Progress {
+    fn new() -> Self {
+        let available = shoal_host::bench::mem_available_kib();
+        Self {
+            terminal: std::io::stderr().is_terminal(),
+            last: Instant::now(),
+            available_at_start: available,
+            lowest_available: available,
+        }
+    }
+
     fn show(&mut self, spawned: usize, ended: usize, total: usize) {
-        if self.enabled && (self.last.elapsed() > Duration::from_millis(100) || ended == total) {
-            self.last = Instant::now();
+        if self.last.elapsed() < Duration::from_millis(100) && ended != total {
+            return;
+        }
+        self.last = Instant::now();
+        let now = shoal_host::bench::mem_available_kib();
+        self.lowest_available = self.lowest_available.min(now).or(now);
+        if self.terminal {
             eprint!("\rspawned {spawned}/{total}, ended {ended}/{total}   ");
             if ended == total {
                 eprintln!();
             }
+        }
+    }
+
+    fn peak_used_mib(&self) -> u64 {
+        match (self.available_at_start, self.lowest_available) {
+            (Some(start), Some(lowest)) => start.saturating_sub(lowest) / 1024,
+            _ => 0,
         }
     }
 }
@@ -88,12 +107,18 @@ pub fn run(image: &Image, run: &RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         ConsoleMode::Errors
     });
-    let host = Host::new().context("cannot start the host")?;
-    let started = Instant::now();
-    let mut progress = Progress {
-        enabled: std::io::stderr().is_terminal(),
-        last: Instant::now(),
+    let mut progress = Progress::new();
+    let shard_size = match run.shard_size {
+        Some(0) => None,
+        Some(size) => Some(size),
+        None => (count > DEFAULT_SHARD_SIZE).then_some(DEFAULT_SHARD_SIZE),
     };
+    let host = Host::with_config(HostConfig {
+        shard_size,
+        ..Default::default()
+    })
+    .context("cannot start the host")?;
+    let started = Instant::now();
     let mut spawn_times = Vec::with_capacity(count);
     let mut guests = Vec::with_capacity(count);
     for i in 0..count {
@@ -152,11 +177,12 @@ pub fn run(image: &Image, run: &RunArgs) -> anyhow::Result<ExitCode> {
     );
     let _ = writeln!(
         out,
-        "spawn p50 {:.0} us, p99 {:.0} us; wall time {:.3} s; peak host RSS {} MiB; {} workers",
+        "spawn p50 {:.0} us, p99 {:.0} us; wall time {:.3} s; peak host memory used {} MiB; {} processes of {} workers",
         percentile(&spawn_times, 0.5).as_secs_f64() * 1e6,
         percentile(&spawn_times, 0.99).as_secs_f64() * 1e6,
         wall.as_secs_f64(),
-        peak_rss_kib() / 1024,
+        progress.peak_used_mib(),
+        host.processes(),
         host.workers()
     );
     let pool = host.pool();

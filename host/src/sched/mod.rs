@@ -367,7 +367,7 @@ fn reap(rx: &Receiver<Reap>) {
         let control = Arc::clone(&task.control);
         drop(task);
         tracing::info!(id = control.id, %end, "guest ended");
-        control.finish(end);
+        control.finish_and_notify(end);
     }
 }
 

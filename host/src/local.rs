@@ -1,0 +1,141 @@
+//! The in-process engine behind a [`crate::Host`]: one `/dev/kvm`, a pool
+//! of VMs made ahead of demand, image templates and a scheduler, all in
+//! this process. A sharded host runs one of these in each shard process.
+
+use crate::console::Console;
+use crate::control::{EndHook, GuestControl};
+use crate::guest::{Guest, GuestParts, SpawnError};
+use crate::host::{GuestConfig, HostConfig, HostError};
+use crate::kvm::GuestRam;
+use crate::kvm::vm::Kvm;
+use crate::loader::Image;
+use crate::pool::{Pool, PoolStatus, Templates, Toolstack};
+use crate::sched::{Scheduler, SchedulerRef, Task};
+use crate::stats::GuestStats;
+use shoal_abi::layout::DEFAULT_MEMORY;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+/// Guests of this process.
+#[derive(Debug)]
+pub(crate) struct Local {
+    toolstack: Arc<Toolstack>,
+    pool: Pool,
+    templates: Templates,
+    sched: Scheduler,
+    live: Mutex<HashMap<u64, Weak<GuestControl>>>,
+}
+
+impl Local {
+    /// Opens `/dev/kvm`, starts the pool filler and the scheduler. Raises
+    /// the process's soft open-file limit to its hard limit: every guest
+    /// holds a VM and a vCPU file descriptor.
+    pub(crate) fn start(config: &HostConfig) -> Result<Self, HostError> {
+        raise_fd_limit();
+        let toolstack = Arc::new(Toolstack {
+            kvm: Kvm::open()?,
+            scale: OnceLock::new(),
+        });
+        let pool =
+            Pool::start(&toolstack, config.pool, DEFAULT_MEMORY).map_err(HostError::Threads)?;
+        let sched = Scheduler::start(config.workers, config.slice).map_err(HostError::Threads)?;
+        Ok(Self {
+            pool,
+            toolstack,
+            templates: Templates::default(),
+            sched,
+            live: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub(crate) fn workers(&self) -> usize {
+        self.sched.workers()
+    }
+
+    pub(crate) fn pool(&self) -> PoolStatus {
+        self.pool.status()
+    }
+
+    pub(crate) fn scheduler(&self) -> SchedulerRef {
+        self.sched.handle()
+    }
+
+    /// Creates guest `id` from `image` and makes it runnable; `on_end`
+    /// runs once it ended and everything it held is freed.
+    pub(crate) fn spawn(
+        &self,
+        id: u64,
+        image: &Image,
+        config: GuestConfig,
+        on_end: Option<EndHook>,
+    ) -> Result<(Arc<GuestControl>, SchedulerRef), SpawnError> {
+        let console = Arc::new(Console::new(id, config.console_limit, config.console_sink));
+        let stats = Arc::new(GuestStats::default());
+        GuestRam::check_size(config.mem_size)?;
+        let template = self.templates.get(image, config.mem_size)?;
+        let shell = match self.pool.take(config.mem_size) {
+            Some(shell) => shell,
+            None => self.toolstack.shell(config.mem_size)?,
+        };
+        let guest = Guest::create(
+            shell,
+            self.toolstack.scale(),
+            GuestParts {
+                id,
+                template: &template,
+                args: &config.args,
+                features: shoal_abi::features::ALL_V1,
+                console: Arc::clone(&console),
+                stats: Arc::clone(&stats),
+                exit_rate: config.limits.exit_rate,
+            },
+        )?;
+        let control = Arc::new(GuestControl::new(id, console, stats, config.limits));
+        if let Some(hook) = on_end {
+            control.set_on_end(hook);
+        }
+        {
+            let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.retain(|_, control| control.strong_count() > 0);
+            live.insert(id, Arc::downgrade(&control));
+        }
+        self.sched.submit(Task {
+            guest: Box::new(guest),
+            control: Arc::clone(&control),
+        });
+        Ok((control, self.sched.handle()))
+    }
+}
+
+fn raise_fd_limit() {
+    // SAFETY: `getrlimit`/`setrlimit` only read and write the struct passed.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+impl Drop for Local {
+    /// Kills the guests still running and waits for them.
+    fn drop(&mut self) {
+        let live: Vec<_> = self
+            .live
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .filter_map(|(_, control)| control.upgrade())
+            .collect();
+        let handle = self.sched.handle();
+        for control in &live {
+            handle.kill(control);
+        }
+        for control in &live {
+            control.wait();
+        }
+        self.sched.stop();
+    }
+}

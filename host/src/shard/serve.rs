@@ -1,0 +1,220 @@
+//! The shard side: a process started by a sharded [`crate::Host`] runs an
+//! in-process engine and serves the supervisor's requests until the
+//! supervisor closes the socket (or dies), then kills its guests and
+//! exits.
+//!
+//! A shard is the supervisor's own executable, started again with
+//! [`FD_ENV`] naming an inherited socket. A constructor in this library
+//! runs before `main` in every program that links it, sees the variable,
+//! serves, and exits without ever returning to `main`: so the CLI, test
+//! binaries and embedders' programs can all be shards without code of
+//! their own.
+
+use super::wire::{self, Event, Reply, Request};
+use crate::control::GuestControl;
+use crate::host::{GuestConfig, HostConfig};
+use crate::loader::Image;
+use crate::local::Local;
+use crate::sched::SchedulerRef;
+use crossbeam_channel::{Receiver, Sender};
+use std::collections::HashMap;
+use std::io::{self, BufReader, BufWriter, Write};
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+/// Names the socket a shard process talks to its supervisor on.
+pub(crate) const FD_ENV: &str = "SHOAL_SHARD_FD";
+
+#[ctor::ctor(unsafe)]
+fn enter_if_shard() {
+    let Some(fd) = std::env::var_os(FD_ENV) else {
+        return;
+    };
+    let code = match fd.to_str().and_then(|fd| fd.parse::<RawFd>().ok()) {
+        Some(fd) => {
+            // SAFETY: ignoring SIGPIPE only turns writes to a closed
+            // socket into errors, which `serve` handles.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+            // SAFETY: the supervisor started this process with `fd` open
+            // for us alone (see `super::Link::start`), and nothing else in
+            // it has run yet.
+            let socket = unsafe { UnixStream::from_raw_fd(fd) };
+            match serve(socket) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("shoal shard: {e}");
+                    1
+                }
+            }
+        }
+        None => 2,
+    };
+    // SAFETY: ends the process without returning into a `main` that is
+    // not ours to run; every guest was freed in `serve`.
+    unsafe { libc::_exit(code) };
+}
+
+/// Live guests of this shard, by id.
+type Guests = Arc<Mutex<HashMap<u64, Arc<GuestControl>>>>;
+
+struct Shard {
+    local: Option<(Local, SchedulerRef)>,
+    images: HashMap<u64, Image>,
+    guests: Guests,
+    out: Sender<Event>,
+}
+
+/// Serves requests from `socket` until it closes.
+fn serve(socket: UnixStream) -> io::Result<()> {
+    let mut input = BufReader::new(socket.try_clone()?);
+    let (out, out_rx) = crossbeam_channel::unbounded();
+    let writer = std::thread::Builder::new()
+        .name("shoal-shard-out".into())
+        .spawn(move || write_events(socket, &out_rx))?;
+    let mut shard = Shard {
+        local: None,
+        images: HashMap::new(),
+        guests: Arc::default(),
+        out,
+    };
+    let served = loop {
+        match wire::receive::<Request>(&mut input) {
+            Ok(Some(request)) => shard.handle(request),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    // The supervisor is done or gone: kill what is left, wait for it.
+    if let Some((local, _)) = shard.local.take() {
+        drop(local);
+    }
+    drop(shard);
+    let _ = writer.join();
+    served
+}
+
+/// Sends events as they come, several to a write when they queue up.
+fn write_events(socket: UnixStream, events: &Receiver<Event>) {
+    let mut out = BufWriter::new(socket);
+    while let Ok(event) = events.recv() {
+        let mut sent = wire::send(&mut out, &event);
+        while let (Ok(()), Ok(event)) = (&sent, events.try_recv()) {
+            sent = wire::send(&mut out, &event);
+        }
+        if sent.and_then(|()| out.flush()).is_err() {
+            return;
+        }
+    }
+}
+
+impl Shard {
+    fn reply(&self, tag: u64, reply: Reply) {
+        let _ = self.out.send(Event::Reply { tag, reply });
+    }
+
+    fn handle(&mut self, request: Request) {
+        match request {
+            Request::Start {
+                tag,
+                workers,
+                slice,
+                pool,
+            } => {
+                let config = HostConfig {
+                    workers,
+                    slice,
+                    pool,
+                    shard_size: None,
+                };
+                let started = Local::start(&config).map(|local| {
+                    let sched = local.scheduler();
+                    self.local = Some((local, sched));
+                });
+                self.reply(tag, Reply::Done(started.map_err(|e| e.to_string())));
+            }
+            Request::Image { key, image } => {
+                self.images.insert(key, image);
+            }
+            Request::Spawn {
+                tag,
+                id,
+                image,
+                mem_size,
+                args,
+                console_limit,
+                limits,
+            } => {
+                let result = self.spawn(
+                    id,
+                    image,
+                    GuestConfig {
+                        mem_size,
+                        args,
+                        console_limit,
+                        console_sink: None,
+                        limits,
+                    },
+                );
+                self.reply(tag, Reply::Done(result));
+            }
+            Request::Kill { id } => {
+                let control = self.lock_guests().get(&id).cloned();
+                if let (Some(control), Some((_, sched))) = (control, &self.local) {
+                    sched.kill(&control);
+                }
+            }
+            Request::Stats { tag, id } => {
+                let control = self.lock_guests().get(&id).cloned();
+                let stats = control.map(|c| (c.state(), c.stats.snapshot()));
+                self.reply(tag, Reply::Stats(stats));
+            }
+            Request::Pool { tag } => {
+                let status = self
+                    .local
+                    .as_ref()
+                    .map(|(l, _)| l.pool())
+                    .unwrap_or_default();
+                self.reply(tag, Reply::Pool(status));
+            }
+        }
+    }
+
+    fn lock_guests(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<GuestControl>>> {
+        self.guests.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn spawn(&self, id: u64, image: u64, mut config: GuestConfig) -> Result<(), String> {
+        let (local, _) = self.local.as_ref().ok_or("the shard was not started")?;
+        let image = self.images.get(&image).ok_or("unknown image")?;
+        let console_out = self.out.clone();
+        config.console_sink = Some(Box::new(move |id, bytes| {
+            let _ = console_out.send(Event::Console {
+                id,
+                bytes: bytes.to_vec(),
+            });
+        }));
+        let end_out = self.out.clone();
+        let guests = Arc::clone(&self.guests);
+        // Ended goes out before the guest leaves the table, so a stats
+        // request that misses it is answered after the end.
+        let on_end = Box::new(move |end: &crate::GuestEnd, stats| {
+            let _ = end_out.send(Event::Ended {
+                id,
+                end: end.clone(),
+                stats,
+            });
+            guests.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        });
+        let (control, _) = local
+            .spawn(id, image, config, Some(on_end))
+            .map_err(|e| e.to_string())?;
+        // Under the table's lock: a guest whose end hook already ran is
+        // not added (the hook records the end before it takes the lock).
+        let mut guests = self.lock_guests();
+        if control.end().is_none() {
+            guests.insert(id, control);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,143 @@
+//! What the supervisor and a shard process say to each other over their
+//! socket: length-prefixed postcard frames.
+//!
+//! The supervisor sends [`Request`]s; the shard sends [`Event`]s. A request
+//! with a `tag` gets exactly one [`Event::Reply`] with the same tag. Events
+//! about one guest arrive in order: its console bytes, then its end.
+
+use crate::control::GuestState;
+use crate::end::GuestEnd;
+use crate::limits::Limits;
+use crate::loader::Image;
+use crate::pool::PoolStatus;
+use crate::stats::StatsSnapshot;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read, Write};
+use std::time::Duration;
+
+/// Largest frame either side accepts (an image, with room to spare).
+const MAX_FRAME: usize = 256 << 20;
+
+/// Supervisor to shard.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// The first request: start the shard's engine.
+    Start {
+        tag: u64,
+        workers: usize,
+        slice: Duration,
+        pool: usize,
+    },
+    /// Keep `image` under `key` for later spawns.
+    Image { key: u64, image: Image },
+    /// Start guest `id` from the image kept under `image`.
+    Spawn {
+        tag: u64,
+        id: u64,
+        image: u64,
+        mem_size: u64,
+        args: Vec<String>,
+        console_limit: u64,
+        limits: Limits,
+    },
+    /// Kill guest `id`.
+    Kill { id: u64 },
+    /// State and counters of guest `id`.
+    Stats { tag: u64, id: u64 },
+    /// The pool's status.
+    Pool { tag: u64 },
+}
+
+/// Shard to supervisor.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Event {
+    /// The answer to the request with this tag.
+    Reply { tag: u64, reply: Reply },
+    /// Guest `id` wrote to its console.
+    Console { id: u64, bytes: Vec<u8> },
+    /// Guest `id` ended and everything it held is freed.
+    Ended {
+        id: u64,
+        end: GuestEnd,
+        stats: StatsSnapshot,
+    },
+}
+
+/// Answers to tagged requests.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Reply {
+    /// To `Start` and `Spawn`: done, or why not.
+    Done(Result<(), String>),
+    /// To `Stats`: `None` once the guest ended (its `Ended` came first).
+    Stats(Option<(GuestState, StatsSnapshot)>),
+    /// To `Pool`.
+    Pool(PoolStatus),
+}
+
+/// Writes one frame.
+pub fn send<T: Serialize>(out: &mut impl Write, message: &T) -> io::Result<()> {
+    let body = postcard::to_stdvec(message).map_err(io::Error::other)?;
+    let len = u32::try_from(body.len()).map_err(io::Error::other)?;
+    out.write_all(&len.to_le_bytes())?;
+    out.write_all(&body)
+}
+
+/// Reads one frame; `None` at a clean end of stream.
+pub fn receive<T: DeserializeOwned>(input: &mut impl Read) -> io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match input.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::other(format!("frame of {len} bytes")));
+    }
+    let mut body = vec![0u8; len];
+    input.read_exact(&mut body)?;
+    postcard::from_bytes(&body)
+        .map(Some)
+        .map_err(io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::end::Crash;
+
+    #[test]
+    fn frames_round_trip_and_end_cleanly() {
+        let mut buf = Vec::new();
+        let end = GuestEnd::Crashed(Crash::UnexpectedExit("hlt".into()));
+        send(
+            &mut buf,
+            &Event::Ended {
+                id: 9,
+                end: end.clone(),
+                stats: StatsSnapshot::default(),
+            },
+        )
+        .expect("writes");
+        send(&mut buf, &Request::Kill { id: 3 }).expect("writes");
+        let mut input = buf.as_slice();
+        match receive::<Event>(&mut input).expect("reads") {
+            Some(Event::Ended {
+                id: 9, end: got, ..
+            }) => assert_eq!(got, end),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            receive::<Request>(&mut input).expect("reads"),
+            Some(Request::Kill { id: 3 })
+        ));
+        assert!(receive::<Request>(&mut input).expect("reads").is_none());
+    }
+
+    #[test]
+    fn oversized_frames_are_refused() {
+        let frame = u32::MAX.to_le_bytes();
+        assert!(receive::<Request>(&mut frame.as_slice()).is_err());
+    }
+}
