@@ -102,7 +102,7 @@ pub const DEFAULT_POOL: usize = 32;
 
 /// Guests per shard process that keep per-guest costs flat on the
 /// machines shoal targets (see `docs/benchmarks.md`).
-pub const DEFAULT_SHARD_SIZE: usize = 500;
+pub const DEFAULT_SHARD_SIZE: usize = 100;
 
 impl Default for HostConfig {
     fn default() -> Self {

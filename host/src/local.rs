@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 #[derive(Debug)]
 pub(crate) struct Local {
     toolstack: Arc<Toolstack>,
-    pool: Pool,
+    pool: Arc<Pool>,
     templates: Templates,
     sched: Scheduler,
     live: Mutex<HashMap<u64, Weak<GuestControl>>>,
@@ -36,8 +36,9 @@ impl Local {
             kvm: Kvm::open()?,
             scale: OnceLock::new(),
         });
-        let pool =
-            Pool::start(&toolstack, config.pool, DEFAULT_MEMORY).map_err(HostError::Threads)?;
+        let pool = Pool::start(&toolstack, config.pool, DEFAULT_MEMORY)
+            .map(Arc::new)
+            .map_err(HostError::Threads)?;
         let sched = Scheduler::start(config.workers, config.slice).map_err(HostError::Threads)?;
         Ok(Self {
             pool,
@@ -54,6 +55,11 @@ impl Local {
 
     pub(crate) fn pool(&self) -> PoolStatus {
         self.pool.status()
+    }
+
+    /// The pool itself, to size it to the room left ([`Pool::set_room`]).
+    pub(crate) fn pool_handle(&self) -> Arc<Pool> {
+        Arc::clone(&self.pool)
     }
 
     pub(crate) fn scheduler(&self) -> SchedulerRef {

@@ -13,7 +13,7 @@ use crate::kvm::{Kvm, Vcpu, Vm};
 use crate::loader::Image;
 use crossbeam_channel::{Receiver, Sender, bounded};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -85,6 +85,8 @@ pub struct Pool {
     refill: Option<Sender<()>>,
     mem_size: u64,
     counters: Arc<Counters>,
+    /// Most shells worth keeping now (see [`Pool::set_room`]).
+    room: Arc<AtomicUsize>,
     filler: Option<JoinHandle<()>>,
 }
 
@@ -117,6 +119,7 @@ impl Pool {
         mem_size: u64,
     ) -> std::io::Result<Self> {
         let counters = Arc::new(Counters::default());
+        let room = Arc::new(AtomicUsize::new(capacity));
         if capacity == 0 {
             return Ok(Self {
                 stop: Arc::default(),
@@ -124,6 +127,7 @@ impl Pool {
                 refill: None,
                 mem_size,
                 counters,
+                room,
                 filler: None,
             });
         }
@@ -135,9 +139,17 @@ impl Pool {
         let filler = std::thread::Builder::new()
             .name("shoal-pool".into())
             .spawn({
-                let stop = Arc::clone(&stop);
-                let counters = Arc::clone(&counters);
-                move || fill(&toolstack, &tx, &refill_rx, mem_size, &stop, &counters)
+                let filler = Filler {
+                    toolstack,
+                    tx,
+                    rx: rx.clone(),
+                    refill: refill_rx,
+                    mem_size,
+                    stop: Arc::clone(&stop),
+                    counters: Arc::clone(&counters),
+                    room: Arc::clone(&room),
+                };
+                move || filler.run()
             })?;
         Ok(Self {
             stop,
@@ -145,6 +157,7 @@ impl Pool {
             refill: Some(refill),
             mem_size,
             counters,
+            room,
             filler: Some(filler),
         })
     }
@@ -167,6 +180,18 @@ impl Pool {
         shell
     }
 
+    /// Keeps at most `room` shells ready (never more than the capacity):
+    /// a shard with room for only a few more guests keeps only that many
+    /// VMs waiting, and none once it is full. The filler destroys shells
+    /// beyond it.
+    pub fn set_room(&self, room: usize) {
+        if self.room.swap(room, Ordering::Relaxed) != room
+            && let Some(refill) = &self.refill
+        {
+            let _ = refill.try_send(());
+        }
+    }
+
     /// What the pool holds and has done.
     pub fn status(&self) -> PoolStatus {
         PoolStatus {
@@ -184,8 +209,8 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        // Closing the channel stops the filler at its next send; the flag
-        // stops it while it is failing to make shells.
+        // Closing the refill channel ends the filler's wait; the flag
+        // stops it in the middle of filling.
         self.stop.store(true, Ordering::Release);
         self.ready = None;
         self.refill = None;
@@ -195,33 +220,45 @@ impl Drop for Pool {
     }
 }
 
-/// The filler loop: at each request, makes shells until the pool is full.
-fn fill(
-    toolstack: &Toolstack,
-    tx: &Sender<Shell>,
-    refill: &Receiver<()>,
+/// The filler thread's state.
+struct Filler {
+    toolstack: Arc<Toolstack>,
+    tx: Sender<Shell>,
+    /// To destroy shells beyond the room.
+    rx: Receiver<Shell>,
+    refill: Receiver<()>,
     mem_size: u64,
-    stop: &AtomicBool,
-    counters: &Counters,
-) {
-    while refill.recv().is_ok() {
-        while !tx.is_full() {
-            if stop.load(Ordering::Acquire) {
-                return;
+    stop: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+    room: Arc<AtomicUsize>,
+}
+
+impl Filler {
+    /// At each request, destroys shells beyond the room, then makes shells
+    /// until the pool is full or has no more room.
+    fn run(&self) {
+        while self.refill.recv().is_ok() {
+            while self.tx.len() > self.room.load(Ordering::Relaxed) {
+                drop(self.rx.try_recv());
             }
-            match toolstack.shell(mem_size) {
-                Ok(shell) => {
-                    counters.created.fetch_add(1, Ordering::Relaxed);
-                    if tx.send(shell).is_err() {
-                        return;
-                    }
+            while !self.tx.is_full() && self.tx.len() < self.room.load(Ordering::Relaxed) {
+                if self.stop.load(Ordering::Acquire) {
+                    return;
                 }
-                Err(e) => {
-                    // Out of file descriptors or memory, say: spawns fall
-                    // back to cold starts, which report the error; try
-                    // again later.
-                    tracing::warn!(error = %e, "cannot make a shell ahead of demand");
-                    std::thread::sleep(Duration::from_millis(50));
+                match self.toolstack.shell(self.mem_size) {
+                    Ok(shell) => {
+                        self.counters.created.fetch_add(1, Ordering::Relaxed);
+                        if self.tx.send(shell).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        // Out of file descriptors or memory, say: spawns
+                        // fall back to cold starts, which report the
+                        // error; try again later.
+                        tracing::warn!(error = %e, "cannot make a shell ahead of demand");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                 }
             }
         }

@@ -85,8 +85,9 @@ fn guests_spread_over_shards_each_with_its_own_id_arguments_and_console() {
         assert!(report.stats.cpu_ns > 0 && report.stats.memory_bytes > 0);
         assert!(ids.insert(report.id));
     }
+    // Every guest had a VM made ahead of demand or on demand.
     let pool = host.pool();
-    assert!(pool.created >= 100, "{pool:?}");
+    assert!(pool.created + pool.misses >= 100, "{pool:?}");
     drop(stayers);
 }
 
@@ -158,4 +159,30 @@ fn dropping_a_sharded_host_ends_every_shard_process() {
     drop(guests);
     drop(host);
     assert!(shard_pids().is_empty(), "{:?}", shard_pids());
+}
+
+#[test]
+fn a_pool_keeps_no_more_vms_waiting_than_its_room() {
+    use shoal_host::pool::{Pool, Toolstack};
+    common::host();
+    let toolstack = std::sync::Arc::new(Toolstack {
+        kvm: shoal_host::kvm::Kvm::open().expect("opens"),
+        scale: std::sync::OnceLock::new(),
+    });
+    let pool = Pool::start(&toolstack, 4, shoal_abi::layout::DEFAULT_MEMORY).expect("starts");
+    let settles_at = |ready: usize| {
+        let give_up = Instant::now() + Duration::from_secs(30);
+        while pool.status().ready != ready {
+            assert!(Instant::now() < give_up, "{:?}, not {ready}", pool.status());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    settles_at(4);
+    pool.set_room(1);
+    settles_at(1);
+    pool.set_room(0);
+    settles_at(0);
+    pool.set_room(3);
+    settles_at(3);
+    assert_eq!(pool.status().created, 7);
 }

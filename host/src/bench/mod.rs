@@ -142,6 +142,9 @@ pub struct Sizes {
     pub busy: usize,
     /// Spinning guests whose CPU shares are compared.
     pub spinners: usize,
+    /// Idle guests held at once for per-guest cost at scale (compared
+    /// with 100).
+    pub scale: usize,
 }
 
 impl Default for Sizes {
@@ -153,6 +156,7 @@ impl Default for Sizes {
             idle: 1000,
             busy: 1000,
             spinners: 8,
+            scale: 10_000,
         }
     }
 }
@@ -168,7 +172,14 @@ fn builtin_image(name: &'static str) -> Result<crate::Image, BenchError> {
 }
 
 /// Benchmark groups, in the order they run.
-pub const GROUPS: [&str; 5] = ["hypercall", "spawn", "memory", "wakeup", "fairness"];
+pub const GROUPS: [&str; 6] = [
+    "hypercall",
+    "spawn",
+    "memory",
+    "wakeup",
+    "fairness",
+    "scale",
+];
 
 /// Runs the benchmark groups named in `only` (every group if empty).
 pub fn run_all(host: &Host, sizes: Sizes, only: &[String]) -> Result<Vec<Figure>, BenchError> {
@@ -208,6 +219,13 @@ pub fn run_all(host: &Host, sizes: Sizes, only: &[String]) -> Result<Vec<Figure>
             &builtin_image("spin")?,
             sizes.spinners,
             std::time::Duration::from_secs(2),
+        )?);
+    }
+    if wanted("scale") {
+        figures.extend(sched::scale(
+            &builtin_image("idle")?,
+            100.min(sizes.scale),
+            sizes.scale,
         )?);
     }
     Ok(figures)

@@ -210,3 +210,92 @@ pub fn fairness(
         Figure::plain("fairness_max_deviation", spread * 100.0, "%"),
     ])
 }
+
+/// Guests whose spawn and start are timed at each scale.
+const MARGINAL: usize = 100;
+
+/// Per-guest costs with `count` idle guests held at once in a sharded
+/// host, for the last [`MARGINAL`] guests, spawned once the others are
+/// blocked and the pools refilled, one at a time (each waits for the one
+/// before to block, so no guest queues behind another): the spawn call
+/// and the start-up latency; and host memory per guest, the MemAvailable
+/// drop over all `count` (measured from a settled machine: memory freed
+/// by earlier runs returns to MemAvailable over a second or two).
+#[derive(Clone, Copy)]
+struct ScaleCosts {
+    spawn_p50_us: f64,
+    start_p50_us: f64,
+    memory_kib: f64,
+}
+
+/// Waits until every guest in `guests` has blocked.
+fn all_blocked(guests: &[GuestHandle]) {
+    let give_up = Instant::now() + Duration::from_secs(120);
+    let mut waiting: Vec<&GuestHandle> = guests.iter().collect();
+    while !waiting.is_empty() && Instant::now() < give_up {
+        waiting.retain(|g| g.state() != crate::GuestState::Blocked);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn scale_costs(idle: &Image, count: usize) -> Result<ScaleCosts, BenchError> {
+    let host = Host::with_config(HostConfig {
+        shard_size: Some(crate::host::DEFAULT_SHARD_SIZE),
+        ..HostConfig::default()
+    })
+    .map_err(BenchError::Host)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let before = mem_available_kib().unwrap_or(0);
+    let mut guests = (0..count.saturating_sub(MARGINAL))
+        .map(|_| spawn(&host, idle, &["3600s"]))
+        .collect::<Result<Vec<_>, _>>()?;
+    all_blocked(&guests);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut spawn_us = Vec::with_capacity(MARGINAL);
+    let first_timed = guests.len();
+    while guests.len() < count {
+        let spawned = Instant::now();
+        guests.push(spawn(&host, idle, &["3600s"])?);
+        spawn_us.push(spawned.elapsed().as_secs_f64() * 1e6);
+        all_blocked(&guests[guests.len() - 1..]);
+    }
+    let during = mem_available_kib().unwrap_or(0);
+    let start_us: Vec<f64> = guests[first_timed..]
+        .iter()
+        .map(|g| g.stats().first_exit_ns as f64 / 1000.0)
+        .collect();
+    kill_all(guests);
+    drop(host);
+    Ok(ScaleCosts {
+        spawn_p50_us: percentiles(spawn_us).0,
+        start_p50_us: percentiles(start_us).0,
+        memory_kib: before.saturating_sub(during) as f64 / count.max(1) as f64,
+    })
+}
+
+/// Per-guest costs at `small` and at `large` concurrent idle guests, each
+/// figure at `large` with the same figure at `small` as its floor: the
+/// ratio says how flat the cost per guest stays. The small case, noisier,
+/// is the median of three runs.
+pub fn scale(idle: &Image, small: usize, large: usize) -> Result<Vec<Figure>, BenchError> {
+    let small_runs = (0..3)
+        .map(|_| scale_costs(idle, small))
+        .collect::<Result<Vec<_>, _>>()?;
+    let at_large = scale_costs(idle, large)?;
+    let compared = |name, unit, pick: fn(&ScaleCosts) -> f64| {
+        let floor = median(small_runs.iter().map(pick).collect());
+        Figure {
+            name,
+            value: pick(&at_large),
+            unit,
+            floor: Some(floor),
+            ratio: Some(pick(&at_large) / floor),
+        }
+    };
+    Ok(vec![
+        Figure::plain("scale_guests", large as f64, "guests"),
+        compared("scale_spawn_p50", "us", |c| c.spawn_p50_us),
+        compared("scale_start_p50", "us", |c| c.start_p50_us),
+        compared("scale_memory_per_guest", "KiB", |c| c.memory_kib),
+    ])
+}

@@ -130,8 +130,12 @@ struct BenchArgs {
     /// Spinning guests whose CPU shares are compared.
     #[arg(long, default_value_t = 8)]
     spinners: usize,
+    /// Idle guests held at once for the per-guest cost at scale (in
+    /// shard processes), compared with 100.
+    #[arg(long, default_value_t = 10_000)]
+    scale: usize,
     /// Run only these groups (comma-separated): hypercall, spawn, memory,
-    /// wakeup, fairness.
+    /// wakeup, fairness, scale.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -257,6 +261,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         idle: args.idle,
         busy: args.busy,
         spinners: args.spinners,
+        scale: args.scale,
     };
     let host = Host::new().context("cannot start the host")?;
     let figures = shoal_host::bench::run_all(&host, sizes, &args.only)?;

@@ -142,7 +142,7 @@ impl Shards {
         {
             return Ok(Arc::clone(link));
         }
-        let link = Link::start(links.len(), &self.config)?;
+        let link = Link::start(links.len(), &self.config, self.shard_size)?;
         links.push(Arc::clone(&link));
         Ok(link)
     }
@@ -187,7 +187,7 @@ pub(crate) struct Link {
 impl Link {
     /// Starts shard `index`: this program again, told by the environment
     /// to serve the socket it inherits.
-    fn start(index: usize, config: &HostConfig) -> io::Result<Arc<Self>> {
+    fn start(index: usize, config: &HostConfig, shard_size: usize) -> io::Result<Arc<Self>> {
         let (ours, theirs) = UnixStream::pair()?;
         let fd = theirs.as_raw_fd();
         let mut command = Command::new("/proc/self/exe");
@@ -232,6 +232,7 @@ impl Link {
             workers: config.workers,
             slice: config.slice,
             pool: config.pool,
+            shard_size,
         });
         match started {
             Some(Reply::Done(Ok(()))) => Ok(link),

@@ -60,6 +60,7 @@ type Guests = Arc<Mutex<HashMap<u64, Arc<GuestControl>>>>;
 
 struct Shard {
     local: Option<(Local, SchedulerRef)>,
+    shard_size: usize,
     images: HashMap<u64, Image>,
     guests: Guests,
     out: Sender<Event>,
@@ -74,6 +75,7 @@ fn serve(socket: UnixStream) -> io::Result<()> {
         .spawn(move || write_events(socket, &out_rx))?;
     let mut shard = Shard {
         local: None,
+        shard_size: 0,
         images: HashMap::new(),
         guests: Arc::default(),
         out,
@@ -120,7 +122,9 @@ impl Shard {
                 workers,
                 slice,
                 pool,
+                shard_size,
             } => {
+                self.shard_size = shard_size;
                 let config = HostConfig {
                     workers,
                     slice,
@@ -196,6 +200,8 @@ impl Shard {
         }));
         let end_out = self.out.clone();
         let guests = Arc::clone(&self.guests);
+        let pool = local.pool_handle();
+        let shard_size = self.shard_size;
         // Ended goes out before the guest leaves the table, so a stats
         // request that misses it is answered after the end.
         let on_end = Box::new(move |end: &crate::GuestEnd, stats| {
@@ -204,7 +210,9 @@ impl Shard {
                 end: end.clone(),
                 stats,
             });
-            guests.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            let mut guests = guests.lock().unwrap_or_else(|e| e.into_inner());
+            guests.remove(&id);
+            pool.set_room(shard_size.saturating_sub(guests.len()));
         });
         let (control, _) = local
             .spawn(id, image, config, Some(on_end))
@@ -215,6 +223,10 @@ impl Shard {
         if control.end().is_none() {
             guests.insert(id, control);
         }
+        // No more VMs waiting than guests this shard may still take.
+        local
+            .pool_handle()
+            .set_room(self.shard_size.saturating_sub(guests.len()));
         Ok(())
     }
 }

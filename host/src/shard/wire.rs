@@ -28,6 +28,7 @@ pub enum Request {
         workers: usize,
         slice: Duration,
         pool: usize,
+        shard_size: usize,
     },
     /// Keep `image` under `key` for later spawns.
     Image { key: u64, image: Image },
