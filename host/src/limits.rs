@@ -62,7 +62,14 @@ impl CpuShare {
     /// Charges `ran_ns` of CPU, ending at `now_ns`. Returns when the guest
     /// may run again if it used up its share, or `None`.
     pub fn charge(&mut self, ran_ns: u64, now_ns: u64) -> Option<u64> {
+        let period_before = self.period_start_ns;
         self.roll(now_ns);
+        // A run that crossed into this period counts only from its start.
+        let ran_ns = if self.period_start_ns == period_before {
+            ran_ns
+        } else {
+            ran_ns.min(now_ns - self.period_start_ns)
+        };
         self.used_ns += ran_ns;
         (self.used_ns >= self.quota_ns)
             .then(|| self.period_start_ns + SHARE_PERIOD.as_nanos() as u64)
@@ -134,6 +141,10 @@ mod tests {
         assert_eq!(share.left(99 * MS), 0);
         assert_eq!(share.left(100 * MS), 20 * MS, "a new period starts afresh");
         assert_eq!(share.charge(30 * MS, 350 * MS), Some(400 * MS));
+        // 20 ms from 390 to 410: only the 10 ms after 400 count in the
+        // new period.
+        assert_eq!(share.charge(20 * MS, 410 * MS), None);
+        assert_eq!(share.left(410 * MS), 10 * MS);
     }
 
     #[test]

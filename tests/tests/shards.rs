@@ -186,3 +186,24 @@ fn a_pool_keeps_no_more_vms_waiting_than_its_room() {
     settles_at(3);
     assert_eq!(pool.status().created, 7);
 }
+
+#[test]
+fn a_panicking_console_sink_ends_only_its_own_guest_in_a_shard() {
+    let (_one, host) = sharded(8);
+    let bad = host
+        .spawn(
+            &common::image("hello"),
+            GuestConfig {
+                console_sink: Some(Box::new(|_, _| panic!("embedder's sink fails"))),
+                ..Default::default()
+            },
+        )
+        .expect("spawns");
+    let good = common::spawn(&host, "hello", &[]);
+    match bad.wait().end {
+        GuestEnd::Crashed(Crash::Internal(why)) => assert!(why.contains("host panicked"), "{why}"),
+        other => panic!("{other}"),
+    }
+    common::assert_exited_0(&good.wait());
+    common::assert_exited_0(&common::spawn(&host, "hello", &[]).wait());
+}

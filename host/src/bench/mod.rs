@@ -225,6 +225,7 @@ pub fn run_all(host: &Host, sizes: Sizes, only: &[String]) -> Result<Vec<Figure>
         figures.extend(sched::scale(
             &builtin_image("idle")?,
             100.min(sizes.scale),
+            1000.min(sizes.scale),
             sizes.scale,
         )?);
     }

@@ -68,7 +68,7 @@ struct RunArgs {
     #[arg(long, short = 'n', default_value_t = 1)]
     count: usize,
     /// With --count: put at most this many guests in each host process
-    /// (0: all in this one). Default: 500 when --count is larger, else
+    /// (0: all in this one). Default: 100 when --count is larger, else
     /// all in this process.
     #[arg(long)]
     shard_size: Option<usize>,

@@ -32,7 +32,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use wire::{Event, Reply, Request};
+
+/// Longest a shard may take to answer a request before the supervisor
+/// takes it for hung and kills it.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest a closing shard may take to end its guests and exit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
@@ -90,8 +98,12 @@ impl Shards {
         config: GuestConfig,
     ) -> Result<Arc<Remote>, SpawnError> {
         GuestRam::check_size(config.mem_size)?;
+        // `place` reserves the guest's slot in the shard's live count.
         let link = self.place().map_err(|e| SpawnError::Shard(e.to_string()))?;
-        link.send_image(image)?;
+        if let Err(e) = link.send_image(image) {
+            link.live.fetch_sub(1, Ordering::SeqCst);
+            return Err(e);
+        }
         let console = Arc::new(Console::new(id, config.console_limit, config.console_sink));
         let control = Arc::new(GuestControl::new(
             id,
@@ -107,7 +119,6 @@ impl Shards {
         // Known before the shard hears of it: its console and end may
         // come before the reply.
         lock(&link.guests).insert(id, Arc::clone(&remote));
-        link.live.fetch_add(1, Ordering::SeqCst);
         let reply = link.request(|tag| Request::Spawn {
             tag,
             id,
@@ -140,9 +151,11 @@ impl Shards {
         if let Some(link) = least
             && link.live.load(Ordering::SeqCst) < self.shard_size
         {
+            link.live.fetch_add(1, Ordering::SeqCst);
             return Ok(Arc::clone(link));
         }
         let link = Link::start(links.len(), &self.config, self.shard_size)?;
+        link.live.fetch_add(1, Ordering::SeqCst);
         links.push(Arc::clone(&link));
         Ok(link)
     }
@@ -269,7 +282,22 @@ impl Link {
             lock(&self.pending).remove(&tag);
             return None;
         }
-        rx.recv().ok()
+        match rx.recv_timeout(REPLY_TIMEOUT) {
+            Ok(reply) => Some(reply),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                tracing::error!(shard = self.index, "shard stopped answering; killing it");
+                self.kill_process();
+                None
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Kills the shard process (its guests then end as lost).
+    fn kill_process(&self) {
+        if let Some(child) = lock(&self.child).as_mut() {
+            let _ = child.kill();
+        }
     }
 
     /// Sends `image` to the shard unless it has it already.
@@ -296,6 +324,9 @@ impl Link {
         while let Ok(Some(event)) = wire::receive::<Event>(&mut input) {
             self.dispatch(event);
         }
+        // Closed, or a frame that makes no sense: either way this shard is
+        // done for, and must not run guests nobody can see any more.
+        self.kill_process();
         self.dead.store(true, Ordering::SeqCst);
         lock(&self.pending).clear();
         let orphans: Vec<_> = lock(&self.guests).drain().map(|(_, r)| r).collect();
@@ -320,8 +351,18 @@ impl Link {
             }
             Event::Console { id, bytes } => {
                 let remote = lock(&self.guests).get(&id).cloned();
-                if let Some(remote) = remote {
-                    remote.control.console.write(&bytes);
+                let Some(remote) = remote else { return };
+                // An embedder's sink that panics ends its own guest, as in
+                // a single process; this thread goes on serving the rest.
+                let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    remote.control.console.write(&bytes)
+                }));
+                if written.is_err() && lock(&self.guests).remove(&id).is_some() {
+                    self.live.fetch_sub(1, Ordering::SeqCst);
+                    remote.kill();
+                    remote.control.finish(GuestEnd::Crashed(Crash::Internal(
+                        "the host panicked while serving this guest".into(),
+                    )));
                 }
             }
             Event::Ended { id, end, stats } => {
@@ -340,6 +381,11 @@ impl Link {
     fn close(&self) {
         let _ = lock(&self.writer).shutdown(std::net::Shutdown::Write);
         if let Some(child) = lock(&self.child).as_mut() {
+            let give_up = Instant::now() + EXIT_TIMEOUT;
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < give_up {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = child.kill();
             let _ = child.wait();
         }
         if let Some(reader) = lock(&self.reader).take() {

@@ -34,8 +34,15 @@ fn enter_if_shard() {
     let code = match fd.to_str().and_then(|fd| fd.parse::<RawFd>().ok()) {
         Some(fd) => {
             // SAFETY: ignoring SIGPIPE only turns writes to a closed
-            // socket into errors, which `serve` handles.
-            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+            // socket into errors, which `serve` handles. Removing the
+            // variable and marking the socket close-on-exec again keep
+            // both from anything this process might start; no other
+            // thread exists yet to read the environment meanwhile.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+                std::env::remove_var(FD_ENV);
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
             // SAFETY: the supervisor started this process with `fd` open
             // for us alone (see `super::Link::start`), and nothing else in
             // it has run yet.
@@ -132,6 +139,7 @@ impl Shard {
                     shard_size: None,
                 };
                 let started = Local::start(&config).map(|local| {
+                    local.pool_handle().set_room(shard_size);
                     let sched = local.scheduler();
                     self.local = Some((local, sched));
                 });

@@ -79,7 +79,10 @@ pub enum Reply {
 /// Writes one frame.
 pub fn send<T: Serialize>(out: &mut impl Write, message: &T) -> io::Result<()> {
     let body = postcard::to_stdvec(message).map_err(io::Error::other)?;
-    let len = u32::try_from(body.len()).map_err(io::Error::other)?;
+    if body.len() > MAX_FRAME {
+        return Err(io::Error::other(format!("frame of {} bytes", body.len())));
+    }
+    let len = body.len() as u32;
     out.write_all(&len.to_le_bytes())?;
     out.write_all(&body)
 }
