@@ -183,9 +183,11 @@ impl Pool {
     /// Keeps at most `room` shells ready (never more than the capacity):
     /// a shard with room for only a few more guests keeps only that many
     /// VMs waiting, and none once it is full. The filler destroys shells
-    /// beyond it.
+    /// beyond a smaller room at once; it fills a larger room at the next
+    /// spawn (guests ending do not make VMs nobody may ask for).
     pub fn set_room(&self, room: usize) {
-        if self.room.swap(room, Ordering::Relaxed) != room
+        let before = self.room.swap(room, Ordering::Relaxed);
+        if room < before
             && let Some(refill) = &self.refill
         {
             let _ = refill.try_send(());
