@@ -7,8 +7,9 @@
 //! each process small instead: it places each guest in the shard process
 //! with the fewest guests, starts another shard when all hold
 //! [`crate::HostConfig::shard_size`] guests, and relays kill, stats,
-//! console output and ends over one socket per shard ([`wire`]). The
-//! embedder still sees one host and one kind of [`crate::GuestHandle`].
+//! console output and ends over one socket per shard (length-prefixed
+//! postcard frames, `shard/wire.rs`). The embedder still sees one host and
+//! one kind of [`crate::GuestHandle`].
 
 mod serve;
 mod wire;
