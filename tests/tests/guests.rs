@@ -142,16 +142,7 @@ fn many_guests_run_at_once_each_with_its_own_id_and_arguments() {
     let mut ids = std::collections::HashSet::new();
     for (i, guest) in guests.into_iter().enumerate() {
         let report = guest.wait();
-        assert_eq!(report.end, GuestEnd::Exited(0));
-        let text = report.console_text();
-        assert!(
-            text.starts_with(&format!("hello from guest {}\n", report.id)),
-            "{text}"
-        );
-        assert!(
-            text.ends_with(&format!("arg 0: guest-number-{i}\n1 args\n")),
-            "{text}"
-        );
+        common::assert_hello(&report, &format!("guest-number-{i}"));
         assert!(ids.insert(report.id));
     }
 }

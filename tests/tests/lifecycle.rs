@@ -7,19 +7,11 @@ use shoal_host::guest::SpawnError;
 use shoal_host::{ExitReason, GuestConfig, GuestEnd, GuestState};
 use std::time::{Duration, Instant};
 
-fn wait_for_state(guest: &shoal_host::GuestHandle, state: GuestState) {
-    let give_up = Instant::now() + Duration::from_secs(30);
-    while guest.state() != state {
-        assert!(Instant::now() < give_up, "guest never reached {state:?}");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 #[test]
 fn killing_a_blocked_guest_ends_it_and_keeps_its_console() {
     let host = common::host();
     let guest = common::spawn(&host, "clock", &["100000"]);
-    wait_for_state(&guest, GuestState::Blocked);
+    common::wait_for_state(&guest, GuestState::Blocked);
     guest.kill();
     let report = guest.wait();
     assert_eq!(report.end, GuestEnd::Killed);
@@ -62,7 +54,7 @@ fn kill_after_the_end_changes_nothing() {
     let guest = host
         .spawn(&common::image("hello"), GuestConfig::default())
         .expect("spawns");
-    wait_for_state(&guest, GuestState::Ended);
+    common::wait_for_state(&guest, GuestState::Ended);
     guest.kill();
     assert_eq!(guest.wait().end, GuestEnd::Exited(0));
 }
@@ -155,7 +147,7 @@ fn abi_version_mismatch_is_refused_with_both_versions() {
 fn dropping_a_handle_kills_the_guest() {
     let host = common::host();
     let guest = common::spawn(&host, "spin", &["forever"]);
-    wait_for_state(&guest, GuestState::Running);
+    common::wait_for_state(&guest, GuestState::Running);
     // Returns only once the guest's thread has ended.
     drop(guest);
 }
@@ -189,7 +181,7 @@ fn a_panicking_console_sink_ends_only_its_own_guest() {
 fn stats_report_guest_memory_and_what_is_resident() {
     let host = common::host();
     let guest = common::spawn(&host, "idle", &["10s"]);
-    wait_for_state(&guest, GuestState::Blocked);
+    common::wait_for_state(&guest, GuestState::Blocked);
     let live = guest.stats();
     assert_eq!(live.memory_bytes, shoal_abi::layout::DEFAULT_MEMORY);
     // Lazily backed: an idle guest has touched a few pages of its 4 MiB.

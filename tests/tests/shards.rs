@@ -42,14 +42,6 @@ fn shard_pids() -> Vec<i32> {
     pids
 }
 
-fn wait_for_state(guest: &shoal_host::GuestHandle, state: GuestState) {
-    let give_up = Instant::now() + Duration::from_secs(30);
-    while guest.state() != state {
-        assert!(Instant::now() < give_up, "guest never reached {state:?}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 #[test]
 fn guests_spread_over_shards_each_with_its_own_id_arguments_and_console() {
     let (_one, host) = sharded(20);
@@ -74,13 +66,7 @@ fn guests_spread_over_shards_each_with_its_own_id_arguments_and_console() {
     let mut ids = std::collections::HashSet::new();
     for (i, guest) in guests.into_iter().enumerate() {
         let report = guest.wait();
-        common::assert_exited_0(&report);
-        let text = report.console_text();
-        assert!(
-            text.starts_with(&format!("hello from guest {}\n", report.id)),
-            "{text}"
-        );
-        assert!(text.ends_with(&format!("arg 0: guest-number-{i}\n1 args\n")));
+        common::assert_hello(&report, &format!("guest-number-{i}"));
         assert_eq!(report.stats.hypercall(HypercallNr::Exit), 1, "{report:?}");
         assert!(report.stats.cpu_ns > 0 && report.stats.memory_bytes > 0);
         assert!(ids.insert(report.id));
@@ -95,7 +81,7 @@ fn guests_spread_over_shards_each_with_its_own_id_arguments_and_console() {
 fn kill_state_and_live_stats_cross_to_the_shard() {
     let (_one, host) = sharded(8);
     let guest = common::spawn(&host, "clock", &["100000"]);
-    wait_for_state(&guest, GuestState::Blocked);
+    common::wait_for_state(&guest, GuestState::Blocked);
     let live = guest.stats();
     assert!(live.hypercall(HypercallNr::Block) >= 1, "{live:?}");
     assert!(live.resident_bytes > 0, "{live:?}");
@@ -134,7 +120,7 @@ fn limits_stop_exactly_the_guest_that_exceeds_them_in_a_shard() {
 fn a_lost_shard_ends_its_own_guests_and_no_others() {
     let (_one, host) = sharded(1);
     let doomed = common::spawn(&host, "idle", &["100s"]);
-    wait_for_state(&doomed, GuestState::Blocked);
+    common::wait_for_state(&doomed, GuestState::Blocked);
     let before = shard_pids();
     let survivor = common::spawn(&host, "idle", &["200ms"]);
     let victim = *before.first().expect("a shard process");

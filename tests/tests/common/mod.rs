@@ -70,3 +70,27 @@ pub fn assert_exited_0(report: &GuestReport) {
         report.console_text()
     );
 }
+
+/// Waits (up to 30 s) until the guest is in `state`.
+pub fn wait_for_state(guest: &shoal_host::GuestHandle, state: shoal_host::GuestState) {
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while guest.state() != state {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "guest never reached {state:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// Asserts a `hello` guest exited 0 after printing its own id and its one
+/// argument, `arg`.
+pub fn assert_hello(report: &GuestReport, arg: &str) {
+    assert_exited_0(report);
+    let text = report.console_text();
+    assert!(
+        text.starts_with(&format!("hello from guest {}\n", report.id)),
+        "{text}"
+    );
+    assert!(text.ends_with(&format!("arg 0: {arg}\n1 args\n")), "{text}");
+}
