@@ -85,9 +85,28 @@ pub struct Pool {
     refill: Option<Sender<()>>,
     mem_size: u64,
     counters: Arc<Counters>,
-    /// Most shells worth keeping now (see [`Pool::set_room`]).
-    room: Arc<AtomicUsize>,
+    /// Most shells worth keeping now, and most the filler may make up to
+    /// (see [`Pool::set_room`]).
+    room: Arc<Room>,
     filler: Option<JoinHandle<()>>,
+}
+
+/// How many shells a pool may hold.
+#[derive(Debug)]
+struct Room {
+    /// Shells beyond this are destroyed.
+    keep: AtomicUsize,
+    /// The filler makes shells up to this: `keep` as of the last take,
+    /// lowered at once when `keep` shrinks.
+    fill: AtomicUsize,
+}
+
+impl Room {
+    /// Shells the filler should hold: (keep at most, fill up to).
+    fn limits(&self) -> (usize, usize) {
+        let keep = self.keep.load(Ordering::Relaxed);
+        (keep, keep.min(self.fill.load(Ordering::Relaxed)))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -119,7 +138,10 @@ impl Pool {
         mem_size: u64,
     ) -> std::io::Result<Self> {
         let counters = Arc::new(Counters::default());
-        let room = Arc::new(AtomicUsize::new(capacity));
+        let room = Arc::new(Room {
+            keep: AtomicUsize::new(capacity),
+            fill: AtomicUsize::new(capacity),
+        });
         if capacity == 0 {
             return Ok(Self {
                 stop: Arc::default(),
@@ -174,6 +196,8 @@ impl Pool {
         if shell.is_none() {
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
         }
+        let keep = self.room.keep.load(Ordering::Relaxed);
+        self.room.fill.store(keep, Ordering::Relaxed);
         if let Some(refill) = &self.refill {
             let _ = refill.try_send(());
         }
@@ -186,7 +210,8 @@ impl Pool {
     /// beyond a smaller room at once; it fills a larger room at the next
     /// spawn (guests ending do not make VMs nobody may ask for).
     pub fn set_room(&self, room: usize) {
-        let before = self.room.swap(room, Ordering::Relaxed);
+        let before = self.room.keep.swap(room, Ordering::Relaxed);
+        self.room.fill.fetch_min(room, Ordering::Relaxed);
         if room < before
             && let Some(refill) = &self.refill
         {
@@ -232,7 +257,7 @@ struct Filler {
     mem_size: u64,
     stop: Arc<AtomicBool>,
     counters: Arc<Counters>,
-    room: Arc<AtomicUsize>,
+    room: Arc<Room>,
 }
 
 impl Filler {
@@ -240,10 +265,10 @@ impl Filler {
     /// until the pool is full or has no more room.
     fn run(&self) {
         while self.refill.recv().is_ok() {
-            while self.tx.len() > self.room.load(Ordering::Relaxed) {
+            while self.tx.len() > self.room.limits().0 {
                 drop(self.rx.try_recv());
             }
-            while !self.tx.is_full() && self.tx.len() < self.room.load(Ordering::Relaxed) {
+            while !self.tx.is_full() && self.tx.len() < self.room.limits().1 {
                 if self.stop.load(Ordering::Acquire) {
                     return;
                 }
