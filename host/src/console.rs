@@ -14,8 +14,18 @@ pub const DEFAULT_CONSOLE_LIMIT: u64 = 1 << 20;
 pub struct Console {
     id: u64,
     limit: u64,
-    kept: Mutex<Vec<u8>>,
+    /// False when only the sink needs the bytes (a shard streams them to
+    /// the supervisor, which keeps them).
+    keep: bool,
+    kept: Mutex<Kept>,
     sink: Mutex<Option<ConsoleSink>>,
+}
+
+/// The bytes accepted so far: all of them, or only their count.
+#[derive(Default)]
+struct Kept {
+    bytes: Vec<u8>,
+    len: u64,
 }
 
 impl std::fmt::Debug for Console {
@@ -33,8 +43,18 @@ impl Console {
         Self {
             id,
             limit,
-            kept: Mutex::new(Vec::new()),
+            keep: true,
+            kept: Mutex::default(),
             sink: Mutex::new(sink),
+        }
+    }
+
+    /// A console that streams up to `limit` bytes to `sink` and keeps
+    /// none: [`Console::snapshot`] is empty.
+    pub fn streaming(id: u64, limit: u64, sink: ConsoleSink) -> Self {
+        Self {
+            keep: false,
+            ..Self::new(id, limit, Some(sink))
         }
     }
 
@@ -42,9 +62,12 @@ impl Console {
     pub fn write(&self, bytes: &[u8]) -> usize {
         let accepted = {
             let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-            let room = self.limit.saturating_sub(kept.len() as u64);
+            let room = self.limit.saturating_sub(kept.len);
             let n = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-            kept.extend_from_slice(&bytes[..n]);
+            kept.len += n as u64;
+            if self.keep {
+                kept.bytes.extend_from_slice(&bytes[..n]);
+            }
             n
         };
         let mut sink = self.sink.lock().unwrap_or_else(|e| e.into_inner());
@@ -56,12 +79,16 @@ impl Console {
 
     /// Whether the limit is reached.
     pub fn is_full(&self) -> bool {
-        self.kept.lock().unwrap_or_else(|e| e.into_inner()).len() as u64 >= self.limit
+        self.kept.lock().unwrap_or_else(|e| e.into_inner()).len >= self.limit
     }
 
     /// A copy of everything kept so far.
     pub fn snapshot(&self) -> Vec<u8> {
-        self.kept.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.kept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bytes
+            .clone()
     }
 }
 
@@ -88,5 +115,13 @@ mod tests {
         assert_eq!(console.write(b"h"), 0);
         assert_eq!(console.snapshot(), b"abcde");
         assert_eq!(*streamed.lock().expect("not poisoned"), b"abcde");
+    }
+
+    #[test]
+    fn a_streaming_console_keeps_nothing_but_counts_to_its_limit() {
+        let console = Console::streaming(7, 5, Box::new(|_, _| {}));
+        assert_eq!(console.write(b"abcdefg"), 5);
+        assert!(console.is_full());
+        assert!(console.snapshot().is_empty());
     }
 }

@@ -53,6 +53,11 @@ impl CpuShare {
         }
     }
 
+    /// When the current period ends.
+    pub fn period_end(&self) -> u64 {
+        self.period_start_ns + SHARE_PERIOD.as_nanos() as u64
+    }
+
     /// CPU time left in the period that contains `now_ns`.
     pub fn left(&mut self, now_ns: u64) -> u64 {
         self.roll(now_ns);
@@ -71,8 +76,7 @@ impl CpuShare {
             ran_ns.min(now_ns - self.period_start_ns)
         };
         self.used_ns += ran_ns;
-        (self.used_ns >= self.quota_ns)
-            .then(|| self.period_start_ns + SHARE_PERIOD.as_nanos() as u64)
+        (self.used_ns >= self.quota_ns).then(|| self.period_end())
     }
 }
 
@@ -139,6 +143,7 @@ mod tests {
         assert_eq!(share.left(16 * MS), 5 * MS);
         assert_eq!(share.charge(5 * MS, 21 * MS), Some(100 * MS));
         assert_eq!(share.left(99 * MS), 0);
+        assert_eq!(share.period_end(), 100 * MS);
         assert_eq!(share.left(100 * MS), 20 * MS, "a new period starts afresh");
         assert_eq!(share.charge(30 * MS, 350 * MS), Some(400 * MS));
         // 20 ms from 390 to 410: only the 10 ms after 400 count in the

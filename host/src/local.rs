@@ -66,16 +66,21 @@ impl Local {
         self.sched.handle()
     }
 
-    /// Creates guest `id` from `image` and makes it runnable; `on_end`
-    /// runs once it ended and everything it held is freed.
+    /// Creates guest `id` from `image` and makes it runnable. With
+    /// `relay_end`, the guest is relayed to a supervisor that keeps its
+    /// console: the console only streams to its sink, and the hook runs
+    /// once the guest ended and everything it held is freed.
     pub(crate) fn spawn(
         &self,
         id: u64,
         image: &Image,
         config: GuestConfig,
-        on_end: Option<EndHook>,
+        relay_end: Option<EndHook>,
     ) -> Result<(Arc<GuestControl>, SchedulerRef), SpawnError> {
-        let console = Arc::new(Console::new(id, config.console_limit, config.console_sink));
+        let console = Arc::new(match (&relay_end, config.console_sink) {
+            (Some(_), Some(sink)) => Console::streaming(id, config.console_limit, sink),
+            (_, sink) => Console::new(id, config.console_limit, sink),
+        });
         let stats = Arc::new(GuestStats::default());
         GuestRam::check_size(config.mem_size)?;
         let template = self.templates.get(image, config.mem_size)?;
@@ -97,7 +102,7 @@ impl Local {
             },
         )?;
         let control = Arc::new(GuestControl::new(id, console, stats, config.limits));
-        if let Some(hook) = on_end {
+        if let Some(hook) = relay_end {
             control.set_on_end(hook);
         }
         {

@@ -126,18 +126,8 @@ fn panic_is_reported_with_message_and_location() {
 #[test]
 fn many_guests_run_at_once_each_with_its_own_id_and_arguments() {
     let host = common::host();
-    let image = common::image("hello");
     let guests: Vec<_> = (0..32)
-        .map(|i| {
-            host.spawn(
-                &image,
-                GuestConfig {
-                    args: vec![format!("guest-number-{i}")],
-                    ..Default::default()
-                },
-            )
-            .expect("spawns")
-        })
+        .map(|i| common::spawn(&host, "hello", &[&format!("guest-number-{i}")]))
         .collect();
     let mut ids = std::collections::HashSet::new();
     for (i, guest) in guests.into_iter().enumerate() {

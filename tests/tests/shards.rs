@@ -49,18 +49,8 @@ fn guests_spread_over_shards_each_with_its_own_id_arguments_and_console() {
     let stayers: Vec<_> = (0..30)
         .map(|_| common::spawn(&host, "idle", &["100s"]))
         .collect();
-    let image = common::image("hello");
     let guests: Vec<_> = (0..70)
-        .map(|i| {
-            host.spawn(
-                &image,
-                GuestConfig {
-                    args: vec![format!("guest-number-{i}")],
-                    ..Default::default()
-                },
-            )
-            .expect("spawns")
-        })
+        .map(|i| common::spawn(&host, "hello", &[&format!("guest-number-{i}")]))
         .collect();
     assert!(host.processes() >= 2, "{} shards", host.processes());
     let mut ids = std::collections::HashSet::new();

@@ -41,6 +41,17 @@ impl Figure {
         }
     }
 
+    /// A figure compared with `floor`, measured in the same run.
+    pub(crate) fn versus(name: &'static str, value: f64, unit: &'static str, floor: f64) -> Self {
+        Self {
+            name,
+            value,
+            unit,
+            floor: Some(floor),
+            ratio: Some(value / floor),
+        }
+    }
+
     /// One JSON object: `name`, `value`, `unit`, and `floor`/`ratio` when set.
     pub fn to_json(&self) -> String {
         let mut object = serde_json::json!({
@@ -261,13 +272,7 @@ fn hypercall_figures(
 
     Ok(vec![
         Figure::plain("pio_exit_floor", floor_us, "us"),
-        Figure {
-            name: "hypercall_round_trip",
-            value: hypercall_us,
-            unit: "us",
-            floor: Some(floor_us),
-            ratio: Some(hypercall_us / floor_us),
-        },
+        Figure::versus("hypercall_round_trip", hypercall_us, "us", floor_us),
         Figure::plain("clock_read", clock.nanos_per_op, "ns"),
         Figure::plain(
             "clock_read_exits_per_read",

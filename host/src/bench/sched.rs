@@ -291,32 +291,25 @@ pub fn scale(
         .map(|_| scale_costs(idle, small))
         .collect::<Result<Vec<_>, _>>()?;
     let at_large = scale_costs(idle, large)?;
-    let compare = |name, unit, value: f64, floor: f64| Figure {
-        name,
-        value,
-        unit,
-        floor: Some(floor),
-        ratio: Some(value / floor),
-    };
     let small_median = |pick: fn(&ScaleCosts) -> f64| median(small_runs.iter().map(pick).collect());
     Ok(vec![
         Figure::plain("scale_guests", large as f64, "guests"),
-        compare(
+        Figure::versus(
             "scale_spawn_p50",
-            "us",
             at_large.spawn_p50_us,
+            "us",
             small_median(|c| c.spawn_p50_us),
         ),
-        compare(
+        Figure::versus(
             "scale_start_p50",
-            "us",
             at_large.start_p50_us,
+            "us",
             small_median(|c| c.start_p50_us),
         ),
-        compare(
+        Figure::versus(
             "scale_memory_per_guest",
-            "KiB",
             at_large.memory_kib,
+            "KiB",
             at_memory_small.memory_kib,
         ),
     ])

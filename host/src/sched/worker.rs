@@ -33,11 +33,13 @@ fn run_task(inner: &Inner, index: usize, mut task: Task) {
     let control = std::sync::Arc::clone(&task.control);
     let mut share = control.share.lock().unwrap_or_else(|e| e.into_inner());
     let share_left = share.as_mut().map(|share| share.left(inner.now_ns()));
-    if share_left == Some(0) && !control.killed.load(Ordering::SeqCst) {
+    if let (Some(0), Some(used_up)) = (share_left, share.as_ref())
+        && !control.killed.load(Ordering::SeqCst)
+    {
         // Woken from a block with no share left in this period.
-        let until = share.as_mut().and_then(|s| s.charge(0, inner.now_ns()));
+        let until = used_up.period_end();
         drop(share);
-        inner.throttle(task, until.unwrap_or_else(|| inner.now_ns()));
+        inner.throttle(task, until);
         return;
     }
     let span = tracing::trace_span!("guest", id = control.id);

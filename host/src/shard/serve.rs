@@ -15,7 +15,6 @@ use crate::control::GuestControl;
 use crate::host::{GuestConfig, HostConfig};
 use crate::loader::Image;
 use crate::local::Local;
-use crate::sched::SchedulerRef;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Write};
@@ -66,7 +65,7 @@ fn enter_if_shard() {
 type Guests = Arc<Mutex<HashMap<u64, Arc<GuestControl>>>>;
 
 struct Shard {
-    local: Option<(Local, SchedulerRef)>,
+    local: Option<Local>,
     shard_size: usize,
     images: HashMap<u64, Image>,
     guests: Guests,
@@ -94,10 +93,8 @@ fn serve(socket: UnixStream) -> io::Result<()> {
             Err(e) => break Err(e),
         }
     };
-    // The supervisor is done or gone: kill what is left, wait for it.
-    if let Some((local, _)) = shard.local.take() {
-        drop(local);
-    }
+    // The supervisor is done or gone: the engine kills what is left and
+    // waits for it (their ends go out before the writer stops).
     drop(shard);
     let _ = writer.join();
     served
@@ -140,8 +137,7 @@ impl Shard {
                 };
                 let started = Local::start(&config).map(|local| {
                     local.pool_handle().set_room(shard_size);
-                    let sched = local.scheduler();
-                    self.local = Some((local, sched));
+                    self.local = Some(local);
                 });
                 self.reply(tag, Reply::Done(started.map_err(|e| e.to_string())));
             }
@@ -172,8 +168,8 @@ impl Shard {
             }
             Request::Kill { id } => {
                 let control = self.lock_guests().get(&id).cloned();
-                if let (Some(control), Some((_, sched))) = (control, &self.local) {
-                    sched.kill(&control);
+                if let (Some(control), Some(local)) = (control, &self.local) {
+                    local.scheduler().kill(&control);
                 }
             }
             Request::Stats { tag, id } => {
@@ -182,11 +178,7 @@ impl Shard {
                 self.reply(tag, Reply::Stats(stats));
             }
             Request::Pool { tag } => {
-                let status = self
-                    .local
-                    .as_ref()
-                    .map(|(l, _)| l.pool())
-                    .unwrap_or_default();
+                let status = self.local.as_ref().map(Local::pool).unwrap_or_default();
                 self.reply(tag, Reply::Pool(status));
             }
         }
@@ -197,7 +189,7 @@ impl Shard {
     }
 
     fn spawn(&self, id: u64, image: u64, mut config: GuestConfig) -> Result<(), String> {
-        let (local, _) = self.local.as_ref().ok_or("the shard was not started")?;
+        let local = self.local.as_ref().ok_or("the shard was not started")?;
         let image = self.images.get(&image).ok_or("unknown image")?;
         let console_out = self.out.clone();
         config.console_sink = Some(Box::new(move |id, bytes| {
