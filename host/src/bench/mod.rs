@@ -147,6 +147,8 @@ pub struct Sizes {
     pub rounds: usize,
     /// Guests spawned back to back for spawn latency and throughput.
     pub spawns: usize,
+    /// Idle guests brought up through shards for the bring-up rate.
+    pub bring_up: usize,
     /// Idle guests held at once for memory per guest.
     pub idle: usize,
     /// Spinning guests while wake-up latency is measured.
@@ -164,6 +166,7 @@ impl Default for Sizes {
             iterations: 20_000,
             rounds: 5,
             spawns: 1000,
+            bring_up: 2000,
             idle: 1000,
             busy: 1000,
             spinners: 8,
@@ -208,6 +211,7 @@ pub fn run_all(host: &Host, sizes: Sizes, only: &[String]) -> Result<Vec<Figure>
             &builtin_image("bench")?,
             sizes.spawns,
         )?);
+        figures.extend(sched::bring_up(&builtin_image("idle")?, sizes.bring_up)?);
     }
     if wanted("memory") {
         figures.extend(sched::idle_memory(

@@ -15,6 +15,10 @@ pub const PRESENT: u64 = 1;
 pub const WRITABLE: u64 = 1 << 1;
 /// Reachable from CPL3.
 pub const USER: u64 = 1 << 2;
+/// Accessed: set by the CPU (here, KVM's shadow-paging walker) on first use.
+pub const ACCESSED: u64 = 1 << 5;
+/// Dirty: set by the CPU on the first write through a leaf entry.
+pub const DIRTY: u64 = 1 << 6;
 /// Not executable.
 pub const NO_EXECUTE: u64 = 1 << 63;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
@@ -76,6 +80,12 @@ impl PageTables {
     /// Maps the page at `vaddr` to the frame at `paddr` with `flags`
     /// (PRESENT is implied). Intermediate tables allow everything; the leaf
     /// decides.
+    ///
+    /// Every entry is written already accessed, and writable leaves
+    /// already dirty: otherwise KVM's walker sets those bits on the
+    /// guest's first touch, a write to a table frame that every guest of
+    /// a template shares copy-on-write, which copies the frame and calls
+    /// every VM's MMU notifier in the process.
     pub fn map(&mut self, vaddr: u64, paddr: u64, flags: u64) -> Result<(), PagingError> {
         if !vaddr.is_multiple_of(PAGE_SIZE) || vaddr >= 1 << 47 {
             return Err(PagingError::BadAddress(vaddr));
@@ -92,14 +102,15 @@ impl PageTables {
             } else {
                 let next = self.alloc_table()?;
                 if let Some(t) = self.tables.get_mut(&table) {
-                    t[index] = next | PRESENT | WRITABLE | USER;
+                    t[index] = next | PRESENT | WRITABLE | USER | ACCESSED;
                 }
                 next
             };
         }
         let index = ((vaddr >> 12) & 511) as usize;
+        let dirty = if flags & WRITABLE != 0 { DIRTY } else { 0 };
         if let Some(t) = self.tables.get_mut(&table) {
-            t[index] = paddr | flags | PRESENT;
+            t[index] = paddr | flags | PRESENT | ACCESSED | dirty;
         }
         Ok(())
     }
@@ -152,14 +163,14 @@ mod tests {
         let mut pt = PageTables::new();
         pt.map(0x10_0000, 0x10_0000, USER).expect("maps");
         assert_eq!(pt.frames(), 4);
-        assert_eq!(pt.leaf(0x10_0000), 0x10_0000 | USER | PRESENT);
+        assert_eq!(pt.leaf(0x10_0000), 0x10_0000 | USER | PRESENT | ACCESSED);
         assert_eq!(pt.leaf(0x10_1000), 0);
         pt.map(0x10_1000, 0x20_0000, WRITABLE | NO_EXECUTE)
             .expect("maps");
         assert_eq!(pt.frames(), 4, "same leaf table reused");
         assert_eq!(
             pt.leaf(0x10_1000),
-            0x20_0000 | WRITABLE | NO_EXECUTE | PRESENT
+            0x20_0000 | WRITABLE | NO_EXECUTE | PRESENT | ACCESSED | DIRTY
         );
     }
 

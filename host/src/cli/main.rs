@@ -121,6 +121,10 @@ struct BenchArgs {
     /// Guests spawned back to back for spawn latency and throughput.
     #[arg(long, default_value_t = 1000)]
     spawns: usize,
+    /// Idle guests brought up through shard processes for the bring-up
+    /// rate.
+    #[arg(long, default_value_t = 2000)]
+    bring_up: usize,
     /// Idle guests held at once for memory per guest.
     #[arg(long, default_value_t = 1000)]
     idle: usize,
@@ -258,6 +262,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         iterations: args.iterations,
         rounds: args.rounds,
         spawns: args.spawns,
+        bring_up: args.bring_up,
         idle: args.idle,
         busy: args.busy,
         spinners: args.spinners,
