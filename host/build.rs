@@ -26,6 +26,10 @@ const GUESTS: &[(&str, &str)] = &[
     ),
     ("bench", "the guest half of `shoal bench`"),
     (
+        "mmu",
+        "maps, remaps, unmaps and protects pages through the host and checks each effect",
+    ),
+    (
         "bad-pointer",
         "hostile: passes pointers the host must refuse",
     ),

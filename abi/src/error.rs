@@ -20,6 +20,9 @@ pub enum HypercallError {
     LimitExceeded = 5,
     /// The header's reserved field is not zero.
     ReservedNotZero = 6,
+    /// The guest may not do this: a frame it does not own, an address in
+    /// a host-reserved area.
+    Denied = 7,
 }
 
 impl HypercallError {
@@ -37,6 +40,7 @@ impl HypercallError {
             -4 => Self::Invalid,
             -5 => Self::LimitExceeded,
             -6 => Self::ReservedNotZero,
+            -7 => Self::Denied,
             _ => return None,
         })
     }
@@ -50,6 +54,7 @@ impl HypercallError {
             Self::Invalid => "invalid argument value",
             Self::LimitExceeded => "guest limit exceeded",
             Self::ReservedNotZero => "reserved header field is not zero",
+            Self::Denied => "not the guest's to use",
         }
     }
 }
@@ -79,6 +84,7 @@ mod tests {
             HypercallError::Invalid,
             HypercallError::LimitExceeded,
             HypercallError::ReservedNotZero,
+            HypercallError::Denied,
         ] {
             assert!(e.to_ret() < 0);
             assert_eq!(HypercallError::from_ret(e.to_ret()), Some(e));

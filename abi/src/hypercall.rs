@@ -57,11 +57,17 @@ pub enum HypercallNr {
     Panic = 5,
     /// Give the CPU to another guest: [`Yield`]. Feature `YIELD`.
     Yield = 6,
+    /// Change the guest's page tables: [`MmuUpdate`]. Feature `MMU`.
+    MmuUpdate = 7,
+    /// Take zeroed frames from the host: [`FrameAlloc`]. Feature `MMU`.
+    FrameAlloc = 8,
+    /// Give unmapped frames back to the host: [`FrameFree`]. Feature `MMU`.
+    FrameFree = 9,
 }
 
 impl HypercallNr {
     /// Every hypercall number of this ABI version, in numeric order.
-    pub const ALL: [HypercallNr; 7] = [
+    pub const ALL: [HypercallNr; 10] = [
         Self::AbiInfo,
         Self::ConsoleWrite,
         Self::Exit,
@@ -69,6 +75,9 @@ impl HypercallNr {
         Self::Block,
         Self::Panic,
         Self::Yield,
+        Self::MmuUpdate,
+        Self::FrameAlloc,
+        Self::FrameFree,
     ];
 
     /// The call's name as the docs and traces spell it.
@@ -81,6 +90,9 @@ impl HypercallNr {
             Self::Block => "block",
             Self::Panic => "panic",
             Self::Yield => "yield",
+            Self::MmuUpdate => "mmu_update",
+            Self::FrameAlloc => "frame_alloc",
+            Self::FrameFree => "frame_free",
         }
     }
 }
@@ -245,6 +257,130 @@ impl Hypercall for Yield {
     const NR: HypercallNr = HypercallNr::Yield;
 }
 
+/// `mmu_update`: applies `count` [`MmuRequest`]s, read from the array at
+/// guest-physical `requests`, to the guest's page tables, in order.
+///
+/// The batch is validated as a whole before anything is applied: either
+/// every request takes effect and the call returns `count`, or none does
+/// and the call fails with the first refused request's error, its index in
+/// `error_index`. When the call returns, every change is visible to the
+/// guest (no stale translation survives it).
+///
+/// Rules: addresses page-aligned; `vaddr` in [`MMU_VADDR_START`]`..`
+/// [`MMU_VADDR_END`] (the host-reserved areas below it are never touched,
+/// and the page-table frames are never mapped at all); `frame` one of the
+/// guest's own frames (`IMAGE_BASE..mem_size`, not given back with
+/// `frame_free`); `flags` only [`MMU_WRITE`] and [`MMU_EXEC`]. `map` over
+/// a mapped address replaces the mapping; `unmap` and `protect` need a
+/// mapped address. Every mapping is user-accessible. Failures: `Invalid`
+/// (alignment, op, flags, count over [`MMU_BATCH_MAX`], unmapped
+/// address), `Denied` (a frame or address that is not the guest's),
+/// `LimitExceeded` (the host's page-table frames are used up), `Fault`
+/// (the array is not in guest memory).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct MmuUpdate {
+    /// Guest-physical address of `count` [`MmuRequest`]s (8-byte aligned).
+    pub requests: u64,
+    /// Number of requests, at most [`MMU_BATCH_MAX`].
+    pub count: u32,
+    /// Must be zero.
+    pub _pad: u32,
+    /// Out: index of the refused request; `u64::MAX` when none was.
+    pub error_index: u64,
+}
+const _: () = assert!(size_of::<MmuUpdate>() == 24);
+const _: () = assert!(offset_of!(MmuUpdate, count) == 8);
+const _: () = assert!(offset_of!(MmuUpdate, error_index) == 16);
+impl Hypercall for MmuUpdate {
+    const NR: HypercallNr = HypercallNr::MmuUpdate;
+}
+
+/// One page-table change in an [`MmuUpdate`] batch.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct MmuRequest {
+    /// [`MMU_MAP`], [`MMU_UNMAP`] or [`MMU_PROTECT`].
+    pub op: u32,
+    /// [`MMU_WRITE`] and/or [`MMU_EXEC`] (`map`, `protect`); zero for
+    /// `unmap`.
+    pub flags: u32,
+    /// The virtual address of the page.
+    pub vaddr: u64,
+    /// `map`: the guest-physical address of the frame; otherwise zero.
+    pub frame: u64,
+}
+const _: () = assert!(size_of::<MmuRequest>() == 24);
+const _: () = assert!(offset_of!(MmuRequest, vaddr) == 8);
+const _: () = assert!(offset_of!(MmuRequest, frame) == 16);
+
+/// Map `frame` at `vaddr` with `flags` (replacing any mapping there).
+pub const MMU_MAP: u32 = 1;
+/// Remove the mapping at `vaddr`.
+pub const MMU_UNMAP: u32 = 2;
+/// Change the flags of the mapping at `vaddr`.
+pub const MMU_PROTECT: u32 = 3;
+/// The page is writable.
+pub const MMU_WRITE: u32 = 1 << 0;
+/// The page is executable.
+pub const MMU_EXEC: u32 = 1 << 1;
+/// Most requests in one `mmu_update`, and most frames in one
+/// `frame_alloc` or `frame_free`.
+pub const MMU_BATCH_MAX: u32 = 512;
+/// Lowest virtual address a guest may map: below it lie the null page, the
+/// shared pages and the host's system area.
+pub const MMU_VADDR_START: u64 = crate::layout::IMAGE_BASE;
+/// End (exclusive) of the virtual addresses a guest may map: the lower
+/// half of the canonical address space.
+pub const MMU_VADDR_END: u64 = 1 << 47;
+
+/// `frame_alloc`: takes `count` zeroed frames from the guest's free frames
+/// (those it gave back with `frame_free`) and writes their guest-physical
+/// addresses into the `u64` array at `frames`. All or nothing: fails with
+/// `LimitExceeded` when fewer are free. Returns `count`.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct FrameAlloc {
+    /// Guest-physical address of a `u64` array of `count` entries.
+    pub frames: u64,
+    /// Number of frames, at most [`MMU_BATCH_MAX`].
+    pub count: u32,
+    /// Must be zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FrameAlloc>() == 16);
+impl Hypercall for FrameAlloc {
+    const NR: HypercallNr = HypercallNr::FrameAlloc;
+}
+
+/// `frame_free`: gives the `count` frames listed in the `u64` array at
+/// `frames` back to the host, which scrubs them: a frame comes back from
+/// `frame_alloc` zeroed. Each must be the guest's, mapped nowhere and not
+/// free already (`Invalid` otherwise; `Denied` for a frame that is not the
+/// guest's). All or nothing. Returns `count`.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct FrameFree {
+    /// Guest-physical address of a `u64` array of `count` entries.
+    pub frames: u64,
+    /// Number of frames, at most [`MMU_BATCH_MAX`].
+    pub count: u32,
+    /// Must be zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FrameFree>() == 16);
+impl Hypercall for FrameFree {
+    const NR: HypercallNr = HypercallNr::FrameFree;
+}
+
 /// Longest panic message or file name the host keeps.
 pub const PANIC_TEXT_MAX: u64 = 1024;
 
@@ -259,6 +395,9 @@ const _: () = assert!(WallClock::ARG_LEN <= MAX_ARG_LEN);
 const _: () = assert!(Block::ARG_LEN <= MAX_ARG_LEN);
 const _: () = assert!(Panic::ARG_LEN <= MAX_ARG_LEN);
 const _: () = assert!(Yield::ARG_LEN <= MAX_ARG_LEN);
+const _: () = assert!(MmuUpdate::ARG_LEN <= MAX_ARG_LEN);
+const _: () = assert!(FrameAlloc::ARG_LEN <= MAX_ARG_LEN);
+const _: () = assert!(FrameFree::ARG_LEN <= MAX_ARG_LEN);
 
 #[cfg(test)]
 mod tests {
@@ -269,7 +408,7 @@ mod tests {
         for call in HypercallNr::ALL {
             assert_eq!(HypercallNr::try_from(call as u32), Ok(call));
         }
-        assert_eq!(HypercallNr::try_from(7), Err(UnknownHypercall(7)));
+        assert_eq!(HypercallNr::try_from(10), Err(UnknownHypercall(10)));
         assert_eq!(
             HypercallNr::try_from(u32::MAX),
             Err(UnknownHypercall(u32::MAX))

@@ -43,6 +43,10 @@ pub mod features {
     /// The `yield` hypercall is served.
     pub const YIELD: u64 = 1 << 3;
 
+    /// The paravirtual MMU is served: `mmu_update`, `frame_alloc` and
+    /// `frame_free` ([`crate::hypercall::MmuUpdate`]).
+    pub const MMU: u64 = 1 << 4;
+
     /// Every feature this version of the ABI crate knows about.
-    pub const ALL_V1: u64 = CLOCK_PAGE | BLOCK | PRECISE_FAULTS | YIELD;
+    pub const ALL_V1: u64 = CLOCK_PAGE | BLOCK | PRECISE_FAULTS | YIELD | MMU;
 }

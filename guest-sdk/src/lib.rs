@@ -19,6 +19,8 @@
 //! }
 //! ```
 //!
+//! Pages are mapped, unmapped and protected through the host ([`mmu`]).
+//!
 //! Everything privileged goes through hypercalls ([`hypercall`]), including
 //! a raw escape hatch ([`hypercall::raw`]) for ABI experiments.
 #![cfg_attr(not(test), no_std)]
@@ -26,6 +28,7 @@
 pub mod boot;
 pub mod console;
 pub mod hypercall;
+pub mod mmu;
 pub mod time;
 
 #[cfg(not(test))]

@@ -11,6 +11,7 @@ use crate::kvm::vcpu::{Exit, VcpuError};
 use crate::kvm::vm::VmError;
 use crate::kvm::{Vcpu, Vm};
 use crate::limits::{Limit, RateWindow};
+use crate::mmu::GuestMmu;
 use crate::pool::Shell;
 use crate::stats::{ExitReason, GuestStats};
 use shoal_abi::layout::{EXCEPTION_PORT_BASE, EXCEPTION_VECTORS, HYPERCALL_PORT, NULL_EXIT_PORT};
@@ -66,6 +67,7 @@ pub struct Guest {
     console: Arc<Console>,
     stats: Arc<GuestStats>,
     exit_rate: Option<RateWindow>,
+    mmu: std::cell::RefCell<GuestMmu>,
 }
 
 /// Everything needed to create a guest.
@@ -135,6 +137,10 @@ impl Guest {
             console: parts.console,
             stats: parts.stats,
             exit_rate: parts.exit_rate.map(RateWindow::new),
+            mmu: std::cell::RefCell::new(GuestMmu::Initial {
+                tables: Arc::clone(template.tables()),
+                overlay_len: template.overlay_len(),
+            }),
         })
     }
 
@@ -204,6 +210,7 @@ impl Guest {
                     console: &self.console,
                     features: self.features,
                     stats: &self.stats,
+                    mmu: &self.mmu,
                 };
                 hypercall::dispatch(&ctx, u64::from(value))
             }

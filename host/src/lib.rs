@@ -38,6 +38,7 @@ pub mod kvm;
 pub mod limits;
 pub mod loader;
 mod local;
+pub mod mmu;
 pub mod pool;
 pub mod sched;
 pub mod shard;

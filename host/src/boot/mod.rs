@@ -82,7 +82,7 @@ pub struct Template {
     mem_size: u64,
     cpu: CpuSetup,
     boot_info: BootInfo,
-    table_frames: usize,
+    tables: std::sync::Arc<PageTables>,
 }
 
 impl Template {
@@ -168,7 +168,7 @@ impl Template {
             mem_size,
             cpu,
             boot_info,
-            table_frames: pt.frames(),
+            tables: std::sync::Arc::new(pt),
         })
     }
 
@@ -184,7 +184,18 @@ impl Template {
 
     /// Page-table frames the layout uses.
     pub fn table_frames(&self) -> usize {
-        self.table_frames
+        self.tables.frames()
+    }
+
+    /// The page tables every guest of the template starts with.
+    pub fn tables(&self) -> &std::sync::Arc<PageTables> {
+        &self.tables
+    }
+
+    /// Bytes at the start of RAM that map the template file (the rest is
+    /// anonymous memory).
+    pub fn overlay_len(&self) -> u64 {
+        self.len
     }
 
     /// Maps the template into `ram` (of the template's size, not yet run)

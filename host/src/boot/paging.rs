@@ -21,7 +21,8 @@ pub const ACCESSED: u64 = 1 << 5;
 pub const DIRTY: u64 = 1 << 6;
 /// Not executable.
 pub const NO_EXECUTE: u64 = 1 << 63;
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// The frame address bits of an entry.
+pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// Why a mapping could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -38,11 +39,13 @@ pub enum PagingError {
 }
 
 /// A guest's page tables.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct PageTables {
     root: u64,
     next_frame: u64,
     tables: BTreeMap<u64, Box<[u64; 512]>>,
+    /// Entries changed by [`PageTables::set_leaf`] and not yet written.
+    dirty: Vec<(u64, usize)>,
 }
 
 impl PageTables {
@@ -54,6 +57,7 @@ impl PageTables {
             root: PAGE_TABLE_AREA_START,
             next_frame: PAGE_TABLE_AREA_START + PAGE_SIZE,
             tables,
+            dirty: Vec::new(),
         }
     }
 
@@ -115,6 +119,95 @@ impl PageTables {
         Ok(())
     }
 
+    /// Table frames still free in the page-table area.
+    pub fn frames_left(&self) -> u64 {
+        PAGE_TABLE_AREA_END.saturating_sub(self.next_frame) / PAGE_SIZE
+    }
+
+    /// Tables a mapping at `vaddr` would have to create (0 to 3).
+    pub fn tables_needed(&self, vaddr: u64) -> u64 {
+        let mut table = self.root;
+        for (needed, level) in [39, 30, 21]
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| (3 - i, l))
+        {
+            let index = ((vaddr >> level) & 511) as usize;
+            let entry = self.tables.get(&table).map_or(0, |t| t[index]);
+            if entry & PRESENT == 0 {
+                return needed as u64;
+            }
+            table = entry & ADDR_MASK;
+        }
+        0
+    }
+
+    /// Replaces the leaf entry of `vaddr` with `entry` (0 unmaps),
+    /// creating the tables on the way if `entry` is present. Returns the
+    /// old entry and the place written: (table frame, index).
+    pub fn set_leaf(&mut self, vaddr: u64, entry: u64) -> Result<(u64, (u64, usize)), PagingError> {
+        if !vaddr.is_multiple_of(PAGE_SIZE) || vaddr >= 1 << 47 {
+            return Err(PagingError::BadAddress(vaddr));
+        }
+        let mut table = self.root;
+        for level in [39, 30, 21] {
+            let index = ((vaddr >> level) & 511) as usize;
+            let next = self.tables.get(&table).map_or(0, |t| t[index]);
+            table = if next & PRESENT != 0 {
+                next & ADDR_MASK
+            } else if entry & PRESENT == 0 {
+                return Ok((0, (table, index)));
+            } else {
+                let frame = self.alloc_table()?;
+                self.dirty.push((table, index));
+                if let Some(t) = self.tables.get_mut(&table) {
+                    t[index] = frame | PRESENT | WRITABLE | USER | ACCESSED;
+                }
+                frame
+            };
+        }
+        let index = ((vaddr >> 12) & 511) as usize;
+        let old = self.tables.get(&table).map_or(0, |t| t[index]);
+        if let Some(t) = self.tables.get_mut(&table) {
+            t[index] = entry;
+        }
+        self.dirty.push((table, index));
+        Ok((old, (table, index)))
+    }
+
+    /// Writes the entries changed since the last call into guest RAM.
+    pub fn write_dirty(&mut self, ram: &GuestRam) -> Result<(), PagingError> {
+        for (table, index) in self.dirty.drain(..) {
+            let entry = self.tables.get(&table).map_or(0, |t| t[index]);
+            ram.write_host(table + index as u64 * 8, &entry.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Every present leaf: (virtual address, entry).
+    pub fn leaves(&self) -> Vec<(u64, u64)> {
+        let mut found = Vec::new();
+        self.walk(self.root, 39, 0, &mut found);
+        found
+    }
+
+    fn walk(&self, table: u64, level: u32, base: u64, found: &mut Vec<(u64, u64)>) {
+        let Some(entries) = self.tables.get(&table) else {
+            return;
+        };
+        for (index, entry) in entries.iter().enumerate() {
+            if entry & PRESENT == 0 {
+                continue;
+            }
+            let vaddr = base | ((index as u64) << level);
+            if level == 12 {
+                found.push((vaddr, *entry));
+            } else {
+                self.walk(entry & ADDR_MASK, level - 9, vaddr, found);
+            }
+        }
+    }
+
     /// Maps `start..end` (page-aligned) to itself.
     pub fn identity(&mut self, start: u64, end: u64, flags: u64) -> Result<(), PagingError> {
         (start..end)
@@ -171,6 +264,30 @@ mod tests {
         assert_eq!(
             pt.leaf(0x10_1000),
             0x20_0000 | WRITABLE | NO_EXECUTE | PRESENT | ACCESSED | DIRTY
+        );
+    }
+
+    #[test]
+    fn set_leaf_reports_the_old_entry_and_tables_needed() {
+        let mut pt = PageTables::new();
+        assert_eq!(pt.tables_needed(0x40_0000_0000), 3);
+        let entry = 0x20_0000 | PRESENT | USER;
+        let (old, _) = pt.set_leaf(0x40_0000_0000, entry).expect("maps");
+        assert_eq!(old, 0);
+        assert_eq!(pt.frames(), 4);
+        assert_eq!(pt.tables_needed(0x40_0000_1000), 0);
+        assert_eq!(pt.tables_needed(0x40_0020_0000), 1);
+        let (old, _) = pt.set_leaf(0x40_0000_0000, 0).expect("unmaps");
+        assert_eq!(old, entry);
+        assert_eq!(pt.leaf(0x40_0000_0000), 0);
+        // Unmapping where no table exists creates none.
+        let (old, _) = pt.set_leaf(0x7f_0000_0000, 0).expect("no-op");
+        assert_eq!((old, pt.frames()), (0, 4));
+        assert_eq!(pt.leaves(), vec![]);
+        pt.map(0x10_0000, 0x10_0000, USER).expect("maps");
+        assert_eq!(
+            pt.leaves(),
+            vec![(0x10_0000, 0x10_0000 | USER | PRESENT | ACCESSED)]
         );
     }
 

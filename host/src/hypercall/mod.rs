@@ -9,6 +9,7 @@
 //! reads no guest byte twice, and adds no vCPU ioctl to the exit.
 
 mod console;
+mod mmu;
 mod system;
 mod time;
 
@@ -16,9 +17,11 @@ use crate::clock::GuestClock;
 use crate::console::Console;
 use crate::end::{Crash, GuestEnd};
 use crate::kvm::memory::GuestRam;
+use crate::mmu::GuestMmu;
 use crate::stats::GuestStats;
 use shoal_abi::hypercall::{self as abi, Hypercall, MAX_ARG_LEN};
 use shoal_abi::{HypercallError, HypercallHeader, HypercallNr};
+use std::cell::RefCell;
 use zerocopy::{FromBytes, IntoBytes};
 
 const HEADER_LEN: usize = size_of::<HypercallHeader>();
@@ -50,6 +53,8 @@ pub struct Context<'a> {
     pub features: u64,
     /// Its counters.
     pub stats: &'a GuestStats,
+    /// Its page tables and frames.
+    pub mmu: &'a RefCell<GuestMmu>,
 }
 
 /// The result of a service: the value for `ret` and what happens next.
@@ -84,6 +89,9 @@ pub fn dispatch(ctx: &Context<'_>, addr: u64) -> Flow {
         HypercallNr::Block => serve::<abi::Block>(ctx, addr, header, time::block),
         HypercallNr::Panic => serve::<abi::Panic>(ctx, addr, header, system::panic),
         HypercallNr::Yield => serve::<abi::Yield>(ctx, addr, header, system::yield_now),
+        HypercallNr::MmuUpdate => serve::<abi::MmuUpdate>(ctx, addr, header, mmu::update),
+        HypercallNr::FrameAlloc => serve::<abi::FrameAlloc>(ctx, addr, header, mmu::alloc),
+        HypercallNr::FrameFree => serve::<abi::FrameFree>(ctx, addr, header, mmu::free),
         // A number the ABI crate knows but this host does not serve yet.
         _ => finish(
             ctx,

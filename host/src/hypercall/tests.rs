@@ -14,6 +14,7 @@ struct Fixture {
     clock: GuestClock,
     console: Console,
     stats: GuestStats,
+    mmu: RefCell<GuestMmu>,
 }
 
 impl Fixture {
@@ -23,6 +24,10 @@ impl Fixture {
             clock: GuestClock::start(TscScale::from_hz(1_000_000_000), 0),
             console: Console::new(1, console_limit, None),
             stats: GuestStats::default(),
+            mmu: RefCell::new(GuestMmu::Initial {
+                tables: std::sync::Arc::default(),
+                overlay_len: 0,
+            }),
         }
     }
 
@@ -34,6 +39,7 @@ impl Fixture {
             console: &self.console,
             features: 0b101,
             stats: &self.stats,
+            mmu: &self.mmu,
         };
         dispatch(&ctx, addr)
     }

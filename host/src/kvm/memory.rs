@@ -185,6 +185,51 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Makes KVM forget every translation to guest-physical
+    /// `addr..addr + len` (page-aligned, inside RAM): the host page range
+    /// is made read-only and then writable again, and each change runs
+    /// KVM's MMU notifier, which drops the shadow entries that map those
+    /// pages. The contents stay. How the host makes a changed guest page
+    /// table visible on a shadow-paging KVM, where its own writes to the
+    /// tables are not seen (see `docs/architecture.md`).
+    pub fn forget_translations(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        self.check_host_range(addr, len)?;
+        let host = (self.mapping.addr as u64 + addr) as *mut libc::c_void;
+        for prot in [libc::PROT_READ, Mapping::PROT] {
+            // SAFETY: the range lies inside this RAM's own mapping (checked
+            // above), and only its protection changes, ending as it began;
+            // no host code touches guest RAM between the two calls, which
+            // run on the thread that runs the guest.
+            if unsafe { libc::mprotect(host, len as usize, prot) } != 0 {
+                return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives the host pages of `addr..addr + len` (page-aligned, inside
+    /// the anonymous part of RAM, past any template overlay) back to the
+    /// host kernel: they read as zero afterwards, and KVM forgets their
+    /// translations.
+    pub fn discard(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        self.check_host_range(addr, len)?;
+        let host = (self.mapping.addr as u64 + addr) as *mut libc::c_void;
+        // SAFETY: the range lies inside this RAM's own private mapping;
+        // dropping its pages only makes them read as zero.
+        if unsafe { libc::madvise(host, len as usize, libc::MADV_DONTNEED) } != 0 {
+            return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    fn check_host_range(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        let end = addr.checked_add(len).ok_or(MemoryError::HostWrite(addr))?;
+        if !addr.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) || end > self.size {
+            return Err(MemoryError::HostWrite(addr));
+        }
+        Ok(())
+    }
+
     /// RAM size in bytes.
     pub fn size(&self) -> u64 {
         self.size

@@ -31,7 +31,7 @@ fn raw(nr: u32, arg_len: u32) -> i64 {
 
 fn main() -> i32 {
     let cases = [
-        ("number 7", 7, 0, HypercallError::UnknownHypercall),
+        ("number 999", 999, 0, HypercallError::UnknownHypercall),
         (
             "number 0xdead",
             0xdead,

@@ -1,0 +1,207 @@
+//! The paravirtual MMU: the guest's page tables belong to the host, and
+//! the guest changes them by asking (`mmu_update`), in batches.
+//!
+//! ```text
+//! let mut batch = mmu::Batch::new();
+//! batch.map(0x4000_0000, frame, mmu::WRITE)?;   // queued
+//! batch.unmap(0x4000_1000)?;                    // queued
+//! batch.flush()?;                               // one exit for both
+//! ```
+//!
+//! A [`Batch`] sends itself when full, and when dropped (errors there are
+//! lost: flush explicitly to see them). Once a call returns, every change
+//! in it is visible. Frames are guest-physical page addresses of the
+//! guest's own RAM; [`alloc_frames`] hands out zeroed ones from those the
+//! guest gave back with [`free_frames`], and [`take_heap`] gives back the
+//! top of the boot heap to start that pool.
+//!
+//! Hypercalls take guest-physical addresses: the SDK passes buffers that
+//! live on the stack, which the host maps at their physical addresses.
+
+use crate::hypercall::{self, Error};
+use shoal_abi::HypercallError;
+use shoal_abi::hypercall::{
+    FrameAlloc, FrameFree, MMU_BATCH_MAX, MMU_MAP, MMU_PROTECT, MMU_UNMAP, MmuRequest, MmuUpdate,
+};
+use shoal_abi::layout::PAGE_SIZE;
+
+pub use shoal_abi::hypercall::{MMU_EXEC as EXEC, MMU_WRITE as WRITE};
+
+/// Flags of a read-only, non-executable page.
+pub const READ_ONLY: u32 = 0;
+
+/// Requests a [`Batch`] holds before it sends itself.
+pub const BATCH_LEN: usize = 64;
+
+/// A refused `mmu_update`: which request, and why. Nothing of its batch
+/// was applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// Index of the refused request in the batch (`u64::MAX`: the call as
+    /// a whole).
+    pub index: u64,
+    /// Why.
+    pub error: Error,
+}
+
+/// Applies `requests` in one hypercall: all or none. Returns how many
+/// were applied.
+pub fn update(requests: &[MmuRequest]) -> Result<usize, Refused> {
+    let mut args = MmuUpdate {
+        requests: requests.as_ptr() as u64,
+        count: requests.len() as u32,
+        _pad: 0,
+        error_index: u64::MAX,
+    };
+    match hypercall::call(&mut args) {
+        Ok(done) => Ok(done as usize),
+        Err(error) => Err(Refused {
+            index: args.error_index,
+            error,
+        }),
+    }
+}
+
+/// Page-table changes queued for one `mmu_update`.
+pub struct Batch {
+    requests: [MmuRequest; BATCH_LEN],
+    len: usize,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub const fn new() -> Self {
+        Self {
+            requests: [MmuRequest {
+                op: 0,
+                flags: 0,
+                vaddr: 0,
+                frame: 0,
+            }; BATCH_LEN],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, request: MmuRequest) -> Result<(), Refused> {
+        if self.len == BATCH_LEN {
+            self.flush()?;
+        }
+        self.requests[self.len] = request;
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Queues mapping `frame` at `vaddr` with `flags` ([`WRITE`],
+    /// [`EXEC`]), replacing any mapping there.
+    pub fn map(&mut self, vaddr: u64, frame: u64, flags: u32) -> Result<(), Refused> {
+        self.push(MmuRequest {
+            op: MMU_MAP,
+            flags,
+            vaddr,
+            frame,
+        })
+    }
+
+    /// Queues removing the mapping at `vaddr`.
+    pub fn unmap(&mut self, vaddr: u64) -> Result<(), Refused> {
+        self.push(MmuRequest {
+            op: MMU_UNMAP,
+            flags: 0,
+            vaddr,
+            frame: 0,
+        })
+    }
+
+    /// Queues changing the flags of the mapping at `vaddr`.
+    pub fn protect(&mut self, vaddr: u64, flags: u32) -> Result<(), Refused> {
+        self.push(MmuRequest {
+            op: MMU_PROTECT,
+            flags,
+            vaddr,
+            frame: 0,
+        })
+    }
+
+    /// Requests queued and not yet sent.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Sends the queued requests (if any) and empties the batch, whatever
+    /// the outcome. Returns how many were applied.
+    pub fn flush(&mut self) -> Result<usize, Refused> {
+        let len = core::mem::take(&mut self.len);
+        if len == 0 {
+            return Ok(0);
+        }
+        update(&self.requests[..len])
+    }
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
+/// Fills `frames` with zeroed frames from those given back. All or
+/// nothing: `LimitExceeded` when fewer are free.
+pub fn alloc_frames(frames: &mut [u64]) -> Result<(), Error> {
+    for chunk in frames.chunks_mut(MMU_BATCH_MAX as usize) {
+        hypercall::call(&mut FrameAlloc {
+            frames: chunk.as_mut_ptr() as u64,
+            count: chunk.len() as u32,
+            _pad: 0,
+        })?;
+    }
+    Ok(())
+}
+
+/// Gives unmapped frames back; the host scrubs them.
+pub fn free_frames(frames: &[u64]) -> Result<(), Error> {
+    for chunk in frames.chunks(MMU_BATCH_MAX as usize) {
+        hypercall::call(&mut FrameFree {
+            frames: chunk.as_ptr() as u64,
+            count: chunk.len() as u32,
+            _pad: 0,
+        })?;
+    }
+    Ok(())
+}
+
+/// Unmaps the top `pages` pages of the boot heap and gives their frames
+/// back, so that [`alloc_frames`] has frames to hand out. Returns the new
+/// end of the heap; the guest must not touch memory above it.
+pub fn take_heap(pages: u64) -> Result<u64, Error> {
+    let info = crate::boot::info();
+    let heap = info.heap_end.saturating_sub(info.heap_start) / PAGE_SIZE;
+    if pages > heap {
+        return Err(Error::Abi(HypercallError::Invalid));
+    }
+    let end = info.heap_end - pages * PAGE_SIZE;
+    let mut done = 0;
+    while done < pages {
+        let mut frames = [0u64; BATCH_LEN];
+        let n = (pages - done).min(BATCH_LEN as u64) as usize;
+        let mut batch = Batch::new();
+        for (i, frame) in frames[..n].iter_mut().enumerate() {
+            *frame = end + (done + i as u64) * PAGE_SIZE;
+            batch.unmap(*frame).map_err(|r| r.error)?;
+        }
+        batch.flush().map_err(|r| r.error)?;
+        free_frames(&frames[..n])?;
+        done += n as u64;
+    }
+    Ok(end)
+}

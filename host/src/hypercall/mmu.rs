@@ -1,0 +1,89 @@
+//! The paravirtual MMU's calls: `mmu_update`, `frame_alloc`, `frame_free`
+//! (the rules live in [`crate::mmu`]).
+
+use super::{Context, Flow, Served};
+use crate::end::{Crash, GuestEnd};
+use crate::mmu::MmuFailure;
+use shoal_abi::HypercallError;
+use shoal_abi::hypercall::{FrameAlloc, FrameFree, MMU_BATCH_MAX, MmuRequest, MmuUpdate};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// A host failure while applying checked changes ends the guest: its
+/// tables may be half-written.
+fn failed(e: MmuFailure) -> Served {
+    Ok((
+        0,
+        Flow::End(GuestEnd::Crashed(Crash::Internal(e.to_string()))),
+    ))
+}
+
+/// Copies `count` items of `T` from the guest array at `addr`.
+fn read_array<T: FromBytes + Copy>(
+    ctx: &Context<'_>,
+    addr: u64,
+    count: u32,
+) -> Result<Vec<T>, HypercallError> {
+    if count > MMU_BATCH_MAX {
+        return Err(HypercallError::Invalid);
+    }
+    let mut bytes = vec![0u8; count as usize * size_of::<T>()];
+    ctx.ram
+        .read_guest(addr, &mut bytes)
+        .map_err(|_| HypercallError::Fault)?;
+    Ok(bytes
+        .chunks_exact(size_of::<T>())
+        .filter_map(|chunk| T::read_from_bytes(chunk).ok())
+        .collect())
+}
+
+/// `mmu_update`.
+pub fn update(ctx: &Context<'_>, args: &mut MmuUpdate) -> Served {
+    args.error_index = u64::MAX;
+    if args._pad != 0 {
+        return Err(HypercallError::ReservedNotZero);
+    }
+    let requests: Vec<MmuRequest> = read_array(ctx, args.requests, args.count)?;
+    let mut mmu = ctx.mmu.borrow_mut();
+    match mmu.active(ctx.ram.size()).update(ctx.ram, &requests) {
+        Ok(Ok(done)) => Ok((done as i64, Flow::Resume)),
+        Ok(Err(refused)) => {
+            args.error_index = refused.index as u64;
+            Err(refused.error)
+        }
+        Err(e) => failed(e),
+    }
+}
+
+/// `frame_alloc`.
+pub fn alloc(ctx: &Context<'_>, args: &mut FrameAlloc) -> Served {
+    if args._pad != 0 {
+        return Err(HypercallError::ReservedNotZero);
+    }
+    if args.count > MMU_BATCH_MAX {
+        return Err(HypercallError::Invalid);
+    }
+    let len = u64::from(args.count) * 8;
+    ctx.ram
+        .check_guest(args.frames, len)
+        .map_err(|_| HypercallError::Fault)?;
+    let mut mmu = ctx.mmu.borrow_mut();
+    let frames = mmu.active(ctx.ram.size()).alloc(args.count as usize)?;
+    ctx.ram
+        .write_guest(args.frames, frames.as_bytes())
+        .map_err(|_| HypercallError::Fault)?;
+    Ok((i64::from(args.count), Flow::Resume))
+}
+
+/// `frame_free`.
+pub fn free(ctx: &Context<'_>, args: &mut FrameFree) -> Served {
+    if args._pad != 0 {
+        return Err(HypercallError::ReservedNotZero);
+    }
+    let frames: Vec<u64> = read_array(ctx, args.frames, args.count)?;
+    let mut mmu = ctx.mmu.borrow_mut();
+    match mmu.active(ctx.ram.size()).give_back(ctx.ram, &frames) {
+        Ok(Ok(())) => Ok((i64::from(args.count), Flow::Resume)),
+        Ok(Err(error)) => Err(error),
+        Err(e) => failed(e),
+    }
+}

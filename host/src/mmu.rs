@@ -1,0 +1,516 @@
+//! The paravirtual MMU: a guest changes its page tables only by asking
+//! the host (`mmu_update`), Xen-PV style, and takes and gives back frames
+//! (`frame_alloc`, `frame_free`).
+//!
+//! The host keeps its own copy of the guest's tables (the template's,
+//! copied on the guest's first call) and a count of the mappings of every
+//! guest frame. A batch is checked whole against the rules before any of
+//! it is applied; then the host edits its copy, writes the changed entries
+//! into the guest's table frames, and makes KVM forget the translations
+//! that the change took away.
+//!
+//! Visibility on a shadow-paging KVM: KVM does not see the host's own
+//! writes to guest page tables, so a shadow entry for a page whose mapping
+//! was removed or changed would survive. The host makes KVM drop every
+//! shadow entry that points at the *old* frame, through the MMU notifier
+//! (an `mprotect` round trip on the frame's host page). New mappings need
+//! nothing: a not-present entry is never cached, so the guest's first
+//! access faults into KVM, which reads the new entry. Widened permissions
+//! need nothing either: the stale, narrower entry faults and KVM re-reads.
+//! On hardware KVM (EPT/NPT) the same notifier call flushes the guest's
+//! TLB for those frames.
+
+use crate::boot::paging::{
+    ACCESSED, ADDR_MASK, DIRTY, NO_EXECUTE, PRESENT, PageTables, PagingError, USER, WRITABLE,
+};
+use crate::kvm::memory::{GuestRam, MemoryError};
+use shoal_abi::HypercallError;
+use shoal_abi::hypercall::{
+    MMU_BATCH_MAX, MMU_EXEC, MMU_MAP, MMU_PROTECT, MMU_UNMAP, MMU_VADDR_END, MMU_VADDR_START,
+    MMU_WRITE, MmuRequest,
+};
+use shoal_abi::layout::{IMAGE_BASE, PAGE_SIZE};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+/// A refused request: its index in the batch and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// Index of the request (0 for a whole-call error).
+    pub index: usize,
+    /// The error code the guest gets.
+    pub error: HypercallError,
+}
+
+/// The host failed to apply a checked batch (a host bug or the host out
+/// of memory): the guest cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum MmuFailure {
+    /// Editing the tables failed.
+    #[error("page-table update failed: {0}")]
+    Paging(#[from] PagingError),
+    /// Changing the host mapping of guest RAM failed.
+    #[error("page-table update failed: {0}")]
+    Memory(#[from] MemoryError),
+}
+
+/// A guest's MMU state: the template's tables until the guest first asks
+/// for a change, then its own.
+#[derive(Debug)]
+pub enum GuestMmu {
+    /// Untouched since boot: the template's tables.
+    Initial {
+        /// The template's tables.
+        tables: Arc<PageTables>,
+        /// Bytes of RAM mapped from the template file.
+        overlay_len: u64,
+    },
+    /// The guest's own tables and frames.
+    Active(Box<Mmu>),
+}
+
+impl GuestMmu {
+    /// The guest's state, set up on first use.
+    pub fn active(&mut self, mem_size: u64) -> &mut Mmu {
+        if let GuestMmu::Initial {
+            tables,
+            overlay_len,
+        } = self
+        {
+            *self = GuestMmu::Active(Box::new(Mmu::new(
+                PageTables::clone(tables),
+                *overlay_len,
+                mem_size,
+            )));
+        }
+        match self {
+            GuestMmu::Active(mmu) => mmu,
+            GuestMmu::Initial { .. } => unreachable!("made active above"),
+        }
+    }
+}
+
+/// Mapping count of a frame given back with `frame_free`.
+const FREE: u32 = u32::MAX;
+
+/// A guest's own page tables and frames.
+#[derive(Debug)]
+pub struct Mmu {
+    tables: PageTables,
+    /// Mappings of each frame `IMAGE_BASE..mem_size`, or [`FREE`].
+    maps: Vec<u32>,
+    /// Frames given back, oldest first.
+    free: VecDeque<u64>,
+    overlay_len: u64,
+}
+
+/// What one checked request does.
+struct Change {
+    vaddr: u64,
+    entry: Entry,
+}
+
+/// The new leaf: a whole entry, none, or the old frame with new flag bits.
+enum Entry {
+    Map(u64),
+    Unmap,
+    Protect(u64),
+}
+
+impl Mmu {
+    fn new(tables: PageTables, overlay_len: u64, mem_size: u64) -> Self {
+        let frames = mem_size.saturating_sub(IMAGE_BASE) / PAGE_SIZE;
+        let mut mmu = Self {
+            tables,
+            maps: vec![0; frames as usize],
+            free: VecDeque::new(),
+            overlay_len,
+        };
+        for (_, entry) in mmu.tables.leaves() {
+            if let Some(slot) = mmu.slot(entry & ADDR_MASK) {
+                mmu.maps[slot] += 1;
+            }
+        }
+        mmu
+    }
+
+    /// The index of guest frame `frame` in `maps`, if it is one.
+    fn slot(&self, frame: u64) -> Option<usize> {
+        let index = frame.checked_sub(IMAGE_BASE)? / PAGE_SIZE;
+        (frame.is_multiple_of(PAGE_SIZE) && index < self.maps.len() as u64)
+            .then_some(index as usize)
+    }
+
+    /// Frames given back and not taken again.
+    pub fn free_frames(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Checks `requests` whole, then applies them, writes the changed
+    /// entries into `ram` and drops stale translations. Returns the
+    /// number applied.
+    pub fn update(
+        &mut self,
+        ram: &GuestRam,
+        requests: &[MmuRequest],
+    ) -> Result<Result<usize, Refused>, MmuFailure> {
+        let changes = match self.check(requests) {
+            Ok(changes) => changes,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        let mut stale = Vec::new();
+        for change in &changes {
+            let old = self.tables.leaf(change.vaddr);
+            let new = match change.entry {
+                Entry::Map(entry) => entry,
+                Entry::Unmap => 0,
+                Entry::Protect(flags) => (old & ADDR_MASK) | flags,
+            };
+            self.tables.set_leaf(change.vaddr, new)?;
+            if new & PRESENT != 0
+                && let Some(slot) = self.slot(new & ADDR_MASK)
+            {
+                self.maps[slot] += 1;
+            }
+            if old & PRESENT != 0 {
+                if let Some(slot) = self.slot(old & ADDR_MASK) {
+                    self.maps[slot] -= 1;
+                }
+                if takes_away(old, new) {
+                    stale.push(old & ADDR_MASK);
+                }
+            }
+        }
+        self.tables.write_dirty(ram)?;
+        for (start, len) in runs(stale) {
+            ram.forget_translations(start, len)?;
+        }
+        Ok(Ok(changes.len()))
+    }
+
+    /// Checks every request against the rules and the state the earlier
+    /// requests of the batch leave.
+    fn check(&self, requests: &[MmuRequest]) -> Result<Vec<Change>, Refused> {
+        let whole = |error| Refused { index: 0, error };
+        if requests.len() > MMU_BATCH_MAX as usize {
+            return Err(whole(HypercallError::Invalid));
+        }
+        // Addresses the batch maps (true) or unmaps (false) before a request.
+        let mut mapped: HashMap<u64, bool> = HashMap::new();
+        let mut new_tables: HashSet<(u32, u64)> = HashSet::new();
+        let mut changes = Vec::with_capacity(requests.len());
+        for (index, request) in requests.iter().enumerate() {
+            let refuse = |error| Refused { index, error };
+            let vaddr = request.vaddr;
+            if !vaddr.is_multiple_of(PAGE_SIZE) {
+                return Err(refuse(HypercallError::Invalid));
+            }
+            if !(MMU_VADDR_START..MMU_VADDR_END).contains(&vaddr) {
+                return Err(refuse(HypercallError::Denied));
+            }
+            let is_mapped = *mapped
+                .entry(vaddr)
+                .or_insert_with(|| self.tables.leaf(vaddr) & PRESENT != 0);
+            let entry = match request.op {
+                MMU_MAP => {
+                    let flags = leaf_flags(request.flags).ok_or(refuse(HypercallError::Invalid))?;
+                    let frame = request.frame;
+                    if !frame.is_multiple_of(PAGE_SIZE) {
+                        return Err(refuse(HypercallError::Invalid));
+                    }
+                    match self.slot(frame) {
+                        Some(slot) if self.maps[slot] != FREE => {}
+                        _ => return Err(refuse(HypercallError::Denied)),
+                    }
+                    let needed = self.tables.tables_needed(vaddr);
+                    for level in [39, 30, 21].into_iter().skip(3 - needed as usize) {
+                        new_tables.insert((level, vaddr >> level));
+                    }
+                    if new_tables.len() as u64 > self.tables.frames_left() {
+                        return Err(refuse(HypercallError::LimitExceeded));
+                    }
+                    mapped.insert(vaddr, true);
+                    Entry::Map(frame | flags)
+                }
+                MMU_UNMAP if request.flags == 0 && request.frame == 0 && is_mapped => {
+                    mapped.insert(vaddr, false);
+                    Entry::Unmap
+                }
+                MMU_PROTECT if request.frame == 0 && is_mapped => {
+                    let flags = leaf_flags(request.flags).ok_or(refuse(HypercallError::Invalid))?;
+                    Entry::Protect(flags)
+                }
+                _ => return Err(refuse(HypercallError::Invalid)),
+            };
+            changes.push(Change { vaddr, entry });
+        }
+        Ok(changes)
+    }
+
+    /// Takes `count` free frames, zeroed, oldest given back first.
+    pub fn alloc(&mut self, count: usize) -> Result<Vec<u64>, HypercallError> {
+        if count > MMU_BATCH_MAX as usize {
+            return Err(HypercallError::Invalid);
+        }
+        if count > self.free.len() {
+            return Err(HypercallError::LimitExceeded);
+        }
+        let frames: Vec<u64> = self.free.drain(..count).collect();
+        for frame in &frames {
+            if let Some(slot) = self.slot(*frame) {
+                self.maps[slot] = 0;
+            }
+        }
+        Ok(frames)
+    }
+
+    /// Checks that `frames` may all be given back, then scrubs them and
+    /// makes them free.
+    pub fn give_back(
+        &mut self,
+        ram: &GuestRam,
+        frames: &[u64],
+    ) -> Result<Result<(), HypercallError>, MmuFailure> {
+        if frames.len() > MMU_BATCH_MAX as usize {
+            return Ok(Err(HypercallError::Invalid));
+        }
+        let mut seen = HashSet::with_capacity(frames.len());
+        for frame in frames {
+            let Some(slot) = self.slot(*frame) else {
+                return Ok(Err(if frame.is_multiple_of(PAGE_SIZE) {
+                    HypercallError::Denied
+                } else {
+                    HypercallError::Invalid
+                }));
+            };
+            if self.maps[slot] != 0 || !seen.insert(*frame) {
+                return Ok(Err(HypercallError::Invalid));
+            }
+        }
+        let zeros = [0u8; PAGE_SIZE as usize];
+        let (shared, anonymous): (Vec<u64>, Vec<u64>) =
+            frames.iter().partition(|f| **f < self.overlay_len);
+        for frame in shared {
+            // Dropping a copy-on-write page would bring the template's
+            // contents back: overwrite it instead.
+            ram.write_host(frame, &zeros)?;
+        }
+        for (start, len) in runs(anonymous) {
+            ram.discard(start, len)?;
+        }
+        for frame in frames {
+            if let Some(slot) = self.slot(*frame) {
+                self.maps[slot] = FREE;
+            }
+            self.free.push_back(*frame);
+        }
+        Ok(Ok(()))
+    }
+}
+
+/// The leaf bits for ABI `flags`, if they are all known.
+fn leaf_flags(flags: u32) -> Option<u64> {
+    if flags & !(MMU_WRITE | MMU_EXEC) != 0 {
+        return None;
+    }
+    let mut bits = PRESENT | USER | ACCESSED;
+    if flags & MMU_WRITE != 0 {
+        bits |= WRITABLE | DIRTY;
+    }
+    if flags & MMU_EXEC == 0 {
+        bits |= NO_EXECUTE;
+    }
+    Some(bits)
+}
+
+/// Whether replacing leaf `old` (present) with `new` takes away a
+/// translation or a permission a cached entry may still grant.
+fn takes_away(old: u64, new: u64) -> bool {
+    new & PRESENT == 0
+        || new & ADDR_MASK != old & ADDR_MASK
+        || (old & WRITABLE != 0 && new & WRITABLE == 0)
+        || (old & NO_EXECUTE == 0 && new & NO_EXECUTE != 0)
+}
+
+/// Frames sorted and merged into contiguous (start, length) runs.
+fn runs(mut frames: Vec<u64>) -> Vec<(u64, u64)> {
+    frames.sort_unstable();
+    frames.dedup();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for frame in frames {
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == frame => *len += PAGE_SIZE,
+            _ => runs.push((frame, PAGE_SIZE)),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEM: u64 = 4 << 20;
+
+    fn mmu() -> (Mmu, GuestRam) {
+        let mut tables = PageTables::new();
+        tables
+            .identity(IMAGE_BASE, IMAGE_BASE + 4 * PAGE_SIZE, USER | WRITABLE)
+            .expect("maps");
+        (Mmu::new(tables, 0, MEM), GuestRam::new(MEM).expect("maps"))
+    }
+
+    fn request(op: u32, flags: u32, vaddr: u64, frame: u64) -> MmuRequest {
+        MmuRequest {
+            op,
+            flags,
+            vaddr,
+            frame,
+        }
+    }
+
+    #[test]
+    fn initial_mappings_are_counted() {
+        let (mmu, _ram) = mmu();
+        assert_eq!(mmu.maps[..5], [1, 1, 1, 1, 0]);
+    }
+
+    #[test]
+    fn a_refused_request_leaves_the_whole_batch_unapplied() {
+        let (mut mmu, ram) = mmu();
+        let v = 0x4000_0000;
+        let batch = [
+            request(MMU_MAP, MMU_WRITE, v, IMAGE_BASE),
+            request(MMU_MAP, 0, v + PAGE_SIZE, 0x3000),
+        ];
+        let got = mmu.update(&ram, &batch).expect("no host failure");
+        assert_eq!(
+            got,
+            Err(Refused {
+                index: 1,
+                error: HypercallError::Denied
+            })
+        );
+        assert_eq!(mmu.tables.leaf(v), 0);
+        assert_eq!(mmu.maps[0], 1);
+    }
+
+    #[test]
+    fn map_unmap_protect_update_entries_and_counts() {
+        let (mut mmu, ram) = mmu();
+        let v = 0x4000_0000;
+        let batch = [
+            request(MMU_MAP, MMU_WRITE, v, IMAGE_BASE + 4 * PAGE_SIZE),
+            request(MMU_PROTECT, 0, v, 0),
+            request(MMU_MAP, MMU_EXEC, v + PAGE_SIZE, IMAGE_BASE),
+            request(MMU_UNMAP, 0, IMAGE_BASE + PAGE_SIZE, 0),
+        ];
+        assert_eq!(mmu.update(&ram, &batch).expect("applies"), Ok(4));
+        let leaf = mmu.tables.leaf(v);
+        assert_eq!(leaf & ADDR_MASK, IMAGE_BASE + 4 * PAGE_SIZE);
+        assert_eq!(leaf & (WRITABLE | NO_EXECUTE), NO_EXECUTE);
+        assert_eq!(mmu.tables.leaf(v + PAGE_SIZE) & NO_EXECUTE, 0);
+        assert_eq!(mmu.maps[..5], [2, 0, 1, 1, 1]);
+        // The entries reached guest RAM.
+        let mut bytes = [0u8; 8];
+        let (_, (table, index)) = mmu.tables.set_leaf(v, leaf).expect("same entry");
+        ram.read_host(table + index as u64 * 8, &mut bytes)
+            .expect("reads");
+        assert_eq!(u64::from_le_bytes(bytes), leaf);
+    }
+
+    #[test]
+    fn rules_refuse_what_is_not_the_guests() {
+        let (mut mmu, ram) = mmu();
+        let v = 0x4000_0000;
+        let cases = [
+            (request(MMU_MAP, 0, v, 0x1_0000), HypercallError::Denied),
+            (request(MMU_MAP, 0, v, MEM), HypercallError::Denied),
+            (
+                request(MMU_MAP, 0, 0x2000, IMAGE_BASE),
+                HypercallError::Denied,
+            ),
+            (
+                request(MMU_MAP, 0, 1 << 47, IMAGE_BASE),
+                HypercallError::Denied,
+            ),
+            (
+                request(MMU_MAP, 0, v + 1, IMAGE_BASE),
+                HypercallError::Invalid,
+            ),
+            (
+                request(MMU_MAP, 0, v, IMAGE_BASE + 1),
+                HypercallError::Invalid,
+            ),
+            (request(MMU_MAP, 4, v, IMAGE_BASE), HypercallError::Invalid),
+            (request(MMU_UNMAP, 0, v, 0), HypercallError::Invalid),
+            (request(MMU_PROTECT, 0, v, 0), HypercallError::Invalid),
+            (request(9, 0, v, 0), HypercallError::Invalid),
+        ];
+        for (req, error) in cases {
+            let got = mmu.update(&ram, &[req]).expect("no host failure");
+            assert_eq!(got, Err(Refused { index: 0, error }), "{req:?}");
+        }
+        let too_many = vec![request(MMU_UNMAP, 0, v, 0); MMU_BATCH_MAX as usize + 1];
+        assert!(mmu.update(&ram, &too_many).expect("no failure").is_err());
+    }
+
+    #[test]
+    fn table_frames_running_out_is_a_limit() {
+        let (mut mmu, ram) = mmu();
+        // Each 1 GiB apart: two new tables each, until the area is full.
+        let batch: Vec<MmuRequest> = (0..200)
+            .map(|i| request(MMU_MAP, 0, (1 + i) << 30, IMAGE_BASE))
+            .collect();
+        let got = mmu.update(&ram, &batch).expect("no host failure");
+        assert!(matches!(
+            got,
+            Err(Refused {
+                error: HypercallError::LimitExceeded,
+                ..
+            })
+        ));
+        assert_eq!(mmu.maps[0], 1, "nothing applied");
+    }
+
+    #[test]
+    fn frames_given_back_come_back_zeroed_and_only_when_unmapped() {
+        let (mut mmu, ram) = mmu();
+        let frame = IMAGE_BASE + 2 * PAGE_SIZE;
+        assert_eq!(
+            mmu.give_back(&ram, &[frame]).expect("no failure"),
+            Err(HypercallError::Invalid),
+            "still mapped"
+        );
+        ram.write_host(frame, b"secret").expect("writes");
+        let unmap = [request(MMU_UNMAP, 0, frame, 0)];
+        assert_eq!(mmu.update(&ram, &unmap).expect("applies"), Ok(1));
+        assert_eq!(
+            mmu.give_back(&ram, &[frame, frame]).expect("no failure"),
+            Err(HypercallError::Invalid),
+            "twice in one batch"
+        );
+        assert_eq!(mmu.give_back(&ram, &[frame]).expect("frees"), Ok(()));
+        assert_eq!(
+            mmu.give_back(&ram, &[frame]).expect("no failure"),
+            Err(HypercallError::Invalid),
+            "already free"
+        );
+        let map = [request(MMU_MAP, 0, frame, frame)];
+        assert!(mmu.update(&ram, &map).expect("no failure").is_err());
+        assert_eq!(mmu.alloc(2), Err(HypercallError::LimitExceeded));
+        assert_eq!(mmu.alloc(1), Ok(vec![frame]));
+        let mut bytes = [1u8; 6];
+        ram.read_host(frame, &mut bytes).expect("reads");
+        assert_eq!(bytes, [0; 6]);
+        assert_eq!(mmu.update(&ram, &map).expect("applies"), Ok(1));
+    }
+
+    #[test]
+    fn runs_merge_neighbours() {
+        assert_eq!(
+            runs(vec![0x3000, 0x1000, 0x2000, 0x2000, 0x9000]),
+            vec![(0x1000, 0x3000), (0x9000, 0x1000)]
+        );
+    }
+}
