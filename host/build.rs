@@ -47,6 +47,10 @@ const GUESTS: &[(&str, &str)] = &[
     ),
     ("privileged", "hostile: executes hlt at CPL3"),
     (
+        "mmu-attack",
+        "hostile: page-table requests the rules forbid (exhaust: runs out of table frames)",
+    ),
+    (
         "residue",
         "leaves a secret behind (write) or looks for one (check)",
     ),

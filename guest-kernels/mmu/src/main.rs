@@ -70,7 +70,10 @@ fn check(remaps: usize) -> Result<(), Refused> {
         one.flush()?;
         let got = read(WINDOW);
         if got != pattern(i) {
-            println!("stale page: round {round} read {got:#x}, want {:#x}", pattern(i));
+            println!(
+                "stale page: round {round} read {got:#x}, want {:#x}",
+                pattern(i)
+            );
             return Err(refused(shoal_guest::hypercall::Error::Unknown(0)));
         }
     }
@@ -97,7 +100,7 @@ fn check(remaps: usize) -> Result<(), Refused> {
     for page in 0..64u64 {
         batch.unmap(base + page * PAGE_SIZE)?;
     }
-    write(PATTERNS + 3 * PAGE_SIZE + 8, 0x5ec2_e7);
+    write(PATTERNS + 3 * PAGE_SIZE + 8, 0x005e_c2e7);
     batch.unmap(PATTERNS + 3 * PAGE_SIZE)?;
     batch.unmap(WINDOW)?;
     batch.flush()?;
