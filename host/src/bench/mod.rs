@@ -186,8 +186,9 @@ fn builtin_image(name: &'static str) -> Result<crate::Image, BenchError> {
 }
 
 /// Benchmark groups, in the order they run.
-pub const GROUPS: [&str; 6] = [
+pub const GROUPS: [&str; 7] = [
     "hypercall",
+    "mmu",
     "spawn",
     "memory",
     "wakeup",
@@ -204,6 +205,9 @@ pub fn run_all(host: &Host, sizes: Sizes, only: &[String]) -> Result<Vec<Figure>
     let mut figures = Vec::new();
     if wanted("hypercall") {
         figures.extend(hypercall_figures(host, sizes.iterations, sizes.rounds)?);
+    }
+    if wanted("mmu") {
+        figures.extend(mmu_figures(host, sizes.rounds)?);
     }
     if wanted("spawn") {
         figures.extend(sched::spawn_figures(
@@ -245,6 +249,29 @@ pub fn run_all(host: &Host, sizes: Sizes, only: &[String]) -> Result<Vec<Figure>
         )?);
     }
     Ok(figures)
+}
+
+/// Page-table changes through `mmu_update`: a remap per call, and remaps
+/// in batches of 64, per change (each takes a mapping away, so the host
+/// drops KVM's translations of the old frame).
+fn mmu_figures(host: &Host, rounds: usize) -> Result<Vec<Figure>, BenchError> {
+    let image = builtin_image("bench")?;
+    let changes = 2048;
+    let (mut single, mut batched) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        single.push(run_guest(host, &image, "remap1", changes)?.nanos_per_op);
+        batched.push(run_guest(host, &image, "remap64", changes)?.nanos_per_op);
+    }
+    let single_us = median(single) / 1000.0;
+    Ok(vec![
+        Figure::plain("mmu_remap_single", single_us, "us"),
+        Figure::versus(
+            "mmu_remap_batched_64",
+            median(batched) / 1000.0,
+            "us",
+            single_us,
+        ),
+    ])
 }
 
 /// The hypercall path: the exit floor, a hypercall against it, a clock read.
