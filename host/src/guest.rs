@@ -137,10 +137,10 @@ impl Guest {
             console: parts.console,
             stats: parts.stats,
             exit_rate: parts.exit_rate.map(RateWindow::new),
-            mmu: std::cell::RefCell::new(GuestMmu::Initial {
-                tables: Arc::clone(template.tables()),
-                overlay_len: template.overlay_len(),
-            }),
+            mmu: std::cell::RefCell::new(GuestMmu::new(
+                Arc::clone(template.tables()),
+                template.overlay_len(),
+            )),
         })
     }
 

@@ -57,36 +57,29 @@ pub enum MmuFailure {
 /// A guest's MMU state: the template's tables until the guest first asks
 /// for a change, then its own.
 #[derive(Debug)]
-pub enum GuestMmu {
-    /// Untouched since boot: the template's tables.
-    Initial {
-        /// The template's tables.
-        tables: Arc<PageTables>,
-        /// Bytes of RAM mapped from the template file.
-        overlay_len: u64,
-    },
-    /// The guest's own tables and frames.
-    Active(Box<Mmu>),
+pub struct GuestMmu {
+    template: Arc<PageTables>,
+    overlay_len: u64,
+    own: Option<Box<Mmu>>,
 }
 
 impl GuestMmu {
-    /// The guest's state, set up on first use.
-    pub fn active(&mut self, mem_size: u64) -> &mut Mmu {
-        if let GuestMmu::Initial {
-            tables,
+    /// A guest that starts with `template`'s tables, and whose RAM maps
+    /// the template file over its first `overlay_len` bytes.
+    pub fn new(template: Arc<PageTables>, overlay_len: u64) -> Self {
+        Self {
+            template,
             overlay_len,
-        } = self
-        {
-            *self = GuestMmu::Active(Box::new(Mmu::new(
-                PageTables::clone(tables),
-                *overlay_len,
-                mem_size,
-            )));
+            own: None,
         }
-        match self {
-            GuestMmu::Active(mmu) => mmu,
-            GuestMmu::Initial { .. } => unreachable!("made active above"),
-        }
+    }
+
+    /// The guest's own state, set up on first use.
+    pub fn active(&mut self, mem_size: u64) -> &mut Mmu {
+        let (template, overlay_len) = (&self.template, self.overlay_len);
+        self.own.get_or_insert_with(|| {
+            Box::new(Mmu::new(PageTables::clone(template), overlay_len, mem_size))
+        })
     }
 }
 

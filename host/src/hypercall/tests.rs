@@ -24,10 +24,7 @@ impl Fixture {
             clock: GuestClock::start(TscScale::from_hz(1_000_000_000), 0),
             console: Console::new(1, console_limit, None),
             stats: GuestStats::default(),
-            mmu: RefCell::new(GuestMmu::Initial {
-                tables: std::sync::Arc::default(),
-                overlay_len: 0,
-            }),
+            mmu: RefCell::new(GuestMmu::new(std::sync::Arc::default(), 0)),
         }
     }
 
