@@ -92,7 +92,9 @@ impl Batch {
     }
 
     /// Queues mapping `frame` at `vaddr` with `flags` ([`WRITE`],
-    /// [`EXEC`]), replacing any mapping there.
+    /// [`EXEC`]), replacing any mapping there. Like every queuing call, it
+    /// sends the batch first if it is full; if that is refused, the error
+    /// is returned and this request is not queued.
     pub fn map(&mut self, vaddr: u64, frame: u64, flags: u32) -> Result<(), Refused> {
         self.push(MmuRequest {
             op: MMU_MAP,
@@ -182,7 +184,8 @@ pub fn free_frames(frames: &[u64]) -> Result<(), Error> {
 
 /// Unmaps the top `pages` pages of the boot heap and gives their frames
 /// back, so that [`alloc_frames`] has frames to hand out. Returns the new
-/// end of the heap; the guest must not touch memory above it.
+/// end of the heap; the guest must not touch memory above it. The heap
+/// pages must still be mapped at their own addresses, as at boot.
 pub fn take_heap(pages: u64) -> Result<u64, Error> {
     let info = crate::boot::info();
     let heap = info.heap_end.saturating_sub(info.heap_start) / PAGE_SIZE;

@@ -15,10 +15,11 @@
 //! shadow entry that points at the *old* frame, through the MMU notifier
 //! (an `mprotect` round trip on the frame's host page). New mappings need
 //! nothing: a not-present entry is never cached, so the guest's first
-//! access faults into KVM, which reads the new entry. Widened permissions
-//! need nothing either: the stale, narrower entry faults and KVM re-reads.
-//! On hardware KVM (EPT/NPT) the same notifier call flushes the guest's
-//! TLB for those frames.
+//! access faults into KVM, which reads the new entry. Every other change
+//! of a present entry, widened permissions included, drops the old
+//! frame's translations: on hardware KVM (EPT/NPT) the same notifier call
+//! flushes the guest's TLB for those frames, where a stale narrower entry
+//! could otherwise raise a spurious fault in the guest.
 
 use crate::boot::paging::{
     ACCESSED, ADDR_MASK, DIRTY, NO_EXECUTE, PRESENT, PageTables, PagingError, USER, WRITABLE,
@@ -36,7 +37,7 @@ use std::sync::Arc;
 /// A refused request: its index in the batch and why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Refused {
-    /// Index of the request (0 for a whole-call error).
+    /// Index of the request (`usize::MAX` for the call as a whole).
     pub index: usize,
     /// The error code the guest gets.
     pub error: HypercallError,
@@ -169,7 +170,12 @@ impl Mmu {
                 if let Some(slot) = self.slot(old & ADDR_MASK) {
                     self.maps[slot] -= 1;
                 }
-                if takes_away(old, new) {
+                // Any change may leave a cached translation that
+                // disagrees with the new entry. A widened permission would
+                // only fault into KVM under shadow paging, but on hardware
+                // paging the guest's TLB may keep the narrower entry and
+                // the CPU raise the fault in the guest.
+                if old != new {
                     stale.push(old & ADDR_MASK);
                 }
             }
@@ -184,7 +190,10 @@ impl Mmu {
     /// Checks every request against the rules and the state the earlier
     /// requests of the batch leave.
     fn check(&self, requests: &[MmuRequest]) -> Result<Vec<Change>, Refused> {
-        let whole = |error| Refused { index: 0, error };
+        let whole = |error| Refused {
+            index: usize::MAX,
+            error,
+        };
         if requests.len() > MMU_BATCH_MAX as usize {
             return Err(whole(HypercallError::Invalid));
         }
@@ -241,20 +250,45 @@ impl Mmu {
     }
 
     /// Takes `count` free frames, zeroed, oldest given back first.
-    pub fn alloc(&mut self, count: usize) -> Result<Vec<u64>, HypercallError> {
+    ///
+    /// The frames are scrubbed here, not only when given back: hypercall
+    /// results may have been written into a free frame since (hypercall
+    /// pointers are guest-physical and reach every guest frame).
+    pub fn alloc(
+        &mut self,
+        ram: &GuestRam,
+        count: usize,
+    ) -> Result<Result<Vec<u64>, HypercallError>, MmuFailure> {
         if count > MMU_BATCH_MAX as usize {
-            return Err(HypercallError::Invalid);
+            return Ok(Err(HypercallError::Invalid));
         }
         if count > self.free.len() {
-            return Err(HypercallError::LimitExceeded);
+            return Ok(Err(HypercallError::LimitExceeded));
         }
         let frames: Vec<u64> = self.free.drain(..count).collect();
+        self.scrub(ram, &frames)?;
         for frame in &frames {
             if let Some(slot) = self.slot(*frame) {
                 self.maps[slot] = 0;
             }
         }
-        Ok(frames)
+        Ok(Ok(frames))
+    }
+
+    /// Zeroes `frames`: anonymous RAM goes back to the host kernel (and
+    /// reads as zero); frames that map the template copy-on-write are
+    /// overwritten, since dropping them would bring the template back.
+    fn scrub(&self, ram: &GuestRam, frames: &[u64]) -> Result<(), MmuFailure> {
+        let zeros = [0u8; PAGE_SIZE as usize];
+        let (shared, anonymous): (Vec<u64>, Vec<u64>) =
+            frames.iter().partition(|f| **f < self.overlay_len);
+        for frame in shared {
+            ram.write_host(frame, &zeros)?;
+        }
+        for (start, len) in runs(anonymous) {
+            ram.discard(start, len)?;
+        }
+        Ok(())
     }
 
     /// Checks that `frames` may all be given back, then scrubs them and
@@ -280,17 +314,7 @@ impl Mmu {
                 return Ok(Err(HypercallError::Invalid));
             }
         }
-        let zeros = [0u8; PAGE_SIZE as usize];
-        let (shared, anonymous): (Vec<u64>, Vec<u64>) =
-            frames.iter().partition(|f| **f < self.overlay_len);
-        for frame in shared {
-            // Dropping a copy-on-write page would bring the template's
-            // contents back: overwrite it instead.
-            ram.write_host(frame, &zeros)?;
-        }
-        for (start, len) in runs(anonymous) {
-            ram.discard(start, len)?;
-        }
+        self.scrub(ram, frames)?;
         for frame in frames {
             if let Some(slot) = self.slot(*frame) {
                 self.maps[slot] = FREE;
@@ -314,15 +338,6 @@ fn leaf_flags(flags: u32) -> Option<u64> {
         bits |= NO_EXECUTE;
     }
     Some(bits)
-}
-
-/// Whether replacing leaf `old` (present) with `new` takes away a
-/// translation or a permission a cached entry may still grant.
-fn takes_away(old: u64, new: u64) -> bool {
-    new & PRESENT == 0
-        || new & ADDR_MASK != old & ADDR_MASK
-        || (old & WRITABLE != 0 && new & WRITABLE == 0)
-        || (old & NO_EXECUTE == 0 && new & NO_EXECUTE != 0)
 }
 
 /// Frames sorted and merged into contiguous (start, length) runs.
@@ -491,11 +506,16 @@ mod tests {
         );
         let map = [request(MMU_MAP, 0, frame, frame)];
         assert!(mmu.update(&ram, &map).expect("no failure").is_err());
-        assert_eq!(mmu.alloc(2), Err(HypercallError::LimitExceeded));
-        assert_eq!(mmu.alloc(1), Ok(vec![frame]));
-        let mut bytes = [1u8; 6];
+        assert_eq!(
+            mmu.alloc(&ram, 2).expect("no failure"),
+            Err(HypercallError::LimitExceeded)
+        );
+        // A hypercall result written into the free frame is scrubbed too.
+        ram.write_host(frame + 8, b"later").expect("writes");
+        assert_eq!(mmu.alloc(&ram, 1).expect("no failure"), Ok(vec![frame]));
+        let mut bytes = [1u8; 16];
         ram.read_host(frame, &mut bytes).expect("reads");
-        assert_eq!(bytes, [0; 6]);
+        assert_eq!(bytes, [0; 16]);
         assert_eq!(mmu.update(&ram, &map).expect("applies"), Ok(1));
     }
 

@@ -67,7 +67,14 @@ pub fn alloc(ctx: &Context<'_>, args: &mut FrameAlloc) -> Served {
         .check_guest(args.frames, len)
         .map_err(|_| HypercallError::Fault)?;
     let mut mmu = ctx.mmu.borrow_mut();
-    let frames = mmu.active(ctx.ram.size()).alloc(args.count as usize)?;
+    let frames = match mmu
+        .active(ctx.ram.size())
+        .alloc(ctx.ram, args.count as usize)
+    {
+        Ok(Ok(frames)) => frames,
+        Ok(Err(error)) => return Err(error),
+        Err(e) => return failed(e),
+    };
     ctx.ram
         .write_guest(args.frames, frames.as_bytes())
         .map_err(|_| HypercallError::Fault)?;

@@ -195,16 +195,28 @@ impl GuestRam {
     pub fn forget_translations(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
         self.check_host_range(addr, len)?;
         let host = (self.mapping.addr as u64 + addr) as *mut libc::c_void;
-        for prot in [libc::PROT_READ, Mapping::PROT] {
-            // SAFETY: the range lies inside this RAM's own mapping (checked
-            // above), and only its protection changes, ending as it began;
-            // no host code touches guest RAM between the two calls, which
-            // run on the thread that runs the guest.
-            if unsafe { libc::mprotect(host, len as usize, prot) } != 0 {
-                return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
+        // SAFETY: the range lies inside this RAM's own mapping (checked
+        // above), and only its protection changes, ending as it began; no
+        // host code touches guest RAM between this call and the one that
+        // restores it, both on the thread that runs the guest.
+        if unsafe { libc::mprotect(host, len as usize, libc::PROT_READ) } != 0 {
+            return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
+        }
+        // Restoring the protection merges the range back, so it cannot run
+        // out of mappings; should it fail anyway, guest RAM stays
+        // read-only and the host's next write to it would fault the whole
+        // process. Retry, then stop rather than risk that.
+        for _ in 0..3 {
+            // SAFETY: as above.
+            if unsafe { libc::mprotect(host, len as usize, Mapping::PROT) } == 0 {
+                return Ok(());
             }
         }
-        Ok(())
+        tracing::error!(
+            error = %std::io::Error::last_os_error(),
+            "cannot make guest RAM writable again; aborting"
+        );
+        std::process::abort()
     }
 
     /// Gives the host pages of `addr..addr + len` (page-aligned, inside
