@@ -157,8 +157,9 @@ impl Drop for Batch {
     }
 }
 
-/// Fills `frames` with zeroed frames from those given back. All or
-/// nothing: `LimitExceeded` when fewer are free.
+/// Fills `frames` with zeroed frames from those given back, one call per
+/// 512. Each call is all or nothing (`LimitExceeded` when fewer are free);
+/// on an error, frames filled by earlier calls stay taken.
 pub fn alloc_frames(frames: &mut [u64]) -> Result<(), Error> {
     for chunk in frames.chunks_mut(MMU_BATCH_MAX as usize) {
         hypercall::call(&mut FrameAlloc {

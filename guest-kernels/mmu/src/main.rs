@@ -14,6 +14,7 @@
 #![no_main]
 
 use shoal_guest::abi::layout::PAGE_SIZE;
+use shoal_guest::hypercall::Error;
 use shoal_guest::mmu::{self, Batch, Refused, WRITE};
 use shoal_guest::{boot, println};
 
@@ -41,14 +42,32 @@ fn pattern(i: usize) -> u64 {
     0x5eed_0000_0000_0000 | i as u64
 }
 
-fn check(remaps: usize) -> Result<(), Refused> {
-    let refused = |error| Refused {
-        index: u64::MAX,
-        error,
-    };
-    mmu::take_heap(POOL as u64).map_err(refused)?;
+/// Why `check` stopped.
+enum Failed {
+    /// A batch was refused.
+    Refused(Refused),
+    /// A frame call failed.
+    Call(Error),
+    /// An effect was wrong (printed where it was seen).
+    Wrong,
+}
+
+impl From<Refused> for Failed {
+    fn from(refused: Refused) -> Self {
+        Failed::Refused(refused)
+    }
+}
+
+impl From<Error> for Failed {
+    fn from(error: Error) -> Self {
+        Failed::Call(error)
+    }
+}
+
+fn check(remaps: usize) -> Result<(), Failed> {
+    mmu::take_heap(POOL as u64)?;
     let mut frames = [0u64; 4];
-    mmu::alloc_frames(&mut frames).map_err(refused)?;
+    mmu::alloc_frames(&mut frames)?;
     let mut batch = Batch::new();
     for (i, frame) in frames.iter().enumerate() {
         batch.map(PATTERNS + i as u64 * PAGE_SIZE, *frame, WRITE)?;
@@ -58,7 +77,7 @@ fn check(remaps: usize) -> Result<(), Refused> {
         let page = PATTERNS + i as u64 * PAGE_SIZE;
         if read(page) != 0 || read(page + PAGE_SIZE - 8) != 0 {
             println!("frame {i} did not come back zeroed");
-            return Err(refused(shoal_guest::hypercall::Error::Unknown(0)));
+            return Err(Failed::Wrong);
         }
         write(page, pattern(i));
     }
@@ -74,7 +93,7 @@ fn check(remaps: usize) -> Result<(), Refused> {
                 "stale page: round {round} read {got:#x}, want {:#x}",
                 pattern(i)
             );
-            return Err(refused(shoal_guest::hypercall::Error::Unknown(0)));
+            return Err(Failed::Wrong);
         }
     }
     println!("remapped {remaps} times, never stale");
@@ -93,7 +112,7 @@ fn check(remaps: usize) -> Result<(), Refused> {
         let got = read(base + page * PAGE_SIZE);
         if got != pattern(page as usize % 4) {
             println!("batched page {page} read {got:#x}");
-            return Err(refused(shoal_guest::hypercall::Error::Unknown(0)));
+            return Err(Failed::Wrong);
         }
     }
     // Unmap all of them again and give frame 3 back with a secret in it.
@@ -104,16 +123,16 @@ fn check(remaps: usize) -> Result<(), Refused> {
     batch.unmap(PATTERNS + 3 * PAGE_SIZE)?;
     batch.unmap(WINDOW)?;
     batch.flush()?;
-    mmu::free_frames(&frames[3..]).map_err(refused)?;
+    mmu::free_frames(&frames[3..])?;
     // Take every free frame: none may hold the secret.
     let mut all = [0u64; POOL - 3];
-    mmu::alloc_frames(&mut all).map_err(refused)?;
+    mmu::alloc_frames(&mut all)?;
     for frame in all {
         batch.map(WINDOW, frame, 0)?;
         batch.flush()?;
         if read(WINDOW + 8) != 0 {
             println!("frame {frame:#x} came back with data in it");
-            return Err(refused(shoal_guest::hypercall::Error::Unknown(0)));
+            return Err(Failed::Wrong);
         }
     }
     println!("batch of 64 and scrubbed frames ok");
@@ -164,8 +183,16 @@ fn main() -> i32 {
                     println!("mmu ok");
                     0
                 }
-                Err(e) => {
-                    println!("mmu failed: {e:?}");
+                Err(Failed::Refused(refused)) => {
+                    println!("mmu failed: batch refused: {refused:?}");
+                    1
+                }
+                Err(Failed::Call(error)) => {
+                    println!("mmu failed: frame call: {error:?}");
+                    1
+                }
+                Err(Failed::Wrong) => {
+                    println!("mmu failed");
                     1
                 }
             }

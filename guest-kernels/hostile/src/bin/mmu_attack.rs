@@ -68,68 +68,69 @@ fn attacks() -> u32 {
     let info = boot::info();
     let mem = info.mem_size;
     let heap = info.heap_start;
-    let one = |name, request, error| expect(name, mmu::update(&[request]), 0, error);
+    let unmap_v = MmuRequest {
+        op: MMU_UNMAP,
+        flags: 0,
+        vaddr: V,
+        frame: 0,
+    };
+    let cases = [
+        (
+            "map a page-table frame",
+            map(V, PAGE_TABLE_AREA_START, MMU_WRITE),
+            HypercallError::Denied,
+        ),
+        (
+            "map the boot info frame",
+            map(V, BOOT_INFO_PAGE, MMU_WRITE),
+            HypercallError::Denied,
+        ),
+        (
+            "map the host's system area",
+            map(V, SYSTEM_AREA_START, 0),
+            HypercallError::Denied,
+        ),
+        (
+            "map a frame past the end of memory",
+            map(V, mem, 0),
+            HypercallError::Denied,
+        ),
+        (
+            "map over the clock page",
+            map(CLOCK_PAGE, heap, MMU_WRITE),
+            HypercallError::Denied,
+        ),
+        (
+            "map at the null page",
+            map(0, heap, MMU_WRITE),
+            HypercallError::Denied,
+        ),
+        (
+            "map at a non-canonical address",
+            map(1 << 47, heap, 0),
+            HypercallError::Denied,
+        ),
+        (
+            "map in the kernel half",
+            map(0xffff_8000_0000_0000, heap, 0),
+            HypercallError::Denied,
+        ),
+        (
+            "unknown flags",
+            map(V, heap, 1 << 5),
+            HypercallError::Invalid,
+        ),
+        (
+            "unaligned address",
+            map(V + 8, heap, 0),
+            HypercallError::Invalid,
+        ),
+        ("unmap what is not mapped", unmap_v, HypercallError::Invalid),
+    ];
     let mut failures = 0;
-    failures += one(
-        "map a page-table frame",
-        map(V, PAGE_TABLE_AREA_START, MMU_WRITE),
-        HypercallError::Denied,
-    );
-    failures += one(
-        "map the boot info frame",
-        map(V, BOOT_INFO_PAGE, MMU_WRITE),
-        HypercallError::Denied,
-    );
-    failures += one(
-        "map the host's system area",
-        map(V, SYSTEM_AREA_START, 0),
-        HypercallError::Denied,
-    );
-    failures += one(
-        "map a frame past the end of memory",
-        map(V, mem, 0),
-        HypercallError::Denied,
-    );
-    failures += one(
-        "map over the clock page",
-        map(CLOCK_PAGE, heap, MMU_WRITE),
-        HypercallError::Denied,
-    );
-    failures += one(
-        "map at the null page",
-        map(0, heap, MMU_WRITE),
-        HypercallError::Denied,
-    );
-    failures += one(
-        "map at a non-canonical address",
-        map(1 << 47, heap, 0),
-        HypercallError::Denied,
-    );
-    failures += one(
-        "map in the kernel half",
-        map(0xffff_8000_0000_0000, heap, 0),
-        HypercallError::Denied,
-    );
-    failures += one(
-        "unknown flags",
-        map(V, heap, 1 << 5),
-        HypercallError::Invalid,
-    );
-    failures += one(
-        "unaligned address",
-        map(V + 8, heap, 0),
-        HypercallError::Invalid,
-    );
-    failures += one(
-        "unmap what is not mapped",
-        MmuRequest {
-            op: MMU_UNMAP,
-            flags: 0,
-            vaddr: V,
-            frame: 0,
-        },
-        HypercallError::Invalid,
-    );
+    for (name, request, error) in cases {
+        failures += expect(name, mmu::update(&[request]), 0, error);
+    }
 
     // A batch whose sixth request is refused: the first five (remapping a
     // live heap page to the next frame) must not have happened.
