@@ -251,7 +251,7 @@ impl Mmu {
 
     /// Takes `count` free frames, zeroed, oldest given back first.
     ///
-    /// The frames are scrubbed here, not only when given back: hypercall
+    /// The frames are scrubbed here rather than when given back: hypercall
     /// results may have been written into a free frame since (hypercall
     /// pointers are guest-physical and reach every guest frame).
     pub fn alloc(
@@ -291,8 +291,9 @@ impl Mmu {
         Ok(())
     }
 
-    /// Checks that `frames` may all be given back, then scrubs them and
-    /// makes them free.
+    /// Checks that `frames` may all be given back, then makes them free,
+    /// returning the host memory of those in anonymous RAM at once (they
+    /// are scrubbed when taken again).
     pub fn give_back(
         &mut self,
         ram: &GuestRam,
@@ -314,7 +315,10 @@ impl Mmu {
                 return Ok(Err(HypercallError::Invalid));
             }
         }
-        self.scrub(ram, frames)?;
+        let anonymous = frames.iter().copied().filter(|f| *f >= self.overlay_len);
+        for (start, len) in runs(anonymous.collect()) {
+            ram.discard(start, len)?;
+        }
         for frame in frames {
             if let Some(slot) = self.slot(*frame) {
                 self.maps[slot] = FREE;
