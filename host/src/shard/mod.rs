@@ -322,7 +322,8 @@ impl Link {
     /// when the shard's socket closes.
     fn read_events(&self, socket: UnixStream) {
         let mut input = BufReader::new(socket);
-        while let Ok(Some(event)) = wire::receive::<Event>(&mut input) {
+        let mut body = Vec::new();
+        while let Ok(Some(event)) = wire::receive::<Event<'static>>(&mut input, &mut body) {
             self.dispatch(event);
         }
         // Closed, or a frame that makes no sense: either way this shard is
@@ -343,7 +344,7 @@ impl Link {
         }
     }
 
-    fn dispatch(&self, event: Event) {
+    fn dispatch(&self, event: Event<'static>) {
         match event {
             Event::Reply { tag, reply } => {
                 if let Some(waiter) = lock(&self.pending).remove(&tag) {

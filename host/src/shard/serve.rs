@@ -17,7 +17,7 @@ use crate::loader::Image;
 use crate::local::Local;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::HashMap;
-use std::io::{self, BufReader, BufWriter, Write};
+use std::io::{self, BufReader, Write};
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
@@ -69,16 +69,45 @@ struct Shard {
     shard_size: usize,
     images: HashMap<u64, Image>,
     guests: Guests,
-    out: Sender<Event>,
+    out: Arc<Outbox>,
+}
+
+/// Events for the supervisor, encoded where they happen into one buffer
+/// that the writer thread takes whole: a guest's console write is copied
+/// once, into the buffer, with no allocation of its own, and wakes the
+/// writer only if the buffer was empty.
+struct Outbox {
+    /// Shared with the writer thread.
+    frames: Arc<Mutex<Vec<u8>>>,
+    /// Holds a token while the writer has work; closed when the last
+    /// `Outbox` is gone, which ends the writer.
+    wake: Sender<()>,
+}
+
+impl Outbox {
+    fn push(&self, event: &Event<'_>) {
+        let mut frames = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        let was_empty = frames.is_empty();
+        // Only a frame over the size limit fails, and console writes and
+        // replies are far below it.
+        if wire::encode(&mut frames, event).is_ok() && was_empty {
+            let _ = self.wake.try_send(());
+        }
+    }
 }
 
 /// Serves requests from `socket` until it closes.
 fn serve(socket: UnixStream) -> io::Result<()> {
     let mut input = BufReader::new(socket.try_clone()?);
-    let (out, out_rx) = crossbeam_channel::unbounded();
+    let (wake, woken) = crossbeam_channel::bounded(1);
+    let frames = Arc::new(Mutex::new(Vec::new()));
     let writer = std::thread::Builder::new()
         .name("shoal-shard-out".into())
-        .spawn(move || write_events(socket, &out_rx))?;
+        .spawn({
+            let frames = Arc::clone(&frames);
+            move || write_events(socket, &frames, &woken)
+        })?;
+    let out = Arc::new(Outbox { frames, wake });
     let mut shard = Shard {
         local: None,
         shard_size: 0,
@@ -86,8 +115,9 @@ fn serve(socket: UnixStream) -> io::Result<()> {
         guests: Arc::default(),
         out,
     };
+    let mut body = Vec::new();
     let served = loop {
-        match wire::receive::<Request>(&mut input) {
+        match wire::receive::<Request>(&mut input, &mut body) {
             Ok(Some(request)) => shard.handle(request),
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
@@ -100,15 +130,22 @@ fn serve(socket: UnixStream) -> io::Result<()> {
     served
 }
 
-/// Sends events as they come, several to a write when they queue up.
-fn write_events(socket: UnixStream, events: &Receiver<Event>) {
-    let mut out = BufWriter::new(socket);
-    while let Ok(event) = events.recv() {
-        let mut sent = wire::send(&mut out, &event);
-        while let (Ok(()), Ok(event)) = (&sent, events.try_recv()) {
-            sent = wire::send(&mut out, &event);
+/// Writes whatever the outbox holds each time it is woken, until every
+/// [`Outbox`] is gone (the engine has stopped and every guest's hooks are
+/// dropped), then what is left.
+fn write_events(mut socket: UnixStream, frames: &Mutex<Vec<u8>>, woken: &Receiver<()>) {
+    let mut batch = Vec::new();
+    loop {
+        let open = woken.recv().is_ok();
+        batch.clear();
+        std::mem::swap(
+            &mut *frames.lock().unwrap_or_else(|e| e.into_inner()),
+            &mut batch,
+        );
+        if !batch.is_empty() && socket.write_all(&batch).is_err() {
+            return;
         }
-        if sent.and_then(|()| out.flush()).is_err() {
+        if !open {
             return;
         }
     }
@@ -116,7 +153,7 @@ fn write_events(socket: UnixStream, events: &Receiver<Event>) {
 
 impl Shard {
     fn reply(&self, tag: u64, reply: Reply) {
-        let _ = self.out.send(Event::Reply { tag, reply });
+        self.out.push(&Event::Reply { tag, reply });
     }
 
     fn handle(&mut self, request: Request) {
@@ -191,21 +228,21 @@ impl Shard {
     fn spawn(&self, id: u64, image: u64, mut config: GuestConfig) -> Result<(), String> {
         let local = self.local.as_ref().ok_or("the shard was not started")?;
         let image = self.images.get(&image).ok_or("unknown image")?;
-        let console_out = self.out.clone();
+        let console_out = Arc::clone(&self.out);
         config.console_sink = Some(Box::new(move |id, bytes| {
-            let _ = console_out.send(Event::Console {
+            console_out.push(&Event::Console {
                 id,
-                bytes: bytes.to_vec(),
+                bytes: bytes.into(),
             });
         }));
-        let end_out = self.out.clone();
+        let end_out = Arc::clone(&self.out);
         let guests = Arc::clone(&self.guests);
         let pool = local.pool_handle();
         let shard_size = self.shard_size;
         // Ended goes out before the guest leaves the table, so a stats
         // request that misses it is answered after the end.
         let on_end = Box::new(move |end: &crate::GuestEnd, stats| {
-            let _ = end_out.send(Event::Ended {
+            end_out.push(&Event::Ended {
                 id,
                 end: end.clone(),
                 stats,

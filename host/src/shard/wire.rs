@@ -13,6 +13,7 @@ use crate::pool::PoolStatus;
 use crate::stats::StatsSnapshot;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
@@ -50,13 +51,15 @@ pub enum Request {
     Pool { tag: u64 },
 }
 
-/// Shard to supervisor.
+/// Shard to supervisor. Console bytes are borrowed where an event is
+/// made (the shard encodes them straight from the guest's write) and owned
+/// where it is read.
 #[derive(Debug, Serialize, Deserialize)]
-pub enum Event {
+pub enum Event<'a> {
     /// The answer to the request with this tag.
     Reply { tag: u64, reply: Reply },
     /// Guest `id` wrote to its console.
-    Console { id: u64, bytes: Vec<u8> },
+    Console { id: u64, bytes: Cow<'a, [u8]> },
     /// Guest `id` ended and everything it held is freed.
     Ended {
         id: u64,
@@ -76,19 +79,37 @@ pub enum Reply {
     Pool(PoolStatus),
 }
 
-/// Writes one frame.
-pub fn send<T: Serialize>(out: &mut impl Write, message: &T) -> io::Result<()> {
-    let body = postcard::to_stdvec(message).map_err(io::Error::other)?;
-    if body.len() > MAX_FRAME {
-        return Err(io::Error::other(format!("frame of {} bytes", body.len())));
+/// Appends one frame (length, then body) to `buf`; on an error `buf` is
+/// as it was.
+pub fn encode<T: Serialize>(buf: &mut Vec<u8>, message: &T) -> io::Result<()> {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    if let Err(e) = postcard::to_io(message, &mut *buf) {
+        buf.truncate(start);
+        return Err(io::Error::other(e));
     }
-    let len = body.len() as u32;
-    out.write_all(&len.to_le_bytes())?;
-    out.write_all(&body)
+    let len = buf.len() - start - 4;
+    if len > MAX_FRAME {
+        buf.truncate(start);
+        return Err(io::Error::other(format!("frame of {len} bytes")));
+    }
+    buf[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
 }
 
-/// Reads one frame; `None` at a clean end of stream.
-pub fn receive<T: DeserializeOwned>(input: &mut impl Read) -> io::Result<Option<T>> {
+/// Writes one frame, in one write.
+pub fn send<T: Serialize>(out: &mut impl Write, message: &T) -> io::Result<()> {
+    let mut frame = Vec::new();
+    encode(&mut frame, message)?;
+    out.write_all(&frame)
+}
+
+/// Reads one frame through `body`, a buffer kept between calls; `None`
+/// at a clean end of stream.
+pub fn receive<T: DeserializeOwned>(
+    input: &mut impl Read,
+    body: &mut Vec<u8>,
+) -> io::Result<Option<T>> {
     let mut len = [0u8; 4];
     match input.read_exact(&mut len) {
         Ok(()) => {}
@@ -99,9 +120,10 @@ pub fn receive<T: DeserializeOwned>(input: &mut impl Read) -> io::Result<Option<
     if len > MAX_FRAME {
         return Err(io::Error::other(format!("frame of {len} bytes")));
     }
-    let mut body = vec![0u8; len];
-    input.read_exact(&mut body)?;
-    postcard::from_bytes(&body)
+    body.clear();
+    body.resize(len, 0);
+    input.read_exact(body)?;
+    postcard::from_bytes(body)
         .map(Some)
         .map_err(io::Error::other)
 }
@@ -126,22 +148,26 @@ mod tests {
         .expect("writes");
         send(&mut buf, &Request::Kill { id: 3 }).expect("writes");
         let mut input = buf.as_slice();
-        match receive::<Event>(&mut input).expect("reads") {
+        match receive::<Event>(&mut input, &mut Vec::new()).expect("reads") {
             Some(Event::Ended {
                 id: 9, end: got, ..
             }) => assert_eq!(got, end),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            receive::<Request>(&mut input).expect("reads"),
+            receive::<Request>(&mut input, &mut Vec::new()).expect("reads"),
             Some(Request::Kill { id: 3 })
         ));
-        assert!(receive::<Request>(&mut input).expect("reads").is_none());
+        assert!(
+            receive::<Request>(&mut input, &mut Vec::new())
+                .expect("reads")
+                .is_none()
+        );
     }
 
     #[test]
     fn oversized_frames_are_refused() {
         let frame = u32::MAX.to_le_bytes();
-        assert!(receive::<Request>(&mut frame.as_slice()).is_err());
+        assert!(receive::<Request>(&mut frame.as_slice(), &mut Vec::new()).is_err());
     }
 }
