@@ -3,7 +3,7 @@
 
 use crate::console::Console;
 use crate::end::{Crash, GuestEnd};
-use crate::limits::{CpuShare, Limits};
+use crate::limits::Limits;
 use crate::stats::{GuestStats, StatsSnapshot};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -70,9 +70,6 @@ pub struct GuestControl {
     pub limits: Limits,
     /// Why the host stopped the guest, when `killed` was set for a limit.
     stop_reason: Mutex<Option<Crash>>,
-    /// CPU use against [`Limits::cpu_share`], touched only by the worker
-    /// running the guest.
-    pub share: Mutex<Option<CpuShare>>,
     on_end: OnEnd,
 }
 
@@ -81,7 +78,6 @@ impl GuestControl {
     pub fn new(id: u64, console: Arc<Console>, stats: Arc<GuestStats>, limits: Limits) -> Self {
         Self {
             on_end: OnEnd::default(),
-            share: Mutex::new(limits.cpu_share.map(CpuShare::new)),
             limits,
             stop_reason: Mutex::new(None),
             id,

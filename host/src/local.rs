@@ -8,12 +8,12 @@ use crate::guest::{Guest, GuestParts, SpawnError};
 use crate::host::{GuestConfig, HostConfig, HostError};
 use crate::kvm::GuestRam;
 use crate::kvm::vm::Kvm;
+use crate::limits::CpuShare;
 use crate::loader::Image;
 use crate::pool::{Pool, PoolStatus, Templates, Toolstack};
 use crate::sched::{Scheduler, SchedulerRef, Task};
 use crate::stats::GuestStats;
 use shoal_abi::layout::DEFAULT_MEMORY;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 /// Guests of this process.
@@ -23,7 +23,9 @@ pub(crate) struct Local {
     pool: Arc<Pool>,
     templates: Templates,
     sched: Scheduler,
-    live: Mutex<HashMap<u64, Weak<GuestControl>>>,
+    /// Every guest not yet known to be over, for `drop`; ended ones are
+    /// swept out only when the list would have to grow.
+    live: Mutex<Vec<Weak<GuestControl>>>,
 }
 
 impl Local {
@@ -45,7 +47,7 @@ impl Local {
             toolstack,
             templates: Templates::default(),
             sched,
-            live: Mutex::new(HashMap::new()),
+            live: Mutex::default(),
         })
     }
 
@@ -107,11 +109,14 @@ impl Local {
         }
         {
             let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-            live.retain(|_, control| control.strong_count() > 0);
-            live.insert(id, Arc::downgrade(&control));
+            if live.len() == live.capacity() {
+                live.retain(|control| control.strong_count() > 0);
+            }
+            live.push(Arc::downgrade(&control));
         }
         self.sched.submit(Task {
             guest: Box::new(guest),
+            share: config.limits.cpu_share.map(CpuShare::new),
             control: Arc::clone(&control),
         });
         Ok((control, self.sched.handle()))
@@ -137,8 +142,8 @@ impl Drop for Local {
             .live
             .get_mut()
             .unwrap_or_else(|e| e.into_inner())
-            .drain()
-            .filter_map(|(_, control)| control.upgrade())
+            .drain(..)
+            .filter_map(|control| control.upgrade())
             .collect();
         let handle = self.sched.handle();
         for control in &live {

@@ -22,6 +22,7 @@ mod worker;
 use crate::control::{GuestControl, GuestState};
 use crate::end::GuestEnd;
 use crate::guest::Guest;
+use crate::limits::CpuShare;
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +39,8 @@ pub struct Task {
     pub guest: Box<Guest>,
     /// Its shared control block.
     pub control: Arc<GuestControl>,
+    /// Its CPU use against [`crate::Limits::cpu_share`], if capped.
+    pub share: Option<CpuShare>,
 }
 
 enum Job {

@@ -31,14 +31,12 @@ pub(super) fn run(inner: &Inner, index: usize) {
 fn run_task(inner: &Inner, index: usize, mut task: Task) {
     let slot = &inner.workers[index];
     let control = std::sync::Arc::clone(&task.control);
-    let mut share = control.share.lock().unwrap_or_else(|e| e.into_inner());
-    let share_left = share.as_mut().map(|share| share.left(inner.now_ns()));
-    if let (Some(0), Some(used_up)) = (share_left, share.as_ref())
+    let share_left = task.share.as_mut().map(|share| share.left(inner.now_ns()));
+    if let (Some(0), Some(used_up)) = (share_left, task.share.as_ref())
         && !control.killed.load(Ordering::SeqCst)
     {
         // Woken from a block with no share left in this period.
         let until = used_up.period_end();
-        drop(share);
         inner.throttle(task, until);
         return;
     }
@@ -81,8 +79,10 @@ fn run_task(inner: &Inner, index: usize, mut task: Task) {
     slot.cpu_deadline.store(0, Ordering::Release);
     let ran = started.elapsed().as_nanos() as u64;
     control.stats.add_cpu_ns(ran);
-    let throttled_until = share.as_mut().and_then(|s| s.charge(ran, inner.now_ns()));
-    drop(share);
+    let throttled_until = task
+        .share
+        .as_mut()
+        .and_then(|s| s.charge(ran, inner.now_ns()));
     control.worker.store(NO_WORKER, Ordering::SeqCst);
     let step = match (step, control.limits.cpu_time) {
         (Step::Ended(GuestEnd::Killed), _) => Step::Ended(control.killed_end()),
