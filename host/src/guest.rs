@@ -168,7 +168,8 @@ impl Guest {
             if killed.load(Ordering::SeqCst) {
                 return Step::Ended(GuestEnd::Killed);
             }
-            if preempt.swap(false, Ordering::SeqCst) {
+            // A plain load first: the swap's locked write only when set.
+            if preempt.load(Ordering::Relaxed) && preempt.swap(false, Ordering::SeqCst) {
                 return Step::Preempted;
             }
             let exit = match self.vcpu.run() {

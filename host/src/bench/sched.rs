@@ -159,15 +159,7 @@ pub fn idle_memory(host: &Host, idle: &Image, count: usize) -> Result<Vec<Figure
     let guests = (0..count)
         .map(|_| spawn(host, idle, &["3600s"]))
         .collect::<Result<Vec<_>, _>>()?;
-    // Let every guest reach its block.
-    let give_up = Instant::now() + Duration::from_secs(60);
-    while guests
-        .iter()
-        .any(|g| g.state() != crate::GuestState::Blocked)
-        && Instant::now() < give_up
-    {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    all_blocked(&guests);
     let during = mem_available_kib().unwrap_or(0);
     kill_all(guests);
     Ok(vec![

@@ -18,7 +18,7 @@ fn failed(e: MmuFailure) -> Served {
 }
 
 /// Copies `count` items of `T` from the guest array at `addr`.
-fn read_array<T: FromBytes + Copy>(
+fn read_array<T: FromBytes + IntoBytes + Copy>(
     ctx: &Context<'_>,
     addr: u64,
     count: u32,
@@ -26,14 +26,11 @@ fn read_array<T: FromBytes + Copy>(
     if count > MMU_BATCH_MAX {
         return Err(HypercallError::Invalid);
     }
-    let mut bytes = vec![0u8; count as usize * size_of::<T>()];
+    let mut items = vec![T::new_zeroed(); count as usize];
     ctx.ram
-        .read_guest(addr, &mut bytes)
+        .read_guest(addr, items.as_mut_bytes())
         .map_err(|_| HypercallError::Fault)?;
-    Ok(bytes
-        .chunks_exact(size_of::<T>())
-        .filter_map(|chunk| T::read_from_bytes(chunk).ok())
-        .collect())
+    Ok(items)
 }
 
 /// `mmu_update`.
