@@ -199,8 +199,15 @@ impl Inner {
     }
 
     /// Stops a guest for exceeding a limit: records the reason, then kills.
+    /// (The caller holds the timers and unparks the guest itself.)
     fn stop_for(&self, control: &GuestControl, reason: crate::end::Crash) {
         control.set_stop_reason(reason);
+        self.mark_killed(control);
+    }
+
+    /// Marks the guest killed and interrupts it if a worker runs it; a
+    /// parked guest must be woken as well.
+    fn mark_killed(&self, control: &GuestControl) {
         control.killed.store(true, Ordering::SeqCst);
         if let Some(slot) = self.workers.get(control.worker.load(Ordering::SeqCst)) {
             self.kick(slot);
@@ -261,11 +268,7 @@ impl SchedulerRef {
     /// Kills the guest: it ends as killed at its next scheduling point, and
     /// is woken or interrupted to get there now.
     pub fn kill(&self, control: &GuestControl) {
-        control.killed.store(true, Ordering::SeqCst);
-        let worker = control.worker.load(Ordering::SeqCst);
-        if let Some(slot) = self.0.workers.get(worker) {
-            self.0.kick(slot);
-        }
+        self.0.mark_killed(control);
         self.0.wake(control.id);
     }
 }
