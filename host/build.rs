@@ -27,7 +27,11 @@ const GUESTS: &[(&str, &str)] = &[
     ("bench", "the guest half of `shoal bench`"),
     (
         "mmu",
-        "maps, remaps, unmaps and protects pages through the host and checks each effect",
+        "maps, remaps, unmaps and protects pages through the host and checks each effect (catch: handles its own faults)",
+    ),
+    (
+        "demand",
+        "a demand-paged array bigger than its RAM: a page-fault handler maps frames as pages are touched",
     ),
     (
         "bad-pointer",
@@ -49,6 +53,10 @@ const GUESTS: &[(&str, &str)] = &[
     (
         "mmu-attack",
         "hostile: page-table requests the rules forbid (exhaust: runs out of table frames)",
+    ),
+    (
+        "trap-attack",
+        "hostile: bad trap tables, forged trap returns, a faulting handler",
     ),
     (
         "residue",

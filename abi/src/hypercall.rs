@@ -63,11 +63,18 @@ pub enum HypercallNr {
     FrameAlloc = 8,
     /// Give unmapped frames back to the host: [`FrameFree`]. Feature `MMU`.
     FrameFree = 9,
+    /// Register the guest's exception handler: [`SetTrapTable`]. Feature
+    /// `TRAPS`.
+    SetTrapTable = 10,
+    /// Return from the exception handler: [`TrapReturn`]. Feature `TRAPS`.
+    TrapReturn = 11,
+    /// Several hypercalls in one exit: [`Multicall`]. Feature `MULTICALL`.
+    Multicall = 12,
 }
 
 impl HypercallNr {
     /// Every hypercall number of this ABI version, in numeric order.
-    pub const ALL: [HypercallNr; 10] = [
+    pub const ALL: [HypercallNr; 13] = [
         Self::AbiInfo,
         Self::ConsoleWrite,
         Self::Exit,
@@ -78,6 +85,9 @@ impl HypercallNr {
         Self::MmuUpdate,
         Self::FrameAlloc,
         Self::FrameFree,
+        Self::SetTrapTable,
+        Self::TrapReturn,
+        Self::Multicall,
     ];
 
     /// The call's name as the docs and traces spell it.
@@ -93,6 +103,9 @@ impl HypercallNr {
             Self::MmuUpdate => "mmu_update",
             Self::FrameAlloc => "frame_alloc",
             Self::FrameFree => "frame_free",
+            Self::SetTrapTable => "set_trap_table",
+            Self::TrapReturn => "trap_return",
+            Self::Multicall => "multicall",
         }
     }
 }
@@ -381,6 +394,160 @@ impl Hypercall for FrameFree {
     const NR: HypercallNr = HypercallNr::FrameFree;
 }
 
+/// `set_trap_table`: registers the guest's exception handler, Xen-style,
+/// or removes it (`entry` zero). Returns 0.
+///
+/// When the guest raises an exception whose bit is set in `vectors`, the
+/// host writes a [`TrapFrame`] (the vector, error code, faulting address
+/// and every register at the fault) to guest-physical `frame` and resumes
+/// the guest at `entry` with `rsp` = `stack` and `rdi` = `frame`; all
+/// other registers keep their values from the fault. The handler returns
+/// with [`TrapReturn`], which resumes the guest with the frame's registers
+/// (edited or not). An exception raised while a handler runs (between the
+/// bounce and `trap_return`) is not bounced: it stops the guest, as does an
+/// exception whose vector is not in `vectors`.
+///
+/// Failures: `Invalid` (a vector outside [`TRAP_VECTORS`], `entry` or
+/// `stack` not canonical lower-half, `stack` not 16-byte aligned, `frame`
+/// not 8-byte aligned), `Fault` (`frame` not in guest RAM).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct SetTrapTable {
+    /// Virtual address of the handler's first instruction; zero removes
+    /// the handler.
+    pub entry: u64,
+    /// The handler's initial stack pointer (virtual, 16-byte aligned).
+    pub stack: u64,
+    /// Guest-physical address of the [`TrapFrame`] the host fills in.
+    pub frame: u64,
+    /// Bit `v` set: vector `v` goes to the handler.
+    pub vectors: u32,
+    /// Must be zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<SetTrapTable>() == 32);
+const _: () = assert!(offset_of!(SetTrapTable, vectors) == 24);
+impl Hypercall for SetTrapTable {
+    const NR: HypercallNr = HypercallNr::SetTrapTable;
+}
+
+/// The vectors a guest may handle: every exception but NMI (2), double
+/// fault (8) and machine check (18), which never reach a guest's handler.
+pub const TRAP_VECTORS: u32 = !((1 << 2) | (1 << 8) | (1 << 18));
+
+/// The state of the guest at an exception, as the host hands it to the
+/// guest's handler, and as [`TrapReturn`] takes it back.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct TrapFrame {
+    /// The exception vector (14 for a page fault).
+    pub vector: u32,
+    /// Must be zero.
+    pub _pad: u32,
+    /// The error code, or zero for vectors without one.
+    pub error_code: u64,
+    /// The faulting address (CR2) for a page fault, else zero.
+    pub fault_addr: u64,
+    /// The faulting instruction (or, for traps such as `int3`, the next).
+    pub rip: u64,
+    /// The stack pointer at the fault.
+    pub rsp: u64,
+    /// The flags at the fault. On return only the arithmetic flags, DF,
+    /// TF, RF and AC are taken; interrupts stay enabled.
+    pub rflags: u64,
+    /// General registers at the fault, restored by [`TrapReturn`].
+    pub rax: u64,
+    /// See `rax`.
+    pub rbx: u64,
+    /// See `rax`.
+    pub rcx: u64,
+    /// See `rax`.
+    pub rdx: u64,
+    /// See `rax`.
+    pub rsi: u64,
+    /// See `rax`.
+    pub rdi: u64,
+    /// See `rax`.
+    pub rbp: u64,
+    /// See `rax`.
+    pub r8: u64,
+    /// See `rax`.
+    pub r9: u64,
+    /// See `rax`.
+    pub r10: u64,
+    /// See `rax`.
+    pub r11: u64,
+    /// See `rax`.
+    pub r12: u64,
+    /// See `rax`.
+    pub r13: u64,
+    /// See `rax`.
+    pub r14: u64,
+    /// See `rax`.
+    pub r15: u64,
+}
+const _: () = assert!(size_of::<TrapFrame>() == 168);
+const _: () = assert!(offset_of!(TrapFrame, rip) == 24);
+const _: () = assert!(offset_of!(TrapFrame, rax) == 48);
+const _: () = assert!(offset_of!(TrapFrame, r15) == 160);
+
+/// `trap_return`: ends the running exception handler and resumes the
+/// guest with the registers of the [`TrapFrame`] at the registered
+/// `frame` address, read once when the call is made. Does not return on
+/// success. Failures: `Invalid` (no handler is running, or the frame's
+/// `rip` or `rsp` is not canonical lower-half), `Fault` (the frame is no
+/// longer in guest RAM).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct TrapReturn {
+    /// Must be zero.
+    pub _reserved: u64,
+}
+const _: () = assert!(size_of::<TrapReturn>() == 8);
+impl Hypercall for TrapReturn {
+    const NR: HypercallNr = HypercallNr::TrapReturn;
+}
+
+/// `multicall`: performs the hypercalls whose argument blocks are listed
+/// in the `u64` array at `calls` (guest-physical addresses, each of a
+/// [`HypercallHeader`] and its arguments, exactly as for a single call),
+/// in order, in one exit. Each block gets its own result in its header.
+///
+/// The run stops after a call that does not simply return: one that
+/// blocks, yields, ends the guest, or `trap_return`; that call's effect
+/// then follows. It also stops early, before a call, when the guest's time
+/// slice is over, so a long list never holds a worker past one slice; the
+/// caller issues the rest again. `done` says how many calls ran. A nested
+/// `multicall` gets `Invalid`. Returns `done`.
+///
+/// Failures of the call itself: `Invalid` (`count` over [`MULTICALL_MAX`]),
+/// `Fault` (the array is not in guest memory).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct Multicall {
+    /// Guest-physical address of `count` block addresses (8-byte aligned).
+    pub calls: u64,
+    /// Number of calls, at most [`MULTICALL_MAX`].
+    pub count: u32,
+    /// Out: the number of calls that ran.
+    pub done: u32,
+}
+const _: () = assert!(size_of::<Multicall>() == 16);
+impl Hypercall for Multicall {
+    const NR: HypercallNr = HypercallNr::Multicall;
+}
+
+/// Most calls in one [`Multicall`].
+pub const MULTICALL_MAX: u32 = 64;
+
 /// Longest panic message or file name the host keeps.
 pub const PANIC_TEXT_MAX: u64 = 1024;
 
@@ -398,6 +565,9 @@ const _: () = assert!(Yield::ARG_LEN <= MAX_ARG_LEN);
 const _: () = assert!(MmuUpdate::ARG_LEN <= MAX_ARG_LEN);
 const _: () = assert!(FrameAlloc::ARG_LEN <= MAX_ARG_LEN);
 const _: () = assert!(FrameFree::ARG_LEN <= MAX_ARG_LEN);
+const _: () = assert!(SetTrapTable::ARG_LEN <= MAX_ARG_LEN);
+const _: () = assert!(TrapReturn::ARG_LEN <= MAX_ARG_LEN);
+const _: () = assert!(Multicall::ARG_LEN <= MAX_ARG_LEN);
 
 #[cfg(test)]
 mod tests {
@@ -408,7 +578,7 @@ mod tests {
         for call in HypercallNr::ALL {
             assert_eq!(HypercallNr::try_from(call as u32), Ok(call));
         }
-        assert_eq!(HypercallNr::try_from(10), Err(UnknownHypercall(10)));
+        assert_eq!(HypercallNr::try_from(13), Err(UnknownHypercall(13)));
         assert_eq!(
             HypercallNr::try_from(u32::MAX),
             Err(UnknownHypercall(u32::MAX))

@@ -61,9 +61,10 @@ pub const NULL_EXIT_PORT: u16 = 0x504;
 /// four port bits). Any other `in`/`out` faults with #GP.
 pub const GUEST_PORTS: core::ops::Range<u16> = HYPERCALL_PORT..NULL_EXIT_PORT + 4;
 
-/// Ports the host's exception stubs use (`EXCEPTION_PORT_BASE + vector`).
-/// Closed to the guest by the I/O bitmap.
-pub const EXCEPTION_PORT_BASE: u16 = 0x600;
+/// Ports the host's exception stubs use (`EXCEPTION_PORT_BASE + vector`,
+/// below 256 so that a stub's `out imm8, al` touches no register). Closed
+/// to the guest by the I/O bitmap.
+pub const EXCEPTION_PORT_BASE: u16 = 0xe0;
 
 /// Number of exception vectors the host reports (0..32).
 pub const EXCEPTION_VECTORS: u16 = 32;

@@ -47,6 +47,13 @@ pub mod features {
     /// `frame_free` ([`crate::hypercall::MmuUpdate`]).
     pub const MMU: u64 = 1 << 4;
 
+    /// Exceptions can be handled by the guest: `set_trap_table` and
+    /// `trap_return` ([`crate::hypercall::SetTrapTable`]).
+    pub const TRAPS: u64 = 1 << 5;
+
+    /// `multicall` is served ([`crate::hypercall::Multicall`]).
+    pub const MULTICALL: u64 = 1 << 6;
+
     /// Every feature this version of the ABI crate knows about.
-    pub const ALL_V1: u64 = CLOCK_PAGE | BLOCK | PRECISE_FAULTS | YIELD | MMU;
+    pub const ALL_V1: u64 = CLOCK_PAGE | BLOCK | PRECISE_FAULTS | YIELD | MMU | TRAPS | MULTICALL;
 }

@@ -19,7 +19,8 @@
 //! }
 //! ```
 //!
-//! Pages are mapped, unmapped and protected through the host ([`mmu`]).
+//! Pages are mapped, unmapped and protected through the host ([`mmu`]);
+//! exceptions such as page faults can be handled by the guest ([`trap`]).
 //!
 //! Everything privileged goes through hypercalls ([`hypercall`]), including
 //! a raw escape hatch ([`hypercall::raw`]) for ABI experiments.
@@ -30,6 +31,7 @@ pub mod console;
 pub mod hypercall;
 pub mod mmu;
 pub mod time;
+pub mod trap;
 
 #[cfg(not(test))]
 mod rt;

@@ -14,9 +14,13 @@ use crate::limits::{Limit, RateWindow};
 use crate::mmu::GuestMmu;
 use crate::pool::Shell;
 use crate::stats::{ExitReason, GuestStats};
+use crate::trap::{self, Traps};
+use kvm_bindings::kvm_regs;
 use shoal_abi::layout::{EXCEPTION_PORT_BASE, EXCEPTION_VECTORS, HYPERCALL_PORT, NULL_EXIT_PORT};
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use zerocopy::IntoBytes;
 
 /// Why a guest could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +71,8 @@ pub struct Guest {
     console: Arc<Console>,
     stats: Arc<GuestStats>,
     exit_rate: Option<RateWindow>,
-    mmu: std::cell::RefCell<GuestMmu>,
+    mmu: RefCell<GuestMmu>,
+    traps: Cell<Traps>,
 }
 
 /// Everything needed to create a guest.
@@ -103,7 +108,7 @@ impl Guest {
         parts: GuestParts<'_>,
     ) -> Result<Self, SpawnError> {
         let Shell {
-            vcpu,
+            mut vcpu,
             vm,
             ram,
             tsc_offset,
@@ -137,10 +142,11 @@ impl Guest {
             console: parts.console,
             stats: parts.stats,
             exit_rate: parts.exit_rate.map(RateWindow::new),
-            mmu: std::cell::RefCell::new(GuestMmu::new(
+            mmu: RefCell::new(GuestMmu::new(
                 Arc::clone(template.tables()),
                 template.overlay_len(),
             )),
+            traps: Cell::default(),
         })
     }
 
@@ -189,8 +195,9 @@ impl Guest {
                 let limit = Limit::ExitRate(window.limit());
                 return Step::Ended(GuestEnd::Crashed(Crash::LimitExceeded(limit)));
             }
-            match self.serve(reason, exit) {
+            match self.serve(reason, exit, preempt) {
                 Flow::Resume => {}
+                Flow::Return(frame) => self.vcpu.resume_user(&trap::registers(&frame), false),
                 Flow::Block(deadline) => return Step::Blocked(deadline),
                 Flow::Yield => return Step::Yielded,
                 Flow::End(end) => return Step::Ended(end),
@@ -200,7 +207,7 @@ impl Guest {
 
     /// Serves one exit, classified by [`exit_reason`] (the only place
     /// that looks at port numbers).
-    fn serve(&mut self, reason: ExitReason, exit: Exit) -> Flow {
+    fn serve(&mut self, reason: ExitReason, exit: Exit, preempt: &AtomicBool) -> Flow {
         let crash = |c| Flow::End(GuestEnd::Crashed(c));
         match (reason, exit) {
             (ExitReason::Hypercall, Exit::Out { value, .. }) => {
@@ -212,12 +219,15 @@ impl Guest {
                     features: self.features,
                     stats: &self.stats,
                     mmu: &self.mmu,
+                    traps: &self.traps,
+                    preempt,
+                    in_multicall: false,
                 };
                 hypercall::dispatch(&ctx, u64::from(value))
             }
             (ExitReason::NullExit, _) | (_, Exit::Kicked) => Flow::Resume,
-            (ExitReason::Exception, Exit::Out { port, value, .. }) => {
-                crash(self.exception((port - EXCEPTION_PORT_BASE) as u8, u64::from(value)))
+            (ExitReason::Exception, Exit::Out { port, .. }) => {
+                self.exception((port - EXCEPTION_PORT_BASE) as u8)
             }
             (_, Exit::Out { port, size, .. }) => crash(Crash::BadPortAccess {
                 port,
@@ -242,41 +252,97 @@ impl Guest {
         }
     }
 
-    /// Decodes the exception frame the stub left on the CPL0 stack at `sp`.
-    fn exception(&self, vector: u8, sp: u64) -> Crash {
+    /// Serves an exception the stub for `vector` reported: bounces it to
+    /// the guest's handler if it has one for `vector` and none is running,
+    /// or stops the guest with its state.
+    fn exception(&mut self, vector: u8) -> Flow {
+        let fault = match self.fault(vector) {
+            Ok(fault) => fault,
+            Err(internal) => return Flow::End(GuestEnd::Crashed(internal)),
+        };
+        let mut traps = self.traps.get();
+        if let Some(table) = traps.enter(vector) {
+            let at = kvm_regs {
+                rip: fault.rip,
+                rsp: fault.rsp,
+                rflags: fault.rflags,
+                ..self.vcpu.exit_regs()
+            };
+            let code = fault.error_code.unwrap_or(0);
+            let frame = trap::frame(vector, code, fault.addr.unwrap_or(0), &at);
+            if self.ram.write_guest(table.frame, frame.as_bytes()).is_ok() {
+                self.traps.set(traps);
+                self.stats.count_trap();
+                self.vcpu.resume_user(
+                    &kvm_regs {
+                        rip: table.entry,
+                        rsp: table.stack,
+                        rdi: table.frame,
+                        ..at
+                    },
+                    true,
+                );
+                return Flow::Resume;
+            }
+        }
+        Flow::End(GuestEnd::Crashed(Crash::Exception {
+            vector,
+            error_code: fault.error_code,
+            rip: fault.rip,
+            rsp: fault.rsp,
+            fault_addr: fault.addr,
+        }))
+    }
+
+    /// Reads the state of the CPL3 code that raised `vector`: the frame
+    /// the CPU pushed on the CPL0 stack (at the stub's `rsp`), and CR2 for
+    /// a page fault, all from memory and the `kvm_run` page.
+    fn fault(&mut self, vector: u8) -> Result<Fault, Crash> {
+        let sp = self.vcpu.exit_regs().rsp;
         let has_code = descriptors::has_error_code(vector);
-        let frame_len = if has_code { 6 * 8 } else { 5 * 8 };
-        if sp < descriptors::KERNEL_STACK || sp + frame_len > descriptors::KERNEL_STACK_TOP {
-            return Crash::Internal(format!("exception {vector} reported a bad stack {sp:#x}"));
+        let words = if has_code { 6 } else { 5 };
+        if sp < descriptors::KERNEL_STACK || sp + words * 8 > descriptors::KERNEL_STACK_TOP {
+            return Err(Crash::Internal(format!(
+                "exception {vector} reported a bad stack {sp:#x}"
+            )));
         }
         let mut bytes = [0u8; 48];
-        if let Err(e) = self.ram.read_host(sp, &mut bytes[..frame_len as usize]) {
-            return Crash::Internal(e.to_string());
+        if let Err(e) = self.ram.read_host(sp, &mut bytes[..words as usize * 8]) {
+            return Err(Crash::Internal(e.to_string()));
         }
-        let word = |i: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
-            u64::from_le_bytes(w)
-        };
-        let (error_code, base) = if has_code {
-            (Some(word(0)), 1)
-        } else {
-            (None, 0)
-        };
-        // Frame: rip, cs, rflags, rsp, ss.
-        let fault_addr = if vector == 14 {
-            self.vcpu.sregs().ok().map(|s| s.cr2)
-        } else {
-            None
-        };
-        Crash::Exception {
-            vector,
+        let mut frame = bytes
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")));
+        let error_code = if has_code { frame.next() } else { None };
+        // Then rip, cs, rflags, rsp, ss.
+        let mut next = || frame.next().unwrap_or(0);
+        let (rip, _cs, rflags, rsp) = (next(), next(), next(), next());
+        Ok(Fault {
             error_code,
-            rip: word(base),
-            rsp: word(base + 3),
-            fault_addr,
-        }
+            rip,
+            rsp,
+            rflags,
+            addr: if vector == 14 {
+                Some(
+                    self.vcpu
+                        .sregs()
+                        .map_err(|e| Crash::Internal(e.to_string()))?
+                        .cr2,
+                )
+            } else {
+                None
+            },
+        })
     }
+}
+
+/// The state of the guest at an exception.
+struct Fault {
+    error_code: Option<u64>,
+    rip: u64,
+    rsp: u64,
+    rflags: u64,
+    addr: Option<u64>,
 }
 
 /// What an exit is: the one place that decodes ports into the ABI's
@@ -293,7 +359,7 @@ fn exit_reason(exit: &Exit) -> ExitReason {
             size: 4,
             ..
         } => ExitReason::NullExit,
-        Exit::Out { port, size: 4, .. }
+        Exit::Out { port, size: 1, .. }
             if (EXCEPTION_PORT_BASE..EXCEPTION_PORT_BASE + EXCEPTION_VECTORS).contains(&port) =>
         {
             ExitReason::Exception

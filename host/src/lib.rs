@@ -43,6 +43,7 @@ pub mod pool;
 pub mod sched;
 pub mod shard;
 pub mod stats;
+pub mod trap;
 
 pub use end::{Crash, GuestEnd, PanicReport};
 pub use host::{

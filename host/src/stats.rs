@@ -68,6 +68,7 @@ pub struct GuestStats {
     throttled_ns: AtomicU64,
     cpu_ns: AtomicU64,
     preemptions: AtomicU64,
+    traps: AtomicU64,
     /// Host address and size of the guest's RAM while it exists (0: none).
     ram_addr: AtomicU64,
     ram_len: AtomicU64,
@@ -89,6 +90,7 @@ impl Default for GuestStats {
             throttled_ns: AtomicU64::new(0),
             cpu_ns: AtomicU64::new(0),
             preemptions: AtomicU64::new(0),
+            traps: AtomicU64::new(0),
             ram_addr: AtomicU64::new(0),
             ram_len: AtomicU64::new(0),
             resident_at_end: AtomicU64::new(0),
@@ -128,6 +130,8 @@ pub struct StatsSnapshot {
     pub cpu_ns: u64,
     /// Times the scheduler took the worker away at the end of a slice.
     pub preemptions: u64,
+    /// Exceptions bounced to the guest's own handler.
+    pub traps: u64,
     /// Guest RAM size, in bytes.
     pub memory_bytes: u64,
     /// Bytes of guest RAM resident in host memory: pages the guest
@@ -213,6 +217,11 @@ impl GuestStats {
         self.preemptions.fetch_add(1, Relaxed);
     }
 
+    /// One exception bounced to the guest's handler.
+    pub fn count_trap(&self) {
+        self.traps.fetch_add(1, Relaxed);
+    }
+
     /// Watches the guest's RAM for [`StatsSnapshot::resident_bytes`].
     pub fn watch_memory(&self, ram: &GuestRam) {
         self.ram_len.store(ram.size(), Relaxed);
@@ -242,6 +251,7 @@ impl GuestStats {
             throttled_ns: self.throttled_ns.load(Relaxed),
             cpu_ns: self.cpu_ns.load(Relaxed),
             preemptions: self.preemptions.load(Relaxed),
+            traps: self.traps.load(Relaxed),
             memory_bytes: self.ram_len.load(Relaxed),
             resident_bytes: match self.ram_addr.load(Acquire) {
                 0 => self.resident_at_end.load(Relaxed),

@@ -34,7 +34,7 @@ fn boot(code: &[u8], idt_limit: u16) -> (shoal_host::kvm::Vcpu, shoal_host::kvm:
     .expect("maps");
     pt.write(&ram).expect("tables");
     let vm = kvm.create_vm(&ram).expect("VM");
-    let vcpu = vm.create_vcpu().expect("vCPU");
+    let mut vcpu = vm.create_vcpu().expect("vCPU");
     vcpu.setup(&CpuSetup {
         gdt: (descriptors::GDT, descriptors::GDT_LIMIT),
         idt: (descriptors::IDT, idt_limit),
@@ -78,7 +78,7 @@ fn out_to_the_null_exit_port_reaches_the_host_with_its_value() {
     // stub's stack pointer.
     let exit = vcpu.run().expect("runs");
     assert!(
-        matches!(exit, Exit::Out { port, size: 4, .. } if port == shoal_abi::layout::EXCEPTION_PORT_BASE + 6),
+        matches!(exit, Exit::Out { port, size: 1, .. } if port == shoal_abi::layout::EXCEPTION_PORT_BASE + 6),
         "{exit:?}"
     );
 }

@@ -10,12 +10,19 @@
 //!   host must stop it with a page fault at [`WINDOW`].
 //! - `mmu protect-fault`: maps a page writable, writes, makes it read-only,
 //!   writes again: a page fault at [`WINDOW`] (a write to a present page).
+//! - `mmu catch`: the same faults, caught by its own handler: a read of an
+//!   unmapped page (the handler maps a frame there), a write to a
+//!   read-only page (the handler makes it writable), `ud2` (the handler
+//!   steps over it) and `int3`. Checks what the handler saw, that every
+//!   access completed, and that registers survived. Prints `catch ok`.
 #![no_std]
 #![no_main]
 
+use core::sync::atomic::{AtomicU64, Ordering};
 use shoal_guest::abi::layout::PAGE_SIZE;
 use shoal_guest::hypercall::Error;
 use shoal_guest::mmu::{self, Batch, Refused, WRITE};
+use shoal_guest::trap::{self, TrapFrame};
 use shoal_guest::{boot, println};
 
 shoal_guest::entry!(main);
@@ -173,6 +180,141 @@ fn fault(protect: bool) -> i32 {
     1
 }
 
+/// What the handler saw last: vector, error code, address, and how many
+/// exceptions it took; and the frame it maps on a fault.
+static SEEN: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+static SPARE: AtomicU64 = AtomicU64::new(0);
+
+fn on_trap(frame: &mut TrapFrame) {
+    SEEN[0].store(u64::from(frame.vector), Ordering::Relaxed);
+    SEEN[1].store(frame.error_code, Ordering::Relaxed);
+    SEEN[2].store(frame.fault_addr, Ordering::Relaxed);
+    SEEN[3].fetch_add(1, Ordering::Relaxed);
+    let page = frame.fault_addr & !(PAGE_SIZE - 1);
+    let mut batch = Batch::new();
+    let fixed = match frame.vector as u8 {
+        trap::PAGE_FAULT if frame.error_code & trap::PF_PRESENT == 0 => {
+            batch.map(page, SPARE.load(Ordering::Relaxed), WRITE)
+        }
+        trap::PAGE_FAULT => batch.protect(page, WRITE),
+        trap::INVALID_OPCODE => {
+            frame.rip += 2;
+            Ok(())
+        }
+        _ => Ok(()),
+    };
+    if fixed.and_then(|()| batch.flush().map(|_| ())).is_err() {
+        panic!("the handler could not fix the fault");
+    }
+}
+
+/// Expects the handler's last exception to be `vector` with `code` at
+/// `addr`, as exception number `count`.
+fn saw(what: &str, vector: u8, code: u64, addr: u64, count: u64) -> bool {
+    let seen: [u64; 4] = core::array::from_fn(|i| SEEN[i].load(Ordering::Relaxed));
+    let ok = seen == [u64::from(vector), code, addr, count];
+    if !ok {
+        println!(
+            "{what}: handler saw {seen:x?}, want {:x?}",
+            [u64::from(vector), code, addr, count]
+        );
+    }
+    ok
+}
+
+/// Reads `vaddr` with known values in registers the compiler would
+/// otherwise keep elsewhere, and returns the value and whether they all
+/// survived the exception the read raises.
+fn read_keeping_registers(vaddr: u64) -> (u64, bool) {
+    let (mut a, mut b, mut c, mut x) = (0x1111_u64, 0x2222_u64, 0x3333_u64, 1.5_f64);
+    let value: u64;
+    // SAFETY: reads one word; the page is mapped by the handler if it is
+    // not mapped now. Registers named are declared as changed.
+    unsafe {
+        core::arch::asm!(
+            "mov {v}, [{addr}]",
+            addr = in(reg) vaddr,
+            v = lateout(reg) value,
+            inout("r12") a,
+            inout("r13") b,
+            inout("rcx") c,
+            inout("xmm0") x,
+            options(nostack),
+        );
+    }
+    let kept = (a, b, c) == (0x1111, 0x2222, 0x3333) && x == 1.5;
+    (value, kept)
+}
+
+fn catch() -> bool {
+    if mmu::take_heap(2).is_err() {
+        return false;
+    }
+    let mut frames = [0u64; 2];
+    if mmu::alloc_frames(&mut frames).is_err() {
+        return false;
+    }
+    SPARE.store(frames[1], Ordering::Relaxed);
+    if let Err(e) = trap::set_handler(
+        trap::vector_bit(trap::PAGE_FAULT)
+            | trap::vector_bit(trap::INVALID_OPCODE)
+            | trap::vector_bit(trap::BREAKPOINT),
+        on_trap,
+    ) {
+        println!("set_handler failed: {e:?}");
+        return false;
+    }
+    // An unmapped page: the handler maps the spare frame (zeroed) there.
+    let (value, kept) = read_keeping_registers(WINDOW);
+    if !saw(
+        "read of an unmapped page",
+        trap::PAGE_FAULT,
+        0b100,
+        WINDOW,
+        1,
+    ) || value != 0
+        || !kept
+    {
+        println!("after the fault: value {value:#x}, registers kept: {kept}");
+        return false;
+    }
+    write(WINDOW, 0x5eed);
+    // A read-only page: the write faults, the handler makes it writable.
+    let mut batch = Batch::new();
+    if batch
+        .protect(WINDOW, mmu::READ_ONLY)
+        .and_then(|()| batch.flush())
+        .is_err()
+    {
+        return false;
+    }
+    write(WINDOW + 8, 0xbeef);
+    let code = trap::PF_PRESENT | trap::PF_WRITE | 0b100;
+    if !saw(
+        "write to a read-only page",
+        trap::PAGE_FAULT,
+        code,
+        WINDOW + 8,
+        2,
+    ) || (read(WINDOW), read(WINDOW + 8)) != (0x5eed, 0xbeef)
+    {
+        return false;
+    }
+    // `ud2`, stepped over by the handler; `int3`, resumed after.
+    // SAFETY: both raise an exception the handler resumes from.
+    unsafe { core::arch::asm!("ud2", options(nostack)) };
+    if !saw("ud2", trap::INVALID_OPCODE, 0, 0, 3) {
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { core::arch::asm!("int3", options(nostack)) };
+    if !saw("int3", trap::BREAKPOINT, 0, 0, 4) {
+        return false;
+    }
+    println!("caught 4 exceptions, every access completed, registers kept");
+    true
+}
+
 fn main() -> i32 {
     let mut args = boot::args();
     match args.next().unwrap_or("check") {
@@ -199,8 +341,18 @@ fn main() -> i32 {
         }
         "unmap-fault" => fault(false),
         "protect-fault" => fault(true),
+        "catch" if catch() => {
+            println!("catch ok");
+            0
+        }
+        "catch" => {
+            println!("catch failed");
+            1
+        }
         other => {
-            println!("usage: mmu [check [REMAPS] | unmap-fault | protect-fault], not {other}");
+            println!(
+                "usage: mmu [check [REMAPS] | unmap-fault | protect-fault | catch], not {other}"
+            );
             2
         }
     }

@@ -6,9 +6,11 @@
 //!   permission bitmap that opens only the ABI's guest ports.
 //! - IDT: 32 interrupt gates (DPL 0, so `int n` from the guest is a #GP) to
 //!   16-byte stubs. Each stub runs at CPL0, which PVM emulates instruction
-//!   by instruction, so it is three instructions: `mov eax, esp`,
-//!   `mov dx, EXCEPTION_PORT_BASE + vector`, `out dx, eax`. The host then
-//!   reads the exception frame from the CPL0 stack without any vCPU ioctl.
+//!   by instruction, so it is one instruction: `out EXCEPTION_PORT_BASE +
+//!   vector, al`, which changes no register. The host finds the exception
+//!   frame at the stub's `rsp` in the registers KVM leaves in the `kvm_run`
+//!   page, and either stops the guest or resumes it at CPL3 in its handler
+//!   (the stub never runs further).
 
 use crate::kvm::memory::{GuestRam, MemoryError};
 use crate::kvm::vcpu::selector;
@@ -62,13 +64,11 @@ fn gate(handler: u64) -> [u64; 2] {
 }
 
 fn stub(vector: u16) -> [u8; STUB_SIZE as usize] {
-    let port = (EXCEPTION_PORT_BASE + vector).to_le_bytes();
+    let port = u8::try_from(EXCEPTION_PORT_BASE + vector).expect("exception ports are below 256");
     [
-        0x89, 0xe0, // mov eax, esp
-        0x66, 0xba, port[0], port[1], // mov dx, port
-        0xef,    // out dx, eax
-        0xeb, 0xfe, // jmp $ (the host never resumes a faulted guest)
-        0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc,
+        0xe6, port, // out port, al
+        0xeb, 0xfe, // jmp $ (the host never resumes a stub)
+        0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc,
     ]
 }
 
@@ -180,10 +180,7 @@ mod tests {
     #[test]
     fn stubs_report_their_vector_on_their_port() {
         let code = stub(14);
-        assert_eq!(
-            u16::from_le_bytes([code[4], code[5]]),
-            EXCEPTION_PORT_BASE + 14
-        );
+        assert_eq!(u16::from(code[1]), EXCEPTION_PORT_BASE + 14);
         assert!(has_error_code(14) && has_error_code(13) && !has_error_code(6));
         assert_eq!(exception_name(14), "#PF page fault");
     }

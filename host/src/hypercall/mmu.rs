@@ -1,12 +1,12 @@
 //! The paravirtual MMU's calls: `mmu_update`, `frame_alloc`, `frame_free`
 //! (the rules live in [`crate::mmu`]).
 
-use super::{Context, Flow, Served};
+use super::{Context, Flow, Served, read_array};
 use crate::end::{Crash, GuestEnd};
 use crate::mmu::MmuFailure;
 use shoal_abi::HypercallError;
 use shoal_abi::hypercall::{FrameAlloc, FrameFree, MMU_BATCH_MAX, MmuRequest, MmuUpdate};
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::IntoBytes;
 
 /// A host failure while applying checked changes ends the guest: its
 /// tables may be half-written.
@@ -17,29 +17,13 @@ fn failed(e: MmuFailure) -> Served {
     ))
 }
 
-/// Copies `count` items of `T` from the guest array at `addr`.
-fn read_array<T: FromBytes + IntoBytes + Copy>(
-    ctx: &Context<'_>,
-    addr: u64,
-    count: u32,
-) -> Result<Vec<T>, HypercallError> {
-    if count > MMU_BATCH_MAX {
-        return Err(HypercallError::Invalid);
-    }
-    let mut items = vec![T::new_zeroed(); count as usize];
-    ctx.ram
-        .read_guest(addr, items.as_mut_bytes())
-        .map_err(|_| HypercallError::Fault)?;
-    Ok(items)
-}
-
 /// `mmu_update`.
 pub fn update(ctx: &Context<'_>, args: &mut MmuUpdate) -> Served {
     args.error_index = u64::MAX;
     if args._pad != 0 {
         return Err(HypercallError::ReservedNotZero);
     }
-    let requests: Vec<MmuRequest> = read_array(ctx, args.requests, args.count)?;
+    let requests: Vec<MmuRequest> = read_array(ctx, args.requests, args.count, MMU_BATCH_MAX)?;
     let mut mmu = ctx.mmu.borrow_mut();
     match mmu.active(ctx.ram.size()).update(ctx.ram, &requests) {
         Ok(Ok(done)) => Ok((done as i64, Flow::Resume)),
@@ -83,7 +67,7 @@ pub fn free(ctx: &Context<'_>, args: &mut FrameFree) -> Served {
     if args._pad != 0 {
         return Err(HypercallError::ReservedNotZero);
     }
-    let frames: Vec<u64> = read_array(ctx, args.frames, args.count)?;
+    let frames: Vec<u64> = read_array(ctx, args.frames, args.count, MMU_BATCH_MAX)?;
     let mut mmu = ctx.mmu.borrow_mut();
     match mmu.active(ctx.ram.size()).give_back(ctx.ram, &frames) {
         Ok(Ok(())) => Ok((i64::from(args.count), Flow::Resume)),

@@ -12,6 +12,7 @@ mod console;
 mod mmu;
 mod system;
 mod time;
+mod trap;
 
 use crate::clock::GuestClock;
 use crate::console::Console;
@@ -19,9 +20,11 @@ use crate::end::{Crash, GuestEnd};
 use crate::kvm::memory::GuestRam;
 use crate::mmu::GuestMmu;
 use crate::stats::GuestStats;
-use shoal_abi::hypercall::{self as abi, Hypercall, MAX_ARG_LEN};
+use crate::trap::Traps;
+use shoal_abi::hypercall::{self as abi, Hypercall, MAX_ARG_LEN, MULTICALL_MAX, TrapFrame};
 use shoal_abi::{HypercallError, HypercallHeader, HypercallNr};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, Ordering};
 use zerocopy::{FromBytes, IntoBytes};
 
 const HEADER_LEN: usize = size_of::<HypercallHeader>();
@@ -35,11 +38,14 @@ pub enum Flow {
     Block(u64),
     /// Give the worker to another guest, then resume.
     Yield,
+    /// Resume the guest with these registers (`trap_return`).
+    Return(TrapFrame),
     /// The guest is over.
     End(GuestEnd),
 }
 
 /// What a hypercall service may touch.
+#[derive(Clone, Copy)]
 pub struct Context<'a> {
     /// The guest's id.
     pub id: u64,
@@ -55,6 +61,12 @@ pub struct Context<'a> {
     pub stats: &'a GuestStats,
     /// Its page tables and frames.
     pub mmu: &'a RefCell<GuestMmu>,
+    /// Its exception handler.
+    pub traps: &'a Cell<Traps>,
+    /// Set when the guest's time slice is over (read, never cleared here).
+    pub preempt: &'a AtomicBool,
+    /// Whether this call is one of a `multicall`'s.
+    pub in_multicall: bool,
 }
 
 /// The result of a service: the value for `ret` and what happens next.
@@ -92,6 +104,9 @@ pub fn dispatch(ctx: &Context<'_>, addr: u64) -> Flow {
         HypercallNr::MmuUpdate => serve::<abi::MmuUpdate>(ctx, addr, header, mmu::update),
         HypercallNr::FrameAlloc => serve::<abi::FrameAlloc>(ctx, addr, header, mmu::alloc),
         HypercallNr::FrameFree => serve::<abi::FrameFree>(ctx, addr, header, mmu::free),
+        HypercallNr::SetTrapTable => serve::<abi::SetTrapTable>(ctx, addr, header, trap::set_table),
+        HypercallNr::TrapReturn => serve::<abi::TrapReturn>(ctx, addr, header, trap::trap_return),
+        HypercallNr::Multicall => serve::<abi::Multicall>(ctx, addr, header, multicall),
         // A number the ABI crate knows but this host does not serve yet.
         _ => finish(
             ctx,
@@ -101,6 +116,49 @@ pub fn dispatch(ctx: &Context<'_>, addr: u64) -> Flow {
             &[],
         ),
     }
+}
+
+/// `multicall`: each listed block is dispatched as if called alone, until
+/// one does not simply return or the slice is over.
+fn multicall(ctx: &Context<'_>, args: &mut abi::Multicall) -> Served {
+    args.done = 0;
+    if ctx.in_multicall {
+        return Err(HypercallError::Invalid);
+    }
+    let blocks: Vec<u64> = read_array(ctx, args.calls, args.count, MULTICALL_MAX)?;
+    let inner = Context {
+        in_multicall: true,
+        ..*ctx
+    };
+    for block in blocks {
+        if args.done > 0 && ctx.preempt.load(Ordering::Relaxed) {
+            break;
+        }
+        let flow = dispatch(&inner, block);
+        args.done += 1;
+        if flow != Flow::Resume {
+            return Ok((i64::from(args.done), flow));
+        }
+    }
+    Ok((i64::from(args.done), Flow::Resume))
+}
+
+/// Copies `count` items of `T`, at most `max`, from the guest array at
+/// `addr`.
+fn read_array<T: FromBytes + IntoBytes + Copy>(
+    ctx: &Context<'_>,
+    addr: u64,
+    count: u32,
+    max: u32,
+) -> Result<Vec<T>, HypercallError> {
+    if count > max {
+        return Err(HypercallError::Invalid);
+    }
+    let mut items = vec![T::new_zeroed(); count as usize];
+    ctx.ram
+        .read_guest(addr, items.as_mut_bytes())
+        .map_err(|_| HypercallError::Fault)?;
+    Ok(items)
 }
 
 fn bad_memory(addr: u64, len: u64) -> Flow {

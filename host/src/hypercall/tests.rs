@@ -15,6 +15,8 @@ struct Fixture {
     console: Console,
     stats: GuestStats,
     mmu: RefCell<GuestMmu>,
+    traps: Cell<Traps>,
+    preempt: AtomicBool,
 }
 
 impl Fixture {
@@ -25,6 +27,8 @@ impl Fixture {
             console: Console::new(1, console_limit, None),
             stats: GuestStats::default(),
             mmu: RefCell::new(GuestMmu::new(std::sync::Arc::default(), 0)),
+            traps: Cell::default(),
+            preempt: AtomicBool::new(false),
         }
     }
 
@@ -37,6 +41,9 @@ impl Fixture {
             features: 0b101,
             stats: &self.stats,
             mmu: &self.mmu,
+            traps: &self.traps,
+            preempt: &self.preempt,
+            in_multicall: false,
         };
         dispatch(&ctx, addr)
     }
@@ -333,4 +340,143 @@ fn random_hostile_blocks_never_panic_and_end_only_with_documented_outcomes() {
             other => panic!("round {round}: unexpected outcome {other:?} for block at {addr:#x}"),
         }
     }
+}
+
+/// Writes a block for `args` at `addr` (without dispatching it).
+fn put<T: Hypercall>(f: &Fixture, addr: u64, args: T) {
+    let header = HypercallHeader {
+        nr: T::NR as u32,
+        arg_len: T::ARG_LEN,
+        ret: 1,
+    };
+    f.ram.write_guest(addr, header.as_bytes()).expect("in RAM");
+    f.ram
+        .write_guest(addr + 16, args.as_bytes())
+        .expect("in RAM");
+}
+
+fn ret_at(f: &Fixture, addr: u64) -> i64 {
+    let mut back = [0u8; 16];
+    f.ram.read_guest(addr, &mut back).expect("in RAM");
+    HypercallHeader::read_from_bytes(&back)
+        .expect("16 bytes")
+        .ret
+}
+
+/// A multicall of `blocks`, listed at `LIST`.
+fn multicall(f: &Fixture, blocks: &[u64]) -> (Flow, i64, abi::Multicall) {
+    const LIST: u64 = BLOCK_AT + 0x800;
+    f.ram.write_guest(LIST, blocks.as_bytes()).expect("in RAM");
+    f.call(
+        BLOCK_AT,
+        abi::Multicall {
+            calls: LIST,
+            count: blocks.len() as u32,
+            done: 0,
+        },
+    )
+}
+
+#[test]
+fn multicall_runs_each_call_with_its_own_result() {
+    let f = Fixture::new(100);
+    let (a, b, c) = (BLOCK_AT + 0x100, BLOCK_AT + 0x200, BLOCK_AT + 0x300);
+    put(&f, a, AbiInfo::default());
+    put(
+        &f,
+        b,
+        AbiInfo {
+            _pad: 1,
+            ..Default::default()
+        },
+    );
+    put(&f, c, WallClock::default());
+    let (flow, ret, args) = multicall(&f, &[a, b, c]);
+    assert_eq!((flow, ret, args.done), (Flow::Resume, 3, 3));
+    assert_eq!(ret_at(&f, a), 0);
+    assert_eq!(ret_at(&f, b), HypercallError::ReservedNotZero.to_ret());
+    assert_eq!(ret_at(&f, c), 0);
+    let stats = f.stats.snapshot();
+    assert_eq!(stats.hypercall(HypercallNr::AbiInfo), 2);
+    assert_eq!(stats.hypercall(HypercallNr::Multicall), 1);
+}
+
+#[test]
+fn multicall_stops_at_a_call_that_does_not_return_and_at_the_slice_end() {
+    let f = Fixture::new(100);
+    let (a, b, c) = (BLOCK_AT + 0x100, BLOCK_AT + 0x200, BLOCK_AT + 0x300);
+    put(&f, a, AbiInfo::default());
+    put(&f, b, Exit { code: 3, _pad: 0 });
+    put(&f, c, AbiInfo::default());
+    let (flow, _, _) = multicall(&f, &[a, b, c]);
+    assert_eq!(flow, Flow::End(crate::end::GuestEnd::Exited(3)));
+    assert_eq!(ret_at(&f, c), 1, "the call after exit never ran");
+
+    put(&f, b, AbiInfo::default());
+    f.preempt.store(true, Ordering::Relaxed);
+    let (flow, ret, args) = multicall(&f, &[a, b, c]);
+    assert_eq!(
+        (flow, ret, args.done),
+        (Flow::Resume, 1, 1),
+        "one call, then the slice ends"
+    );
+    assert_eq!(ret_at(&f, b), 1);
+}
+
+#[test]
+fn multicall_refuses_nesting_and_long_lists() {
+    let f = Fixture::new(100);
+    let inner = BLOCK_AT + 0x100;
+    put(
+        &f,
+        inner,
+        abi::Multicall {
+            calls: BLOCK_AT + 0x800,
+            count: 0,
+            done: 0,
+        },
+    );
+    let (flow, ret, _) = multicall(&f, &[inner]);
+    assert_eq!((flow, ret), (Flow::Resume, 1));
+    assert_eq!(ret_at(&f, inner), HypercallError::Invalid.to_ret());
+    let too_many = vec![inner; MULTICALL_MAX as usize + 1];
+    let (_, ret, args) = multicall(&f, &too_many);
+    assert_eq!((ret, args.done), (HypercallError::Invalid.to_ret(), 0));
+}
+
+#[test]
+fn trap_return_needs_a_running_handler() {
+    let f = Fixture::new(100);
+    let (flow, ret, _) = f.call(BLOCK_AT, abi::TrapReturn::default());
+    assert_eq!(
+        (flow, ret),
+        (Flow::Resume, HypercallError::Invalid.to_ret())
+    );
+    let frame_at = BLOCK_AT + 0x400;
+    let table = abi::SetTrapTable {
+        entry: IMAGE_BASE,
+        stack: BLOCK_AT,
+        frame: frame_at,
+        vectors: 1 << 14,
+        _pad: 0,
+    };
+    assert_eq!(f.call(BLOCK_AT, table).1, 0);
+    let mut traps = f.traps.get();
+    assert!(traps.enter(14).is_some());
+    f.traps.set(traps);
+    let frame = TrapFrame {
+        rip: IMAGE_BASE + 5,
+        rsp: BLOCK_AT - 64,
+        rax: 42,
+        ..Default::default()
+    };
+    f.ram
+        .write_guest(frame_at, frame.as_bytes())
+        .expect("in RAM");
+    let (flow, ret, _) = f.call(BLOCK_AT, abi::TrapReturn::default());
+    assert_eq!((flow, ret), (Flow::Return(frame), 0));
+    assert_eq!(
+        f.call(BLOCK_AT, abi::TrapReturn::default()).1,
+        HypercallError::Invalid.to_ret()
+    );
 }

@@ -1,7 +1,7 @@
 //! A vCPU running a 64-bit guest at CPL3, and the kick that interrupts it.
 
 use kvm_bindings::{Msrs, kvm_dtable, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use std::cell::Cell;
 use std::sync::Once;
 
@@ -69,6 +69,9 @@ const EFER_LMA: u64 = 1 << 10;
 const EFER_NXE: u64 = 1 << 11;
 const RFLAGS_RESERVED: u64 = 1 << 1;
 const RFLAGS_IF: u64 = 1 << 9;
+/// The flags a CPL3 guest may set for itself: CF, PF, AF, ZF, SF, TF, DF,
+/// OF, RF and AC.
+const RFLAGS_USER: u64 = 0x0005_0dd5;
 const MSR_IA32_TSC: u32 = 0x10;
 
 /// What a `KVM_RUN` ended with, decoded.
@@ -107,6 +110,9 @@ pub enum Exit {
 #[derive(Debug)]
 pub struct Vcpu {
     fd: VcpuFd,
+    /// The special registers the guest runs with, as [`Vcpu::setup`] set
+    /// them.
+    user_sregs: kvm_sregs,
 }
 
 fn segment(selector: u16, code: bool, dpl: u8) -> kvm_segment {
@@ -129,12 +135,15 @@ fn segment(selector: u16, code: bool, dpl: u8) -> kvm_segment {
 
 impl Vcpu {
     pub(super) fn new(fd: VcpuFd) -> Self {
-        Self { fd }
+        Self {
+            fd,
+            user_sregs: kvm_sregs::default(),
+        }
     }
 
     /// Puts the vCPU in 64-bit mode at CPL3 with the host's descriptor
     /// tables, TSS and page tables, at `setup.rip`.
-    pub fn setup(&self, setup: &CpuSetup) -> Result<(), VcpuError> {
+    pub fn setup(&mut self, setup: &CpuSetup) -> Result<(), VcpuError> {
         let mut sregs: kvm_sregs = self.fd.get_sregs().map_err(VcpuError::Setup)?;
         let data = segment(selector::USER_DATA, false, 3);
         sregs.cs = segment(selector::USER_CODE, true, 3);
@@ -172,6 +181,12 @@ impl Vcpu {
         sregs.efer = EFER_LME | EFER_LMA | EFER_NXE;
         sregs.cr3 = setup.cr3;
         self.fd.set_sregs(&sregs).map_err(VcpuError::Setup)?;
+        self.user_sregs = sregs;
+        // Every exit leaves the general registers in the shared `kvm_run`
+        // page, so an exception can be bounced to the guest's handler
+        // without a register ioctl (`KVM_CAP_SYNC_REGS`). Not the special
+        // registers: storing those costs 8 µs on every exit under PVM.
+        self.fd.set_sync_valid_reg(SyncReg::Register);
         let regs = kvm_regs {
             rip: setup.rip,
             rsp: setup.rsp,
@@ -206,6 +221,36 @@ impl Vcpu {
     /// Special registers (crash reports only: an ioctl).
     pub fn sregs(&self) -> Result<kvm_sregs, VcpuError> {
         self.fd.get_sregs().map_err(VcpuError::Read)
+    }
+
+    /// The general registers at the last exit (no ioctl: KVM stores them
+    /// in the `kvm_run` page on every exit).
+    pub fn exit_regs(&mut self) -> kvm_regs {
+        self.fd.sync_regs_mut().regs
+    }
+
+    /// Makes the next entry resume the guest with `regs`, at CPL3; the
+    /// flags are limited to those a CPL3 guest may set, with interrupts
+    /// enabled. `from_kernel`: the vCPU exited at CPL0 (in an exception
+    /// stub), so the segments go back to the guest's too. No ioctl: the
+    /// state goes through the `kvm_run` page. The I/O instruction the vCPU
+    /// exited on is not completed (KVM skips it only when `rip` is
+    /// unchanged).
+    pub fn resume_user(&mut self, regs: &kvm_regs, from_kernel: bool) {
+        let user_sregs = self.user_sregs;
+        let synced = self.fd.sync_regs_mut();
+        synced.regs = kvm_regs {
+            rflags: (regs.rflags & RFLAGS_USER) | RFLAGS_RESERVED | RFLAGS_IF,
+            ..*regs
+        };
+        if from_kernel {
+            // The guest cannot change any special register at CPL3 (no
+            // FSGSBASE, no control registers), so the set it was started
+            // with is its set now.
+            synced.sregs = user_sregs;
+            self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+        }
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
     }
 
     /// Makes this thread's kick target this vCPU: a [`Kick`] sent to the
