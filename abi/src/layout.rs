@@ -68,3 +68,13 @@ pub const EXCEPTION_PORT_BASE: u16 = 0xe0;
 
 /// Number of exception vectors the host reports (0..32).
 pub const EXCEPTION_VECTORS: u16 = 32;
+
+/// Where the trap-and-emulate experiment (feature `TRAPPED_PAGE_TABLES`)
+/// shows the guest its page tables: the page-table area, page by page
+/// from [`PAGE_TABLE_AREA_START`], so the root table is the window's first
+/// page and a table at guest-physical `p` is at `window + p -
+/// PAGE_TABLE_AREA_START`. Reads see the tables; an aligned 8-byte write
+/// of a leaf entry traps to the host, which checks it by the rules of
+/// `mmu_update` and applies it, or stops the guest. `mmu_update` cannot
+/// map over the window.
+pub const TRAPPED_TABLES_WINDOW: u64 = 0x7f00_0000_0000;

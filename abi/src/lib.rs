@@ -54,6 +54,12 @@ pub mod features {
     /// `multicall` is served ([`crate::hypercall::Multicall`]).
     pub const MULTICALL: u64 = 1 << 6;
 
+    /// Experiment, offered only when the host is asked for it: the
+    /// guest's page tables are readable, and writable by trap-and-emulate,
+    /// at [`crate::layout::TRAPPED_TABLES_WINDOW`]. Not part of
+    /// [`ALL_V1`].
+    pub const TRAPPED_PAGE_TABLES: u64 = 1 << 7;
+
     /// Every feature this version of the ABI crate knows about.
     pub const ALL_V1: u64 = CLOCK_PAGE | BLOCK | PRECISE_FAULTS | YIELD | MMU | TRAPS | MULTICALL;
 }

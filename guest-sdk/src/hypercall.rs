@@ -30,6 +30,88 @@ struct Block<T> {
     args: T,
 }
 
+/// One hypercall of a [`multicall`]: its argument block, filled in by the
+/// host when the multicall runs.
+#[repr(C, align(8))]
+pub struct Call<T: Hypercall> {
+    header: HypercallHeader,
+    args: T,
+}
+
+impl<T: Hypercall> Call<T> {
+    /// The call `T::NR` with `args`, not made yet.
+    pub fn new(args: T) -> Self {
+        Self {
+            header: HypercallHeader {
+                nr: T::NR as u32,
+                arg_len: T::ARG_LEN,
+                ret: 0,
+            },
+            args,
+        }
+    }
+
+    /// The call's result once its multicall ran.
+    pub fn result(&self) -> Result<u64, Error> {
+        // SAFETY: a live field; the volatile read observes the host's write.
+        let ret = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(self.header.ret)) };
+        if ret < 0 {
+            Err(Error::from(ret))
+        } else {
+            Ok(ret as u64)
+        }
+    }
+
+    /// The arguments as the host left them (output fields filled in).
+    pub fn args(&self) -> T {
+        // SAFETY: as in `result`.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!(self.args)) }
+    }
+}
+
+/// A [`Call`] of any hypercall, as a multicall lists it.
+pub trait Queued {
+    /// The guest-physical address of the argument block.
+    fn block(&mut self) -> u64;
+}
+
+impl<T: Hypercall> Queued for Call<T> {
+    fn block(&mut self) -> u64 {
+        core::ptr::addr_of_mut!(self.header) as u64
+    }
+}
+
+/// Makes `calls` in order with as few exits as the host allows: one per
+/// [`MULTICALL_MAX`] calls, unless the host stops a run early at the end
+/// of the guest's time slice, when the rest goes in another exit. Each
+/// call's result is in its [`Call`]. A call that blocks or yields returns
+/// here when the guest runs again; one that ends the guest does not
+/// return. Returns the number of calls made.
+///
+/// [`MULTICALL_MAX`]: shoal_abi::hypercall::MULTICALL_MAX
+pub fn multicall(calls: &mut [&mut dyn Queued]) -> Result<usize, Error> {
+    const MAX: usize = shoal_abi::hypercall::MULTICALL_MAX as usize;
+    let mut done = 0;
+    while done < calls.len() {
+        let mut blocks = [0u64; MAX];
+        let n = (calls.len() - done).min(MAX);
+        for (block, call) in blocks.iter_mut().zip(&mut calls[done..done + n]) {
+            *block = call.block();
+        }
+        let mut args = shoal_abi::hypercall::Multicall {
+            calls: blocks.as_ptr() as u64,
+            count: n as u32,
+            done: 0,
+        };
+        call(&mut args)?;
+        if args.done == 0 {
+            return Err(Error::Abi(HypercallError::Invalid));
+        }
+        done += args.done as usize;
+    }
+    Ok(done)
+}
+
 /// Performs the hypercall `T::NR` with `args`, which the host may update
 /// (output fields). Returns the call's non-negative result.
 pub fn call<T: Hypercall>(args: &mut T) -> Result<u64, Error> {

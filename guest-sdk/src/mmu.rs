@@ -209,3 +209,78 @@ pub fn take_heap(pages: u64) -> Result<u64, Error> {
     }
     Ok(end)
 }
+
+/// The trap-and-emulate experiment (feature `TRAPPED_PAGE_TABLES`, asked
+/// for with `shoal run --trapped-page-tables`): the guest reads its page
+/// tables through a window and changes a leaf entry by writing it there;
+/// each write traps to the host, which checks it by the rules of
+/// `mmu_update` and applies it. One exit per entry, no batching: the
+/// baseline paravirtualization is measured against.
+pub mod trapped {
+    use shoal_abi::features::TRAPPED_PAGE_TABLES;
+    use shoal_abi::layout::{PAGE_SIZE, PAGE_TABLE_AREA_START, TRAPPED_TABLES_WINDOW};
+
+    const PRESENT: u64 = 1;
+    const WRITABLE: u64 = 1 << 1;
+    const USER: u64 = 1 << 2;
+    const ACCESSED: u64 = 1 << 5;
+    const DIRTY: u64 = 1 << 6;
+    const NO_EXECUTE: u64 = 1 << 63;
+    const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+    /// Whether the host opened the window for this guest.
+    pub fn available() -> bool {
+        crate::boot::info().features & TRAPPED_PAGE_TABLES != 0
+    }
+
+    /// Where the table at guest-physical `table` shows in the window.
+    fn shown(table: u64) -> *mut u64 {
+        (TRAPPED_TABLES_WINDOW + table - PAGE_TABLE_AREA_START) as *mut u64
+    }
+
+    /// The leaf entry of `vaddr` in the window, if the tables down to it
+    /// exist (this experiment changes leaves only: create them first with
+    /// a `map` through [`super::Batch`]).
+    pub fn leaf(vaddr: u64) -> Option<*mut u64> {
+        if !available() {
+            return None;
+        }
+        let mut table = PAGE_TABLE_AREA_START;
+        for level in [39, 30, 21] {
+            let index = ((vaddr >> level) & 511) as usize;
+            // SAFETY: the window maps every table frame readable; `table`
+            // came from a present entry, so it is a table frame.
+            let entry = unsafe { shown(table).add(index).read_volatile() };
+            if entry & PRESENT == 0 {
+                return None;
+            }
+            table = entry & ADDR_MASK;
+        }
+        // SAFETY: as above, inside the leaf table's page.
+        Some(unsafe { shown(table).add(((vaddr / PAGE_SIZE) & 511) as usize) })
+    }
+
+    /// The entry that maps `frame` with `flags` ([`super::WRITE`],
+    /// [`super::EXEC`]), as the host would write it.
+    pub fn entry(frame: u64, flags: u32) -> u64 {
+        let mut entry = frame | PRESENT | USER | ACCESSED;
+        if flags & super::WRITE != 0 {
+            entry |= WRITABLE | DIRTY;
+        }
+        if flags & super::EXEC == 0 {
+            entry |= NO_EXECUTE;
+        }
+        entry
+    }
+
+    /// Writes `entry` into the leaf at `slot` (from [`leaf`]): one trap.
+    /// A write the host refuses stops the guest.
+    ///
+    /// # Safety
+    /// `slot` must come from [`leaf`].
+    pub unsafe fn write(slot: *mut u64, entry: u64) {
+        // SAFETY: the caller passes a slot in the window, whose write
+        // traps to the host and completes when the host has applied it.
+        unsafe { slot.write_volatile(entry) }
+    }
+}

@@ -110,6 +110,17 @@ pub enum Crash {
         /// `out` (true) or `in`.
         write: bool,
     },
+    /// A write to the guest's page tables through the trap-and-emulate
+    /// window that the rules refuse.
+    #[error("page-table write refused ({error}): {value:#x} at table address {addr:#x}")]
+    PageTableWrite {
+        /// Guest-physical address written (in the tables' alias).
+        addr: u64,
+        /// The entry written.
+        value: u64,
+        /// Why it was refused: the error `mmu_update` would have returned.
+        error: String,
+    },
     /// The guest exceeded one of its limits.
     #[error("limit exceeded: {0}")]
     LimitExceeded(crate::limits::Limit),

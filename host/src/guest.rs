@@ -11,12 +11,14 @@ use crate::kvm::vcpu::{Exit, VcpuError};
 use crate::kvm::vm::VmError;
 use crate::kvm::{Vcpu, Vm};
 use crate::limits::{Limit, RateWindow};
-use crate::mmu::GuestMmu;
+use crate::mmu::{GuestMmu, TABLES_ALIAS, TABLES_LEN};
 use crate::pool::Shell;
 use crate::stats::{ExitReason, GuestStats};
 use crate::trap::{self, Traps};
 use kvm_bindings::kvm_regs;
-use shoal_abi::layout::{EXCEPTION_PORT_BASE, EXCEPTION_VECTORS, HYPERCALL_PORT, NULL_EXIT_PORT};
+use shoal_abi::layout::{
+    EXCEPTION_PORT_BASE, EXCEPTION_VECTORS, HYPERCALL_PORT, NULL_EXIT_PORT, PAGE_TABLE_AREA_START,
+};
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +36,9 @@ pub enum SpawnError {
     /// KVM refused the VM.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// The trap-and-emulate window could not be opened.
+    #[error(transparent)]
+    Mmu(#[from] crate::mmu::MmuFailure),
     /// KVM refused the vCPU or its state.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -91,6 +96,8 @@ pub struct GuestParts<'a> {
     pub stats: Arc<GuestStats>,
     /// Most exits per second, if limited.
     pub exit_rate: Option<u64>,
+    /// Open the trap-and-emulate page-table window (an experiment).
+    pub trapped_page_tables: bool,
 }
 
 impl Drop for Guest {
@@ -114,14 +121,23 @@ impl Guest {
             tsc_offset,
         } = shell;
         let template = parts.template;
+        let mut mmu = GuestMmu::new(Arc::clone(template.tables()), template.overlay_len());
+        let mut features = parts.features;
+        if parts.trapped_page_tables {
+            vm.alias_read_only(&ram, PAGE_TABLE_AREA_START, TABLES_LEN, TABLES_ALIAS)?;
+            features |= shoal_abi::features::TRAPPED_PAGE_TABLES;
+        }
         template.load(
             &ram,
             &BootParams {
                 guest_id: parts.id,
-                features: parts.features,
+                features,
                 args: parts.args,
             },
         )?;
+        if parts.trapped_page_tables {
+            mmu.active(ram.size()).open_window(&ram)?;
+        }
         vcpu.setup(template.cpu())?;
         let clock = GuestClock::start(scale, tsc_offset);
         clock.publish(&ram)?;
@@ -138,14 +154,11 @@ impl Guest {
             _vm: vm,
             ram,
             clock,
-            features: parts.features,
+            features,
             console: parts.console,
             stats: parts.stats,
             exit_rate: parts.exit_rate.map(RateWindow::new),
-            mmu: RefCell::new(GuestMmu::new(
-                Arc::clone(template.tables()),
-                template.overlay_len(),
-            )),
+            mmu: RefCell::new(mmu),
             traps: Cell::default(),
         })
     }
@@ -244,6 +257,22 @@ impl Guest {
                 size: 0,
                 write: true,
             }),
+            (ExitReason::PageTableWrite, Exit::MmioWrite { addr, len, value }) => {
+                let mut mmu = self.mmu.borrow_mut();
+                match mmu
+                    .active(self.ram.size())
+                    .trapped_write(&self.ram, addr, len, value)
+                {
+                    Ok(Ok(())) => Flow::Resume,
+                    Ok(Err(error)) => crash(Crash::PageTableWrite {
+                        addr,
+                        value,
+                        error: format!("{error:?}"),
+                    }),
+                    Err(e) => crash(Crash::Internal(e.to_string())),
+                }
+            }
+            (_, Exit::MmioWrite { .. }) => crash(Crash::UnexpectedExit("mmio write".into())),
             (_, Exit::Shutdown) => crash(match self.vcpu.regs() {
                 Ok(regs) => Crash::TripleFault { rip: regs.rip },
                 Err(e) => Crash::Internal(e.to_string()),
@@ -365,6 +394,7 @@ fn exit_reason(exit: &Exit) -> ExitReason {
             ExitReason::Exception
         }
         Exit::Out { .. } | Exit::In { .. } | Exit::StringIo { .. } => ExitReason::BadPort,
+        Exit::MmioWrite { .. } => ExitReason::PageTableWrite,
         Exit::Shutdown => ExitReason::TripleFault,
         Exit::Kicked | Exit::Other(_) => ExitReason::Other,
     }

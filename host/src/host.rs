@@ -31,6 +31,12 @@ pub struct GuestConfig {
     pub console_sink: Option<ConsoleSink>,
     /// Run-time, CPU-time and exit-rate limits.
     pub limits: Limits,
+    /// Experiment: show the guest its page tables at
+    /// [`shoal_abi::layout::TRAPPED_TABLES_WINDOW`] and let it change them
+    /// by writing there, each write trapping to the host (feature
+    /// `TRAPPED_PAGE_TABLES`): the trap-and-emulate side of the
+    /// `mmu_update` comparison in `shoal bench`.
+    pub trapped_page_tables: bool,
 }
 
 impl Default for GuestConfig {
@@ -41,6 +47,7 @@ impl Default for GuestConfig {
             console_limit: DEFAULT_CONSOLE_LIMIT,
             console_sink: None,
             limits: Limits::default(),
+            trapped_page_tables: false,
         }
     }
 }

@@ -101,6 +101,7 @@ impl Local {
                 console: Arc::clone(&console),
                 stats: Arc::clone(&stats),
                 exit_rate: config.limits.exit_rate,
+                trapped_page_tables: config.trapped_page_tables,
             },
         )?;
         let control = Arc::new(GuestControl::new(id, console, stats, config.limits));

@@ -30,7 +30,9 @@ use shoal_abi::hypercall::{
     MMU_BATCH_MAX, MMU_EXEC, MMU_MAP, MMU_PROTECT, MMU_UNMAP, MMU_VADDR_END, MMU_VADDR_START,
     MMU_WRITE, MmuRequest,
 };
-use shoal_abi::layout::{IMAGE_BASE, PAGE_SIZE};
+use shoal_abi::layout::{
+    IMAGE_BASE, PAGE_SIZE, PAGE_TABLE_AREA_END, PAGE_TABLE_AREA_START, TRAPPED_TABLES_WINDOW,
+};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -87,6 +89,13 @@ impl GuestMmu {
 /// Mapping count of a frame given back with `frame_free`.
 const FREE: u32 = u32::MAX;
 
+/// Guest-physical address of the read-only alias of the page-table area
+/// that the trap-and-emulate window maps: outside RAM, and below 2^36,
+/// the physical address width KVM gives a guest without CPUID.
+pub const TABLES_ALIAS: u64 = 1 << 35;
+/// Bytes of the page-table area, and of its alias and window.
+pub const TABLES_LEN: u64 = PAGE_TABLE_AREA_END - PAGE_TABLE_AREA_START;
+
 /// A guest's own page tables and frames.
 #[derive(Debug)]
 pub struct Mmu {
@@ -96,6 +105,11 @@ pub struct Mmu {
     /// Frames given back, oldest first.
     free: VecDeque<u64>,
     overlay_len: u64,
+    /// Whether the trap-and-emulate window is open.
+    window: bool,
+    /// Leaf tables by frame: the first virtual address each maps (found
+    /// again when a trapped write names a table not seen yet).
+    leaf_tables: HashMap<u64, u64>,
 }
 
 /// What one checked request does.
@@ -119,6 +133,8 @@ impl Mmu {
             maps: vec![0; frames as usize],
             free: VecDeque::new(),
             overlay_len,
+            window: false,
+            leaf_tables: HashMap::new(),
         };
         for (_, entry) in mmu.tables.leaves() {
             if let Some(slot) = mmu.slot(entry & ADDR_MASK) {
@@ -207,7 +223,10 @@ impl Mmu {
             if !vaddr.is_multiple_of(PAGE_SIZE) {
                 return Err(refuse(HypercallError::Invalid));
             }
-            if !(MMU_VADDR_START..MMU_VADDR_END).contains(&vaddr) {
+            let in_window = (TRAPPED_TABLES_WINDOW..TRAPPED_TABLES_WINDOW + TABLES_LEN)
+                .contains(&vaddr)
+                && self.window;
+            if !(MMU_VADDR_START..MMU_VADDR_END).contains(&vaddr) || in_window {
                 return Err(refuse(HypercallError::Denied));
             }
             let is_mapped = *mapped
@@ -247,6 +266,82 @@ impl Mmu {
             changes.push(Change { vaddr, entry });
         }
         Ok(changes)
+    }
+
+    /// Opens the trap-and-emulate window: maps [`TRAPPED_TABLES_WINDOW`]
+    /// to the alias of the page-table area at [`TABLES_ALIAS`], writable in
+    /// the page tables so that a write reaches KVM, whose read-only memslot
+    /// there turns it into an MMIO exit for [`Mmu::trapped_write`].
+    pub fn open_window(&mut self, ram: &GuestRam) -> Result<(), MmuFailure> {
+        let flags = PRESENT | WRITABLE | USER | NO_EXECUTE | ACCESSED | DIRTY;
+        for offset in (0..TABLES_LEN).step_by(PAGE_SIZE as usize) {
+            let entry = (TABLES_ALIAS + offset) | flags;
+            self.tables
+                .set_leaf(TRAPPED_TABLES_WINDOW + offset, entry)?;
+        }
+        self.tables.write_dirty(ram)?;
+        self.window = true;
+        Ok(())
+    }
+
+    /// Serves a trapped write of `len` bytes of `value` at guest-physical
+    /// `addr` in the alias: an aligned 8-byte write of a leaf entry
+    /// becomes the `map` or `unmap` it asks for, checked and applied like
+    /// one `mmu_update` request (a zero written over a zero changes
+    /// nothing). Anything else is refused.
+    pub fn trapped_write(
+        &mut self,
+        ram: &GuestRam,
+        addr: u64,
+        len: u32,
+        value: u64,
+    ) -> Result<Result<(), HypercallError>, MmuFailure> {
+        let offset = match addr.checked_sub(TABLES_ALIAS) {
+            Some(offset) if self.window && offset < TABLES_LEN && len == 8 => offset,
+            _ => return Ok(Err(HypercallError::Denied)),
+        };
+        if !offset.is_multiple_of(8) {
+            return Ok(Err(HypercallError::Invalid));
+        }
+        let table = PAGE_TABLE_AREA_START + offset / PAGE_SIZE * PAGE_SIZE;
+        if !self.leaf_tables.contains_key(&table) {
+            self.leaf_tables = self.tables.leaf_tables().into_iter().collect();
+        }
+        let Some(base) = self.leaf_tables.get(&table) else {
+            return Ok(Err(HypercallError::Denied));
+        };
+        let vaddr = base | ((offset % PAGE_SIZE / 8) << 12);
+        let known = PRESENT | WRITABLE | USER | ACCESSED | DIRTY | NO_EXECUTE | ADDR_MASK;
+        let request = if value & PRESENT == 0 {
+            if value != 0 {
+                return Ok(Err(HypercallError::Invalid));
+            }
+            if self.tables.leaf(vaddr) & PRESENT == 0 {
+                return Ok(Ok(()));
+            }
+            MmuRequest {
+                op: MMU_UNMAP,
+                flags: 0,
+                vaddr,
+                frame: 0,
+            }
+        } else {
+            if value & !known != 0 || value & USER == 0 {
+                return Ok(Err(HypercallError::Invalid));
+            }
+            let write = if value & WRITABLE != 0 { MMU_WRITE } else { 0 };
+            let exec = if value & NO_EXECUTE == 0 { MMU_EXEC } else { 0 };
+            MmuRequest {
+                op: MMU_MAP,
+                flags: write | exec,
+                vaddr,
+                frame: value & ADDR_MASK,
+            }
+        };
+        Ok(self
+            .update(ram, &[request])?
+            .map(|_| ())
+            .map_err(|r| r.error))
     }
 
     /// Takes `count` free frames, zeroed, oldest given back first.

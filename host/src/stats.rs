@@ -20,24 +20,28 @@ pub enum ExitReason {
     Hypercall,
     /// An `out` to the null-exit port.
     NullExit,
-    /// A CPU exception the guest did not handle.
+    /// A CPU exception (bounced to the guest's handler or not).
     Exception,
     /// An access to a port outside the ABI (string I/O included).
     BadPort,
     /// A triple fault.
     TripleFault,
+    /// A write to the guest's page tables through the trapping window
+    /// (the trap-and-emulate experiment, [`crate::GuestConfig::trapped_page_tables`]).
+    PageTableWrite,
     /// Anything else KVM reported.
     Other,
 }
 
 impl ExitReason {
     /// Every reason, in counter order (the discriminants' order).
-    pub const ALL: [ExitReason; 6] = [
+    pub const ALL: [ExitReason; 7] = [
         ExitReason::Hypercall,
         ExitReason::NullExit,
         ExitReason::Exception,
         ExitReason::BadPort,
         ExitReason::TripleFault,
+        ExitReason::PageTableWrite,
         ExitReason::Other,
     ];
 
@@ -49,6 +53,7 @@ impl ExitReason {
             ExitReason::Exception => "exception",
             ExitReason::BadPort => "bad_port",
             ExitReason::TripleFault => "triple_fault",
+            ExitReason::PageTableWrite => "page_table_write",
             ExitReason::Other => "other",
         }
     }

@@ -99,3 +99,70 @@ fn running_out_of_page_table_frames_is_a_limit_not_a_crash() {
     assert_eq!(report.end, GuestEnd::Exited(0), "{text}");
     assert!(text.contains("table frames ran out after"), "{text}");
 }
+
+fn trapped(args: &[&str]) -> GuestReport {
+    common::run_with(
+        "mmu",
+        shoal_host::GuestConfig {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            trapped_page_tables: true,
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn trap_and_emulate_writes_change_the_mapping_and_are_never_stale() {
+    let report = trapped(&["trapped", "2000"]);
+    common::assert_exited_0(&report);
+    let text = report.console_text();
+    assert!(
+        text.contains(
+            "remapped 2000 times by trapped writes, never stale; unmapped: entry 0x0\ntrapped ok\n"
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        report
+            .stats
+            .exits_for(shoal_host::ExitReason::PageTableWrite),
+        2001
+    );
+}
+
+#[test]
+fn a_trapped_write_the_rules_refuse_stops_the_guest() {
+    let report = trapped(&["trapped-forbidden"]);
+    match report.end {
+        GuestEnd::Crashed(Crash::PageTableWrite {
+            ref error, value, ..
+        }) => {
+            assert_eq!(error, "Denied");
+            assert_eq!(value & 0x000f_ffff_ffff_f000, 0x1_0000);
+        }
+        ref other => panic!("expected a refused page-table write, got {other}"),
+    }
+    // Without the experiment there is no window to write to.
+    let report = common::run("mmu", &["trapped"]);
+    assert_eq!(report.end, GuestEnd::Exited(1));
+}
+
+#[test]
+fn a_multicall_makes_many_mmu_updates_in_one_exit() {
+    let report = common::run("bench", &["multicall", "256", "64"]);
+    common::assert_exited_0(&report);
+    let calls = |nr| {
+        report
+            .stats
+            .hypercalls
+            .iter()
+            .find(|(n, _)| *n == nr)
+            .map_or(0, |(_, c)| *c)
+    };
+    assert_eq!(calls(HypercallNr::Multicall), 4);
+    // 256 inside the multicalls; two to set up (taking frames from the
+    // heap, mapping the pages first).
+    assert_eq!(mmu_updates(&report), 258);
+    let exits = report.stats.exits_for(shoal_host::ExitReason::Hypercall);
+    assert!(exits < 20, "{exits} hypercall exits for 256 changes");
+}

@@ -1,50 +1,127 @@
-//! bench: the guest half of `shoal bench`. Arguments: `MODE COUNT`, where
-//! MODE is `floor` (null exits), `hypercall` (abi_info round trips),
-//! `yield` (yield hypercalls), `clock` (monotonic clock reads), `remap1`
-//! (page remaps, one `mmu_update` each) or `remap64` (page remaps in
-//! batches of 64). Prints `result MODE COUNT NANOS`: the total time of
-//! COUNT operations measured inside the guest.
+//! bench: the guest half of `shoal bench`. Arguments: `MODE COUNT [N]`,
+//! where MODE is `floor` (null exits), `hypercall` (abi_info round trips),
+//! `yield` (yield hypercalls), `clock` (monotonic clock reads), or one of
+//! the ways to make COUNT page-table changes in rounds of N pages (N is 1
+//! to 64, default 64): `trapped` (each change a write to the trapping
+//! window: needs `--trapped-page-tables`), `single` (one `mmu_update` per
+//! change), `batched` (one `mmu_update` per round) or `multicall` (one
+//! `multicall` of N single-change `mmu_update`s per round). Every change
+//! remaps a page to the other of two frames, so each takes a mapping
+//! away (the costly kind). Prints `result MODE COUNT NANOS`: the total
+//! time of COUNT operations measured inside the guest.
 #![no_std]
 #![no_main]
 
-use shoal_guest::abi::hypercall::AbiInfo;
+use shoal_guest::abi::hypercall::{AbiInfo, MMU_MAP, MmuRequest, MmuUpdate};
 use shoal_guest::abi::layout::NULL_EXIT_PORT;
 use shoal_guest::abi::layout::PAGE_SIZE;
-use shoal_guest::mmu::{self, Batch};
+use shoal_guest::hypercall::{Call, Queued};
+use shoal_guest::mmu::{self, Batch, trapped};
 use shoal_guest::{boot, hypercall, println, time};
 
-/// Where the remap modes remap pages.
+/// Where the page-table modes remap pages.
 const WINDOW: u64 = 0x50_0000_0000;
+/// Most pages per round.
+const ROUND_MAX: usize = 64;
 
 /// Two frames to remap between, and the first round of mappings done, so
-/// that every timed change takes a mapping away (the costly kind).
-fn remap_setup(pages: u64) -> Option<[u64; 2]> {
+/// that every timed change takes a mapping away and every table exists.
+fn remap_setup(pages: usize) -> Option<[u64; 2]> {
     mmu::take_heap(2).ok()?;
     let mut frames = [0u64; 2];
     mmu::alloc_frames(&mut frames).ok()?;
     let mut batch = Batch::new();
-    for page in 0..pages {
+    for page in 0..pages as u64 {
         batch.map(WINDOW + page * PAGE_SIZE, frames[0], 0).ok()?;
     }
     batch.flush().ok()?;
     Some(frames)
 }
 
-/// `count` remaps of `batch_len` pages at a time, each page alternating
-/// between the two frames.
-fn remap(frames: [u64; 2], count: u64, batch_len: u64) -> bool {
-    let mut batch = Batch::new();
-    for change in 0..count {
-        let page = change % batch_len;
-        let frame = frames[((change / batch_len + 1) % 2) as usize];
-        if batch.map(WINDOW + page * PAGE_SIZE, frame, 0).is_err() {
-            return false;
-        }
-        if page + 1 == batch_len && batch.flush().is_err() {
-            return false;
-        }
+/// Change number `change` in rounds of `n`: which page, to which frame.
+fn change_of(frames: [u64; 2], change: u64, n: usize) -> (u64, u64) {
+    let n = n as u64;
+    let page = WINDOW + (change % n) * PAGE_SIZE;
+    (page, frames[((change / n + 1) % 2) as usize])
+}
+
+fn map_request(vaddr: u64, frame: u64) -> MmuRequest {
+    MmuRequest {
+        op: MMU_MAP,
+        flags: 0,
+        vaddr,
+        frame,
     }
-    batch.flush().is_ok()
+}
+
+/// `count` changes in rounds of `n`, made the way `mode` says.
+fn remap(mode: &str, frames: [u64; 2], count: u64, n: usize) -> bool {
+    match mode {
+        "trapped" => {
+            let mut slots = [core::ptr::null_mut(); ROUND_MAX];
+            for (page, slot) in slots[..n].iter_mut().enumerate() {
+                match trapped::leaf(WINDOW + page as u64 * PAGE_SIZE) {
+                    Some(leaf) => *slot = leaf,
+                    None => return false,
+                }
+            }
+            for change in 0..count {
+                let (_, frame) = change_of(frames, change, n);
+                // SAFETY: the slot came from `trapped::leaf`.
+                unsafe {
+                    trapped::write(
+                        slots[(change % n as u64) as usize],
+                        trapped::entry(frame, 0),
+                    )
+                };
+            }
+            true
+        }
+        "single" => (0..count).all(|change| {
+            let (page, frame) = change_of(frames, change, n);
+            mmu::update(&[map_request(page, frame)]).is_ok()
+        }),
+        "batched" => {
+            let mut batch = Batch::new();
+            for change in 0..count {
+                let (page, frame) = change_of(frames, change, n);
+                let full = (change + 1) % n as u64 == 0;
+                if batch.map(page, frame, 0).is_err() || (full && batch.flush().is_err()) {
+                    return false;
+                }
+            }
+            batch.flush().is_ok()
+        }
+        "multicall" => {
+            let mut requests = [map_request(0, 0); ROUND_MAX];
+            let mut change = 0;
+            while change < count {
+                let round = (count - change).min(n as u64) as usize;
+                for (i, request) in requests[..round].iter_mut().enumerate() {
+                    let (page, frame) = change_of(frames, change + i as u64, n);
+                    *request = map_request(page, frame);
+                }
+                let mut calls: [Call<MmuUpdate>; ROUND_MAX] = core::array::from_fn(|i| {
+                    Call::new(MmuUpdate {
+                        requests: core::ptr::addr_of!(requests[i]) as u64,
+                        count: 1,
+                        _pad: 0,
+                        error_index: 0,
+                    })
+                });
+                let mut queued: [&mut dyn Queued; ROUND_MAX] =
+                    calls.each_mut().map(|c| c as &mut dyn Queued);
+                if hypercall::multicall(&mut queued[..round]).is_err()
+                    || calls[..round].iter().any(|c| c.result() != Ok(1))
+                {
+                    return false;
+                }
+                change += round as u64;
+            }
+            true
+        }
+        _ => false,
+    }
 }
 
 shoal_guest::entry!(main);
@@ -62,12 +139,13 @@ fn main() -> i32 {
     let mut args = boot::args();
     let mode = args.next().unwrap_or("floor");
     let count: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
-    let batch_len = match mode {
-        "remap1" => 1,
-        _ => 64,
-    };
+    let n: usize = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(ROUND_MAX)
+        .clamp(1, ROUND_MAX);
     let frames = match mode {
-        "remap1" | "remap64" => remap_setup(batch_len),
+        "trapped" | "single" | "batched" | "multicall" => remap_setup(n),
         _ => None,
     };
     let start = time::monotonic_ns();
@@ -92,8 +170,8 @@ fn main() -> i32 {
                 last = core::hint::black_box(now);
             }
         }
-        "remap1" | "remap64" => match frames {
-            Some(frames) if remap(frames, count, batch_len) => {}
+        "trapped" | "single" | "batched" | "multicall" => match frames {
+            Some(frames) if remap(mode, frames, count, n) => {}
             _ => return 4,
         },
         _ => {

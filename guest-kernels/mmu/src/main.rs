@@ -15,13 +15,20 @@
 //!   read-only page (the handler makes it writable), `ud2` (the handler
 //!   steps over it) and `int3`. Checks what the handler saw, that every
 //!   access completed, and that registers survived. Prints `catch ok`.
+//! - `mmu trapped [REMAPS]` (with `--trapped-page-tables`): remaps
+//!   [`WINDOW`] between four patterned frames REMAPS times (default 500)
+//!   by writing its leaf entry through the trapping window, reading the
+//!   right pattern every time; unmaps it the same way and checks the
+//!   entry reads back as zero. Prints `trapped ok`.
+//! - `mmu trapped-forbidden`: writes an entry mapping a page-table frame
+//!   through the window; the host must stop it.
 #![no_std]
 #![no_main]
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use shoal_guest::abi::layout::PAGE_SIZE;
 use shoal_guest::hypercall::Error;
-use shoal_guest::mmu::{self, Batch, Refused, WRITE};
+use shoal_guest::mmu::{self, Batch, Refused, WRITE, trapped};
 use shoal_guest::trap::{self, TrapFrame};
 use shoal_guest::{boot, println};
 
@@ -315,6 +322,68 @@ fn catch() -> bool {
     true
 }
 
+/// Frames with patterns, mapped at [`PATTERNS`], and the leaf entry of
+/// [`WINDOW`] in the trapping window.
+fn trapped_setup() -> Option<([u64; 4], *mut u64)> {
+    if !trapped::available() {
+        println!("start with --trapped-page-tables");
+        return None;
+    }
+    mmu::take_heap(4).ok()?;
+    let mut frames = [0u64; 4];
+    mmu::alloc_frames(&mut frames).ok()?;
+    let mut batch = Batch::new();
+    for (i, frame) in frames.iter().enumerate() {
+        batch
+            .map(PATTERNS + i as u64 * PAGE_SIZE, *frame, WRITE)
+            .ok()?;
+    }
+    // Creates the tables of WINDOW: the window changes leaves only.
+    batch.map(WINDOW, frames[0], 0).ok()?;
+    batch.flush().ok()?;
+    for i in 0..frames.len() {
+        write(PATTERNS + i as u64 * PAGE_SIZE, pattern(i));
+    }
+    Some((frames, trapped::leaf(WINDOW)?))
+}
+
+fn trapped_remaps(remaps: usize) -> bool {
+    let Some((frames, slot)) = trapped_setup() else {
+        return false;
+    };
+    for round in 0..remaps {
+        let i = round % frames.len();
+        // SAFETY: the slot came from `trapped::leaf`.
+        unsafe { trapped::write(slot, trapped::entry(frames[i], 0)) };
+        let got = read(WINDOW);
+        if got != pattern(i) {
+            println!(
+                "stale page: round {round} read {got:#x}, want {:#x}",
+                pattern(i)
+            );
+            return false;
+        }
+    }
+    // SAFETY: as above.
+    unsafe { trapped::write(slot, 0) };
+    // SAFETY: a slot in the window, which is readable.
+    let entry = unsafe { slot.read_volatile() };
+    println!("remapped {remaps} times by trapped writes, never stale; unmapped: entry {entry:#x}");
+    entry == 0
+}
+
+fn trapped_forbidden() -> i32 {
+    let Some((_, slot)) = trapped_setup() else {
+        return 1;
+    };
+    let table_frame = shoal_guest::abi::layout::PAGE_TABLE_AREA_START;
+    println!("mapping a page-table frame through the window");
+    // SAFETY: the slot came from `trapped::leaf`; the host refuses this.
+    unsafe { trapped::write(slot, trapped::entry(table_frame, WRITE)) };
+    println!("the write was applied");
+    1
+}
+
 fn main() -> i32 {
     let mut args = boot::args();
     match args.next().unwrap_or("check") {
@@ -349,9 +418,20 @@ fn main() -> i32 {
             println!("catch failed");
             1
         }
+        "trapped" => {
+            let remaps = args.next().and_then(|a| a.parse().ok()).unwrap_or(500);
+            if trapped_remaps(remaps) {
+                println!("trapped ok");
+                0
+            } else {
+                println!("trapped failed");
+                1
+            }
+        }
+        "trapped-forbidden" => trapped_forbidden(),
         other => {
             println!(
-                "usage: mmu [check [REMAPS] | unmap-fault | protect-fault | catch], not {other}"
+                "usage: mmu [check [REMAPS] | unmap-fault | protect-fault | catch | trapped [REMAPS] | trapped-forbidden], not {other}"
             );
             2
         }

@@ -109,6 +109,16 @@ fn run_guest(host: &Host, image: &crate::Image, mode: &str, count: u64) -> Resul
         args: vec![mode.to_string(), count.to_string()],
         ..Default::default()
     };
+    run_guest_with(host, image, mode, config)
+}
+
+/// Runs the bench guest with `config` and reads its `result` line.
+fn run_guest_with(
+    host: &Host,
+    image: &crate::Image,
+    mode: &str,
+    config: GuestConfig,
+) -> Result<Run, BenchError> {
     let report = host.spawn(image, config).map_err(BenchError::Spawn)?.wait();
     let text = report.console_text();
     let parsed = text.lines().find_map(|line| {
@@ -251,27 +261,58 @@ pub fn run_all(host: &Host, sizes: Sizes, only: &[String]) -> Result<Vec<Figure>
     Ok(figures)
 }
 
-/// Page-table changes through `mmu_update`: a remap per call, and remaps
-/// in batches of 64, per change (each takes a mapping away, so the host
-/// drops KVM's translations of the old frame).
+/// The same page-table changes made four ways, in rounds of N = 1 and
+/// N = 64 pages, per change: (a) trap-and-emulate (each entry written
+/// through the trapping window), (b) one `mmu_update` per change, (c) one
+/// `mmu_update` per round, (d) one `multicall` of N single-change
+/// `mmu_update`s per round; with each one's ratio to (a). Every change
+/// remaps a page to another frame, so each takes a mapping away and the
+/// host drops KVM's translations of the old frame.
 fn mmu_figures(host: &Host, rounds: usize) -> Result<Vec<Figure>, BenchError> {
     let image = builtin_image("bench")?;
     let changes = 2048;
-    let (mut single, mut batched) = (Vec::new(), Vec::new());
-    for _ in 0..rounds.max(1) {
-        single.push(run_guest(host, &image, "remap1", changes)?.nanos_per_op);
-        batched.push(run_guest(host, &image, "remap64", changes)?.nanos_per_op);
-    }
-    let single_us = median(single) / 1000.0;
-    Ok(vec![
-        Figure::plain("mmu_remap_single", single_us, "us"),
-        Figure::versus(
-            "mmu_remap_batched_64",
-            median(batched) / 1000.0,
-            "us",
-            single_us,
+    const MODES: [&str; 4] = ["trapped", "single", "batched", "multicall"];
+    const NAMES: [(u64, [&str; 4]); 2] = [
+        (
+            1,
+            [
+                "pt_trapped_n1",
+                "pt_single_n1",
+                "pt_batched_n1",
+                "pt_multicall_n1",
+            ],
         ),
-    ])
+        (
+            64,
+            [
+                "pt_trapped_n64",
+                "pt_single_n64",
+                "pt_batched_n64",
+                "pt_multicall_n64",
+            ],
+        ),
+    ];
+    let mut figures = Vec::new();
+    for (n, names) in NAMES {
+        let per_change = |mode: &str| -> Result<f64, BenchError> {
+            let mut runs = Vec::new();
+            for _ in 0..rounds.max(1) {
+                let config = GuestConfig {
+                    args: vec![mode.into(), changes.to_string(), n.to_string()],
+                    trapped_page_tables: mode == "trapped",
+                    ..Default::default()
+                };
+                runs.push(run_guest_with(host, &image, mode, config)?.nanos_per_op);
+            }
+            Ok(median(runs) / 1000.0)
+        };
+        let trapped = per_change(MODES[0])?;
+        figures.push(Figure::plain(names[0], trapped, "us"));
+        for (mode, name) in MODES.iter().zip(names).skip(1) {
+            figures.push(Figure::versus(name, per_change(mode)?, "us", trapped));
+        }
+    }
+    Ok(figures)
 }
 
 /// The hypercall path: the exit floor, a hypercall against it, a clock read.

@@ -208,6 +208,29 @@ impl PageTables {
         }
     }
 
+    /// Every leaf table: (its frame, the first virtual address it maps).
+    pub fn leaf_tables(&self) -> Vec<(u64, u64)> {
+        let mut found = Vec::new();
+        let mut upper = vec![(self.root, 39u32, 0u64)];
+        while let Some((table, level, base)) = upper.pop() {
+            let Some(entries) = self.tables.get(&table) else {
+                continue;
+            };
+            for (index, entry) in entries.iter().enumerate() {
+                if entry & PRESENT == 0 {
+                    continue;
+                }
+                let vaddr = base | ((index as u64) << level);
+                if level == 21 {
+                    found.push((entry & ADDR_MASK, vaddr));
+                } else {
+                    upper.push((entry & ADDR_MASK, level - 9, vaddr));
+                }
+            }
+        }
+        found
+    }
+
     /// Maps `start..end` (page-aligned) to itself.
     pub fn identity(&mut self, start: u64, end: u64, flags: u64) -> Result<(), PagingError> {
         (start..end)

@@ -77,6 +77,11 @@ struct RunArgs {
     /// Default: all up to 100 guests, errors above.
     #[arg(long, value_enum)]
     console: Option<many::ConsoleMode>,
+    /// Experiment: show the guest its page tables at a window where each
+    /// write traps to the host, which checks and applies it
+    /// (trap-and-emulate; feature TRAPPED_PAGE_TABLES).
+    #[arg(long)]
+    trapped_page_tables: bool,
     /// A guest ELF file, or the name of a built-in guest (see `shoal list`).
     kernel: String,
     /// Arguments passed to the guest (after `--`).
@@ -103,6 +108,7 @@ impl RunArgs {
                 exit_rate: self.exit_rate,
                 cpu_share: self.cpu_share,
             },
+            trapped_page_tables: self.trapped_page_tables,
         }
     }
 }

@@ -98,6 +98,16 @@ pub enum Exit {
         /// Port.
         port: u16,
     },
+    /// A write to guest-physical `addr` that no writable memory backs
+    /// (an MMIO write) of `len` bytes of `value`.
+    MmioWrite {
+        /// Guest-physical address.
+        addr: u64,
+        /// Bytes written (1 to 8).
+        len: u32,
+        /// The bytes, little-endian, zero-extended.
+        value: u64,
+    },
     /// Triple fault.
     Shutdown,
     /// `KVM_RUN` was interrupted by a kick.
@@ -296,7 +306,16 @@ impl Vcpu {
             Ok(VcpuExit::Intr) => Exit::Kicked,
             Ok(VcpuExit::Hlt) => Exit::Other("hlt"),
             Ok(VcpuExit::MmioRead(..)) => Exit::Other("mmio read"),
-            Ok(VcpuExit::MmioWrite(..)) => Exit::Other("mmio write"),
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                let mut bytes = [0u8; 8];
+                let n = data.len().min(8);
+                bytes[..n].copy_from_slice(&data[..n]);
+                Exit::MmioWrite {
+                    addr,
+                    len: data.len() as u32,
+                    value: u64::from_le_bytes(bytes),
+                }
+            }
             Ok(VcpuExit::FailEntry(..)) => Exit::Other("entry failure"),
             Ok(VcpuExit::InternalError) => Exit::Other("KVM internal error"),
             Ok(VcpuExit::Exception) => Exit::Other("exception"),

@@ -79,6 +79,32 @@ impl Vm {
         unsafe { self.fd.set_user_memory_region(region) }.map_err(VmError::Memory)
     }
 
+    /// Makes `len` bytes of `ram` from `offset` also appear, read-only, at
+    /// guest-physical `addr` (memory slot 1): reads see the RAM, writes
+    /// exit to the host as MMIO. The caller keeps `ram` alive as long as
+    /// the VM, as for [`Vm::set_memory`].
+    pub fn alias_read_only(
+        &self,
+        ram: &GuestRam,
+        offset: u64,
+        len: u64,
+        addr: u64,
+    ) -> Result<(), VmError> {
+        if offset.checked_add(len).is_none_or(|end| end > ram.size()) {
+            return Err(VmError::Memory(kvm_ioctls::Error::new(libc::EINVAL)));
+        }
+        let region = kvm_userspace_memory_region {
+            slot: 1,
+            flags: kvm_bindings::KVM_MEM_READONLY,
+            guest_phys_addr: addr,
+            memory_size: len,
+            userspace_addr: ram.host_base() + offset,
+        };
+        // SAFETY: the region lies inside `ram`'s mapping (checked above),
+        // which the caller keeps alive as long as the VM.
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(VmError::Memory)
+    }
+
     /// Creates vCPU 0.
     pub fn create_vcpu(&self) -> Result<Vcpu, VcpuError> {
         self.fd

@@ -128,6 +128,7 @@ impl Shards {
             args: config.args,
             console_limit: config.console_limit,
             limits: config.limits,
+            trapped_page_tables: config.trapped_page_tables,
         });
         match reply {
             Some(Reply::Done(Ok(()))) => Ok(remote),

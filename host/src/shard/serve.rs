@@ -189,6 +189,7 @@ impl Shard {
                 args,
                 console_limit,
                 limits,
+                trapped_page_tables,
             } => {
                 let result = self.spawn(
                     id,
@@ -199,6 +200,7 @@ impl Shard {
                         console_limit,
                         console_sink: None,
                         limits,
+                        trapped_page_tables,
                     },
                 );
                 self.reply(tag, Reply::Done(result));

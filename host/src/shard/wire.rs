@@ -42,6 +42,7 @@ pub enum Request {
         args: Vec<String>,
         console_limit: u64,
         limits: Limits,
+        trapped_page_tables: bool,
     },
     /// Kill guest `id`.
     Kill { id: u64 },
