@@ -1,6 +1,7 @@
 //! bench: the guest half of `shoal bench`. Arguments: `MODE COUNT [N]`,
 //! where MODE is `floor` (null exits), `hypercall` (abi_info round trips),
-//! `yield` (yield hypercalls), `clock` (monotonic clock reads), or one of
+//! `yield` (yield hypercalls), `clock` (monotonic clock reads), `trap`
+//! (`int3` bounced to a handler that returns at once), or one of
 //! the ways to make COUNT page-table changes in rounds of N pages (N is 1
 //! to 64, default 64): `trapped` (each change a write to the trapping
 //! window: needs `--trapped-page-tables`), `single` (one `mmu_update` per
@@ -160,6 +161,19 @@ fn main() -> i32 {
             }
         }
         "yield" => (0..count).for_each(|_| shoal_guest::yield_now()),
+        "trap" => {
+            let handled = shoal_guest::trap::set_handler(
+                shoal_guest::trap::vector_bit(shoal_guest::trap::BREAKPOINT),
+                |_| {},
+            );
+            if handled.is_err() {
+                return 5;
+            }
+            for _ in 0..count {
+                // SAFETY: the handler resumes after the breakpoint.
+                unsafe { core::arch::asm!("int3", options(nostack)) };
+            }
+        }
         "clock" => {
             let mut last = 0;
             for _ in 0..count {

@@ -324,10 +324,11 @@ fn hypercall_figures(
     let image = builtin_image("bench")?;
     let iterations = iterations.max(1);
     let rounds = rounds.max(1);
-    let (mut floor, mut hypercall) = (Vec::new(), Vec::new());
+    let (mut floor, mut hypercall, mut trap) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         floor.push(run_guest(host, &image, "floor", iterations)?.nanos_per_op);
         hypercall.push(run_guest(host, &image, "hypercall", iterations)?.nanos_per_op);
+        trap.push(run_guest(host, &image, "trap", iterations / 4)?.nanos_per_op);
     }
     let floor_us = median(floor) / 1000.0;
     let hypercall_us = median(hypercall) / 1000.0;
@@ -345,6 +346,8 @@ fn hypercall_figures(
     Ok(vec![
         Figure::plain("pio_exit_floor", floor_us, "us"),
         Figure::versus("hypercall_round_trip", hypercall_us, "us", floor_us),
+        // Two exits: the exception, and `trap_return`.
+        Figure::versus("trap_round_trip", median(trap) / 1000.0, "us", floor_us),
         Figure::plain("clock_read", clock.nanos_per_op, "ns"),
         Figure::plain(
             "clock_read_exits_per_read",
