@@ -82,7 +82,7 @@ impl Vm {
     /// Makes `len` bytes of `ram` from `offset` also appear, read-only, at
     /// guest-physical `addr` (memory slot 1): reads see the RAM, writes
     /// exit to the host as MMIO. The caller keeps `ram` alive as long as
-    /// the VM, as for [`Vm::set_memory`].
+    /// the VM, as for its main memory.
     pub fn alias_read_only(
         &self,
         ram: &GuestRam,
