@@ -20,7 +20,8 @@
 //! ```
 //!
 //! Pages are mapped, unmapped and protected through the host ([`mmu`]);
-//! exceptions such as page faults can be handled by the guest ([`trap`]).
+//! exceptions such as page faults can be handled by the guest ([`trap`]);
+//! a heap that grows by mapping frames serves `alloc` ([`heap`]).
 //!
 //! Everything privileged goes through hypercalls ([`hypercall`]), including
 //! a raw escape hatch ([`hypercall::raw`]) for ABI experiments.
@@ -28,6 +29,7 @@
 
 pub mod boot;
 pub mod console;
+pub mod heap;
 pub mod hypercall;
 pub mod mmu;
 pub mod time;

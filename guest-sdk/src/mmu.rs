@@ -183,17 +183,27 @@ pub fn free_frames(frames: &[u64]) -> Result<(), Error> {
     Ok(())
 }
 
-/// Unmaps the top `pages` pages of the boot heap and gives their frames
-/// back, so that [`alloc_frames`] has frames to hand out. Returns the new
-/// end of the heap; the guest must not touch memory above it. The heap
-/// pages must still be mapped at their own addresses, as at boot.
+/// The end of the boot heap after the pages [`take_heap`] took (0: none
+/// taken yet).
+static BOOT_HEAP_END: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Unmaps the top `pages` pages of what is left of the boot heap and
+/// gives their frames back, so that [`alloc_frames`] has frames to hand
+/// out. May be called again for more. Returns the new end of the boot
+/// heap; the guest must not touch memory above it. The heap pages must
+/// still be mapped at their own addresses, as at boot.
 pub fn take_heap(pages: u64) -> Result<u64, Error> {
+    use core::sync::atomic::Ordering;
     let info = crate::boot::info();
-    let heap = info.heap_end.saturating_sub(info.heap_start) / PAGE_SIZE;
+    let top = match BOOT_HEAP_END.load(Ordering::Relaxed) {
+        0 => info.heap_end,
+        end => end,
+    };
+    let heap = top.saturating_sub(info.heap_start) / PAGE_SIZE;
     if pages > heap {
-        return Err(Error::Abi(HypercallError::Invalid));
+        return Err(Error::Abi(HypercallError::LimitExceeded));
     }
-    let end = info.heap_end - pages * PAGE_SIZE;
+    let end = top - pages * PAGE_SIZE;
     let mut done = 0;
     while done < pages {
         let mut frames = [0u64; BATCH_LEN];
@@ -206,6 +216,7 @@ pub fn take_heap(pages: u64) -> Result<u64, Error> {
         batch.flush().map_err(|r| r.error)?;
         free_frames(&frames[..n])?;
         done += n as u64;
+        BOOT_HEAP_END.store(top - done * PAGE_SIZE, Ordering::Relaxed);
     }
     Ok(end)
 }

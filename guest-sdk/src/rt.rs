@@ -166,3 +166,11 @@ pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     // SAFETY: same contract as `memcmp`.
     unsafe { memcmp(a, b, n) }
 }
+
+/// The precompiled `alloc` library names the unwinder's resume routine in
+/// landing pads that never run with `panic = "abort"`; should one run, the
+/// guest ends as if it panicked.
+#[unsafe(no_mangle)]
+extern "C" fn _Unwind_Resume() -> ! {
+    crate::exit(shoal_abi::hypercall::PANIC_EXIT_CODE)
+}

@@ -166,3 +166,26 @@ fn a_multicall_makes_many_mmu_updates_in_one_exit() {
     let exits = report.stats.exits_for(shoal_host::ExitReason::Hypercall);
     assert!(exits < 20, "{exits} hypercall exits for 256 changes");
 }
+
+#[test]
+fn the_sdk_heap_grows_by_mapping_frames() {
+    let report = common::run("mmu", &["heap"]);
+    common::assert_exited_0(&report);
+    let text = report.console_text();
+    assert!(
+        text.contains("KiB; 100000 values and 5000 names right\nheap ok\n"),
+        "{text}"
+    );
+    let grown: u64 = text
+        .split("heap grew ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a growth count");
+    assert!(grown > 1, "{text}");
+    assert!(
+        mmu_updates(&report) >= 2 * grown,
+        "{:?}",
+        report.stats.hypercalls
+    );
+}

@@ -22,8 +22,16 @@
 //!   entry reads back as zero. Prints `trapped ok`.
 //! - `mmu trapped-forbidden`: writes an entry mapping a page-table frame
 //!   through the window; the host must stop it.
+//! - `mmu heap`: fills a `Vec` and a `BTreeMap` from the SDK's heap, which
+//!   grows by mapping frames, and checks every value. Prints `heap ok`.
 #![no_std]
 #![no_main]
+
+extern crate alloc;
+
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec::Vec;
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use shoal_guest::abi::layout::PAGE_SIZE;
@@ -33,6 +41,9 @@ use shoal_guest::trap::{self, TrapFrame};
 use shoal_guest::{boot, println};
 
 shoal_guest::entry!(main);
+
+#[global_allocator]
+static HEAP: shoal_guest::heap::Heap = shoal_guest::heap::Heap::new();
 
 /// Where the frames are mapped with their patterns.
 const PATTERNS: u64 = 0x40_0000_0000;
@@ -384,6 +395,29 @@ fn trapped_forbidden() -> i32 {
     1
 }
 
+fn heap() -> bool {
+    let mut values: Vec<u64> = Vec::new();
+    for i in 0..100_000u64 {
+        values.push(i * 3);
+    }
+    let mut names = BTreeMap::new();
+    for i in 0..5_000u64 {
+        names.insert(i, alloc::format!("name {i}"));
+    }
+    let sum: u64 = values.iter().sum();
+    let right = sum == 3 * (99_999 * 100_000 / 2)
+        && values.iter().enumerate().all(|(i, v)| *v == i as u64 * 3)
+        && names.get(&4321).map(String::as_str) == Some("name 4321")
+        && names.len() == 5_000;
+    println!(
+        "heap grew {} times to {} KiB; 100000 values and 5000 names {}",
+        HEAP.grown(),
+        HEAP.mapped() >> 10,
+        if right { "right" } else { "WRONG" }
+    );
+    right && HEAP.grown() > 1
+}
+
 fn main() -> i32 {
     let mut args = boot::args();
     match args.next().unwrap_or("check") {
@@ -429,6 +463,11 @@ fn main() -> i32 {
             }
         }
         "trapped-forbidden" => trapped_forbidden(),
+        "heap" if heap() => {
+            println!("heap ok");
+            0
+        }
+        "heap" => 1,
         other => {
             println!(
                 "usage: mmu [check [REMAPS] | unmap-fault | protect-fault | catch | trapped [REMAPS] | trapped-forbidden], not {other}"
