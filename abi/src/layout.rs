@@ -78,3 +78,24 @@ pub const EXCEPTION_VECTORS: u16 = 32;
 /// `mmu_update` and applies it, or stops the guest. `mmu_update` cannot
 /// map over the window.
 pub const TRAPPED_TABLES_WINDOW: u64 = 0x7f00_0000_0000;
+
+/// The bits of an x86-64 page-table entry that shoal's tables use: what a
+/// guest reads, and writes, through [`TRAPPED_TABLES_WINDOW`].
+pub mod pte {
+    /// Present.
+    pub const PRESENT: u64 = 1;
+    /// Writable.
+    pub const WRITABLE: u64 = 1 << 1;
+    /// Reachable from CPL3 (set in every entry a guest can use).
+    pub const USER: u64 = 1 << 2;
+    /// Accessed: set by the CPU (here, KVM's shadow-paging walker) on first
+    /// use. The host writes entries with it already set.
+    pub const ACCESSED: u64 = 1 << 5;
+    /// Dirty: set by the CPU on the first write through a leaf entry. The
+    /// host writes writable leaves with it already set.
+    pub const DIRTY: u64 = 1 << 6;
+    /// Not executable.
+    pub const NO_EXECUTE: u64 = 1 << 63;
+    /// The frame address bits of an entry.
+    pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+}

@@ -229,15 +229,8 @@ pub fn take_heap(pages: u64) -> Result<u64, Error> {
 /// baseline paravirtualization is measured against.
 pub mod trapped {
     use shoal_abi::features::TRAPPED_PAGE_TABLES;
+    use shoal_abi::layout::pte::{ACCESSED, ADDR_MASK, DIRTY, NO_EXECUTE, PRESENT, USER, WRITABLE};
     use shoal_abi::layout::{PAGE_SIZE, PAGE_TABLE_AREA_START, TRAPPED_TABLES_WINDOW};
-
-    const PRESENT: u64 = 1;
-    const WRITABLE: u64 = 1 << 1;
-    const USER: u64 = 1 << 2;
-    const ACCESSED: u64 = 1 << 5;
-    const DIRTY: u64 = 1 << 6;
-    const NO_EXECUTE: u64 = 1 << 63;
-    const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
     /// Whether the host opened the window for this guest.
     pub fn available() -> bool {

@@ -272,6 +272,8 @@ impl Guest {
                     Err(e) => crash(Crash::Internal(e.to_string())),
                 }
             }
+            // Only the trapping window is backed read-only; nothing else
+            // reaches here.
             (_, Exit::MmioWrite { .. }) => crash(Crash::UnexpectedExit("mmio write".into())),
             (_, Exit::Shutdown) => crash(match self.vcpu.regs() {
                 Ok(regs) => Crash::TripleFault { rip: regs.rip },
@@ -335,17 +337,18 @@ impl Guest {
                 "exception {vector} reported a bad stack {sp:#x}"
             )));
         }
-        let mut bytes = [0u8; 48];
-        if let Err(e) = self.ram.read_host(sp, &mut bytes[..words as usize * 8]) {
+        let mut frame = [0u64; 6];
+        let read = &mut frame.as_mut_bytes()[..words as usize * 8];
+        if let Err(e) = self.ram.read_host(sp, read) {
             return Err(Crash::Internal(e.to_string()));
         }
-        let mut frame = bytes
-            .chunks_exact(8)
-            .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")));
-        let error_code = if has_code { frame.next() } else { None };
-        // Then rip, cs, rflags, rsp, ss.
-        let mut next = || frame.next().unwrap_or(0);
-        let (rip, _cs, rflags, rsp) = (next(), next(), next(), next());
+        // The error code if any, then rip, cs, rflags, rsp, ss.
+        let [a, b, c, d, e, f] = frame;
+        let (error_code, [rip, _cs, rflags, rsp, _ss]) = if has_code {
+            (Some(a), [b, c, d, e, f])
+        } else {
+            (None, [a, b, c, d, e])
+        };
         Ok(Fault {
             error_code,
             rip,

@@ -12,12 +12,7 @@ use shoal_host::{Crash, GuestEnd, GuestReport};
 const WINDOW: u64 = 0x50_0000_0000;
 
 fn mmu_updates(report: &GuestReport) -> u64 {
-    report
-        .stats
-        .hypercalls
-        .iter()
-        .find(|(nr, _)| *nr == HypercallNr::MmuUpdate)
-        .map_or(0, |(_, n)| *n)
+    report.stats.hypercall(HypercallNr::MmuUpdate)
 }
 
 #[test]
@@ -151,15 +146,7 @@ fn a_trapped_write_the_rules_refuse_stops_the_guest() {
 fn a_multicall_makes_many_mmu_updates_in_one_exit() {
     let report = common::run("bench", &["multicall", "256", "64"]);
     common::assert_exited_0(&report);
-    let calls = |nr| {
-        report
-            .stats
-            .hypercalls
-            .iter()
-            .find(|(n, _)| *n == nr)
-            .map_or(0, |(_, c)| *c)
-    };
-    assert_eq!(calls(HypercallNr::Multicall), 4);
+    assert_eq!(report.stats.hypercall(HypercallNr::Multicall), 4);
     // 256 inside the multicalls; two to set up (taking frames from the
     // heap, mapping the pages first).
     assert_eq!(mmu_updates(&report), 258);

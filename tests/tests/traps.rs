@@ -7,17 +7,8 @@
 mod common;
 
 use shoal_abi::HypercallNr;
-use shoal_host::{Crash, GuestEnd, GuestReport};
+use shoal_host::{Crash, GuestEnd};
 use std::time::{Duration, Instant};
-
-fn calls(report: &GuestReport, nr: HypercallNr) -> u64 {
-    report
-        .stats
-        .hypercalls
-        .iter()
-        .find(|(n, _)| *n == nr)
-        .map_or(0, |(_, c)| *c)
-}
 
 #[test]
 fn a_guest_catches_its_own_faults_and_every_access_completes() {
@@ -29,7 +20,7 @@ fn a_guest_catches_its_own_faults_and_every_access_completes() {
         "{text}"
     );
     assert_eq!(report.stats.traps, 4);
-    assert_eq!(calls(&report, HypercallNr::TrapReturn), 4);
+    assert_eq!(report.stats.hypercall(HypercallNr::TrapReturn), 4);
 }
 
 #[test]

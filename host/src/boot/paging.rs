@@ -9,20 +9,7 @@ use crate::kvm::memory::{GuestRam, MemoryError};
 use shoal_abi::layout::{PAGE_SIZE, PAGE_TABLE_AREA_END, PAGE_TABLE_AREA_START};
 use std::collections::BTreeMap;
 
-/// Present.
-pub const PRESENT: u64 = 1;
-/// Writable.
-pub const WRITABLE: u64 = 1 << 1;
-/// Reachable from CPL3.
-pub const USER: u64 = 1 << 2;
-/// Accessed: set by the CPU (here, KVM's shadow-paging walker) on first use.
-pub const ACCESSED: u64 = 1 << 5;
-/// Dirty: set by the CPU on the first write through a leaf entry.
-pub const DIRTY: u64 = 1 << 6;
-/// Not executable.
-pub const NO_EXECUTE: u64 = 1 << 63;
-/// The frame address bits of an entry.
-pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+pub use shoal_abi::layout::pte::{ACCESSED, ADDR_MASK, DIRTY, NO_EXECUTE, PRESENT, USER, WRITABLE};
 
 /// Why a mapping could not be made.
 #[derive(Debug, thiserror::Error)]

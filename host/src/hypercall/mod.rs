@@ -125,12 +125,19 @@ fn multicall(ctx: &Context<'_>, args: &mut abi::Multicall) -> Served {
     if ctx.in_multicall {
         return Err(HypercallError::Invalid);
     }
-    let blocks: Vec<u64> = read_array(ctx, args.calls, args.count, MULTICALL_MAX)?;
+    if args.count > MULTICALL_MAX {
+        return Err(HypercallError::Invalid);
+    }
+    let mut list = [0u64; MULTICALL_MAX as usize];
+    let blocks = &mut list[..args.count as usize];
+    ctx.ram
+        .read_guest(args.calls, blocks.as_mut_bytes())
+        .map_err(|_| HypercallError::Fault)?;
     let inner = Context {
         in_multicall: true,
         ..*ctx
     };
-    for block in blocks {
+    for &block in blocks.iter() {
         if args.done > 0 && ctx.preempt.load(Ordering::Relaxed) {
             break;
         }
