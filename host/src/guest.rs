@@ -11,7 +11,7 @@ use crate::kvm::vcpu::{Exit, VcpuError};
 use crate::kvm::vm::VmError;
 use crate::kvm::{Vcpu, Vm};
 use crate::limits::{Limit, RateWindow};
-use crate::mmu::{GuestMmu, TABLES_ALIAS, TABLES_LEN};
+use crate::mmu::{Forget, GuestMmu, TABLES_ALIAS, TABLES_LEN, Translations};
 use crate::pool::Shell;
 use crate::stats::{ExitReason, GuestStats};
 use crate::trap::{self, Traps};
@@ -69,7 +69,7 @@ pub enum Step {
 pub struct Guest {
     id: u64,
     vcpu: Vcpu,
-    _vm: Vm,
+    vm: Vm,
     ram: GuestRam,
     clock: GuestClock,
     features: u64,
@@ -98,6 +98,8 @@ pub struct GuestParts<'a> {
     pub exit_rate: Option<u64>,
     /// Open the trap-and-emulate page-table window (an experiment).
     pub trapped_page_tables: bool,
+    /// How stale translations are dropped.
+    pub forget: Forget,
 }
 
 impl Drop for Guest {
@@ -121,7 +123,11 @@ impl Guest {
             tsc_offset,
         } = shell;
         let template = parts.template;
-        let mut mmu = GuestMmu::new(Arc::clone(template.tables()), template.overlay_len());
+        let mut mmu = GuestMmu::new(
+            Arc::clone(template.tables()),
+            template.overlay_len(),
+            parts.forget,
+        );
         let mut features = parts.features;
         if parts.trapped_page_tables {
             vm.alias_read_only(&ram, PAGE_TABLE_AREA_START, TABLES_LEN, TABLES_ALIAS)?;
@@ -151,7 +157,7 @@ impl Guest {
         Ok(Self {
             id: parts.id,
             vcpu,
-            _vm: vm,
+            vm,
             ram,
             clock,
             features,
@@ -231,6 +237,7 @@ impl Guest {
                     console: &self.console,
                     features: self.features,
                     stats: &self.stats,
+                    vm: Some(&self.vm),
                     mmu: &self.mmu,
                     traps: &self.traps,
                     preempt,
@@ -259,10 +266,17 @@ impl Guest {
             }),
             (ExitReason::PageTableWrite, Exit::MmioWrite { addr, len, value }) => {
                 let mut mmu = self.mmu.borrow_mut();
-                match mmu
-                    .active(self.ram.size())
-                    .trapped_write(&self.ram, addr, len, value)
-                {
+                match mmu.active(self.ram.size()).trapped_write(
+                    Translations {
+                        ram: &self.ram,
+                        vm: Some(&self.vm),
+                        stats: &self.stats,
+                        now_ns: self.clock.now_ns(),
+                    },
+                    addr,
+                    len,
+                    value,
+                ) {
                     Ok(Ok(())) => Flow::Resume,
                     Ok(Err(error)) => crash(Crash::PageTableWrite {
                         addr,

@@ -10,6 +10,7 @@ use crate::kvm::vm::VmError;
 use crate::limits::Limits;
 use crate::loader::Image;
 use crate::local::Local;
+use crate::mmu::Forget;
 use crate::pool::PoolStatus;
 use crate::sched::{DEFAULT_SLICE, SchedulerRef};
 use crate::shard::{Remote, Shards};
@@ -37,6 +38,9 @@ pub struct GuestConfig {
     /// `TRAPPED_PAGE_TABLES`): the trap-and-emulate side of the
     /// `mmu_update` comparison in `shoal bench`.
     pub trapped_page_tables: bool,
+    /// How the host drops the translations a page-table change takes
+    /// away (the default picks per change; the others are for measuring).
+    pub forget: Forget,
 }
 
 impl Default for GuestConfig {
@@ -48,6 +52,7 @@ impl Default for GuestConfig {
             console_sink: None,
             limits: Limits::default(),
             trapped_page_tables: false,
+            forget: Forget::default(),
         }
     }
 }

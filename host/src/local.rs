@@ -102,6 +102,7 @@ impl Local {
                 stats: Arc::clone(&stats),
                 exit_rate: config.limits.exit_rate,
                 trapped_page_tables: config.trapped_page_tables,
+                forget: config.forget,
             },
         )?;
         let control = Arc::new(GuestControl::new(id, console, stats, config.limits));

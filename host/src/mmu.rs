@@ -20,11 +20,19 @@
 //! frame's translations: on hardware KVM (EPT/NPT) the same notifier call
 //! flushes the guest's TLB for those frames, where a stale narrower entry
 //! could otherwise raise a spurious fault in the guest.
+//!
+//! Each notifier call costs every VM in the process a little and holds
+//! the process's mapping lock, so a batch that drops many separate frames,
+//! or a guest that has spent its notifier budget, drops instead every
+//! translation of its own VM by moving a memory slot: one ioctl whose cost
+//! (rebuilding its translations) falls on that guest alone ([`Forget`]).
 
 use crate::boot::paging::{
     ACCESSED, ADDR_MASK, DIRTY, NO_EXECUTE, PRESENT, PageTables, PagingError, USER, WRITABLE,
 };
 use crate::kvm::memory::{GuestRam, MemoryError};
+use crate::kvm::vm::{Vm, VmError};
+use crate::stats::GuestStats;
 use shoal_abi::HypercallError;
 use shoal_abi::hypercall::{
     MMU_BATCH_MAX, MMU_EXEC, MMU_MAP, MMU_PROTECT, MMU_UNMAP, MMU_VADDR_END, MMU_VADDR_START,
@@ -55,6 +63,87 @@ pub enum MmuFailure {
     /// Changing the host mapping of guest RAM failed.
     #[error("page-table update failed: {0}")]
     Memory(#[from] MemoryError),
+    /// Moving the flush slot failed.
+    #[error("page-table update failed: {0}")]
+    Kvm(#[from] VmError),
+}
+
+/// How the host makes KVM drop the translations a change took away (and
+/// whether frames given back return their host memory at once, which
+/// calls the same notifier).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+pub enum Forget {
+    /// The notifier for up to [`NOTIFIER_RUNS_MAX`] runs of frames a batch
+    /// while the guest's notifier budget lasts, else the slot move.
+    #[default]
+    Auto,
+    /// Always the MMU notifier: an `mprotect` pair per run of frames.
+    Notifier,
+    /// Always the slot move: every translation of the guest's VM; frames
+    /// given back keep their host memory.
+    SlotMove,
+}
+
+/// Most runs of old frames one batch drops through the notifier
+/// ([`Forget::Auto`]); a batch with more moves the slot.
+pub const NOTIFIER_RUNS_MAX: usize = 8;
+/// Notifier calls (runs) a guest may make per [`BUDGET_WINDOW_NS`]
+/// ([`Forget::Auto`]); past it, its changes move the slot until the
+/// window ends.
+pub const NOTIFIER_BUDGET: u32 = 500;
+/// The window of [`NOTIFIER_BUDGET`].
+pub const BUDGET_WINDOW_NS: u64 = 1_000_000_000;
+
+/// What dropping translations needs: the guest's RAM (for the notifier),
+/// its VM (for the slot move; none in unit tests, which then always use
+/// the notifier), its counters and the time (for the budget).
+#[derive(Clone, Copy)]
+pub struct Translations<'a> {
+    /// The guest's RAM.
+    pub ram: &'a GuestRam,
+    /// Its VM.
+    pub vm: Option<&'a Vm>,
+    /// Its counters.
+    pub stats: &'a GuestStats,
+    /// The guest's clock now.
+    pub now_ns: u64,
+}
+
+/// Notifier calls made in the current budget window.
+#[derive(Clone, Copy, Debug, Default)]
+struct Budget {
+    window_start_ns: u64,
+    used: u32,
+}
+
+impl Budget {
+    /// Whether `runs` more notifier calls fit at `now_ns`; counts them if so.
+    fn take(&mut self, runs: usize, now_ns: u64) -> bool {
+        if now_ns.saturating_sub(self.window_start_ns) >= BUDGET_WINDOW_NS {
+            *self = Self {
+                window_start_ns: now_ns,
+                used: 0,
+            };
+        }
+        let runs = u32::try_from(runs).unwrap_or(u32::MAX);
+        match self.used.checked_add(runs) {
+            Some(used) if used <= NOTIFIER_BUDGET => {
+                self.used = used;
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A guest's MMU state: the template's tables until the guest first asks
@@ -63,25 +152,30 @@ pub enum MmuFailure {
 pub struct GuestMmu {
     template: Arc<PageTables>,
     overlay_len: u64,
+    forget: Forget,
     own: Option<Box<Mmu>>,
 }
 
 impl GuestMmu {
-    /// A guest that starts with `template`'s tables, and whose RAM maps
-    /// the template file over its first `overlay_len` bytes.
-    pub fn new(template: Arc<PageTables>, overlay_len: u64) -> Self {
+    /// A guest that starts with `template`'s tables, whose RAM maps the
+    /// template file over its first `overlay_len` bytes, and whose stale
+    /// translations are dropped as `forget` says.
+    pub fn new(template: Arc<PageTables>, overlay_len: u64, forget: Forget) -> Self {
         Self {
             template,
             overlay_len,
+            forget,
             own: None,
         }
     }
 
     /// The guest's own state, set up on first use.
     pub fn active(&mut self, mem_size: u64) -> &mut Mmu {
-        let (template, overlay_len) = (&self.template, self.overlay_len);
+        let (template, overlay_len, forget) = (&self.template, self.overlay_len, self.forget);
         self.own.get_or_insert_with(|| {
-            Box::new(Mmu::new(PageTables::clone(template), overlay_len, mem_size))
+            let mut mmu = Mmu::new(PageTables::clone(template), overlay_len, mem_size);
+            mmu.forget = forget;
+            Box::new(mmu)
         })
     }
 }
@@ -110,6 +204,8 @@ pub struct Mmu {
     /// Leaf tables by frame: the first virtual address each maps (found
     /// again when a trapped write names a table not seen yet).
     leaf_tables: HashMap<u64, u64>,
+    forget: Forget,
+    budget: Budget,
 }
 
 /// What one checked request does.
@@ -135,6 +231,8 @@ impl Mmu {
             overlay_len,
             window: false,
             leaf_tables: HashMap::new(),
+            forget: Forget::default(),
+            budget: Budget::default(),
         };
         for (_, entry) in mmu.tables.leaves() {
             if let Some(slot) = mmu.slot(entry & ADDR_MASK) {
@@ -157,11 +255,11 @@ impl Mmu {
     }
 
     /// Checks `requests` whole, then applies them, writes the changed
-    /// entries into `ram` and drops stale translations. Returns the
-    /// number applied.
+    /// entries into the guest's RAM and drops stale translations. Returns
+    /// the number applied.
     pub fn update(
         &mut self,
-        ram: &GuestRam,
+        at: Translations<'_>,
         requests: &[MmuRequest],
     ) -> Result<Result<usize, Refused>, MmuFailure> {
         let changes = match self.check(requests) {
@@ -196,11 +294,41 @@ impl Mmu {
                 }
             }
         }
-        self.tables.write_dirty(ram)?;
-        for (start, len) in runs(stale) {
-            ram.forget_translations(start, len)?;
-        }
+        self.tables.write_dirty(at.ram)?;
+        self.forget_stale(at, stale)?;
         Ok(Ok(changes.len()))
+    }
+
+    /// Makes KVM drop its translations of the `stale` frames, the way
+    /// [`Forget`] says.
+    fn forget_stale(&mut self, at: Translations<'_>, stale: Vec<u64>) -> Result<(), MmuFailure> {
+        let runs = runs(stale);
+        if runs.is_empty() {
+            return Ok(());
+        }
+        match at.vm {
+            Some(vm) if !self.notifier_for(runs.len(), at.now_ns) => {
+                vm.forget_all_translations(at.ram)?;
+                at.stats.count_slot_move();
+            }
+            _ => {
+                at.stats.count_notifier_calls(runs.len());
+                for (start, len) in runs {
+                    at.ram.forget_translations(start, len)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `runs` runs of frames go through the MMU notifier now (and
+    /// are counted against the budget).
+    fn notifier_for(&mut self, runs: usize, now_ns: u64) -> bool {
+        match self.forget {
+            Forget::Notifier => true,
+            Forget::SlotMove => false,
+            Forget::Auto => runs <= NOTIFIER_RUNS_MAX && self.budget.take(runs, now_ns),
+        }
     }
 
     /// Checks every request against the rules and the state the earlier
@@ -291,7 +419,7 @@ impl Mmu {
     /// nothing). Anything else is refused.
     pub fn trapped_write(
         &mut self,
-        ram: &GuestRam,
+        at: Translations<'_>,
         addr: u64,
         len: u32,
         value: u64,
@@ -339,7 +467,7 @@ impl Mmu {
             }
         };
         Ok(self
-            .update(ram, &[request])?
+            .update(at, &[request])?
             .map(|_| ())
             .map_err(|r| r.error))
     }
@@ -370,28 +498,28 @@ impl Mmu {
         Ok(Ok(frames))
     }
 
-    /// Zeroes `frames`: anonymous RAM goes back to the host kernel (and
-    /// reads as zero); frames that map the template copy-on-write are
-    /// overwritten, since dropping them would bring the template back.
+    /// Zeroes `frames` by writing: no notifier call, and a frame whose
+    /// host page was given back reads as zero and is left alone (reading
+    /// it maps nothing new).
     fn scrub(&self, ram: &GuestRam, frames: &[u64]) -> Result<(), MmuFailure> {
         let zeros = [0u8; PAGE_SIZE as usize];
-        let (shared, anonymous): (Vec<u64>, Vec<u64>) =
-            frames.iter().partition(|f| **f < self.overlay_len);
-        for frame in shared {
-            ram.write_host(frame, &zeros)?;
-        }
-        for (start, len) in runs(anonymous) {
-            ram.discard(start, len)?;
+        let mut page = [0u8; PAGE_SIZE as usize];
+        for &frame in frames {
+            ram.read_host(frame, &mut page)?;
+            if page != zeros {
+                ram.write_host(frame, &zeros)?;
+            }
         }
         Ok(())
     }
 
     /// Checks that `frames` may all be given back, then makes them free,
-    /// returning the host memory of those in anonymous RAM at once (they
-    /// are scrubbed when taken again).
+    /// returning the host memory of those in anonymous RAM at once when
+    /// they make few runs and the notifier budget allows (they are
+    /// scrubbed when taken again either way).
     pub fn give_back(
         &mut self,
-        ram: &GuestRam,
+        at: Translations<'_>,
         frames: &[u64],
     ) -> Result<Result<(), HypercallError>, MmuFailure> {
         if frames.len() > MMU_BATCH_MAX as usize {
@@ -411,8 +539,12 @@ impl Mmu {
             }
         }
         let anonymous = frames.iter().copied().filter(|f| *f >= self.overlay_len);
-        for (start, len) in runs(anonymous.collect()) {
-            ram.discard(start, len)?;
+        let runs = runs(anonymous.collect());
+        if self.notifier_for(runs.len(), at.now_ns) {
+            at.stats.count_notifier_calls(runs.len());
+            for (start, len) in runs {
+                at.ram.discard(start, len)?;
+            }
         }
         for frame in frames {
             if let Some(slot) = self.slot(*frame) {
@@ -467,6 +599,17 @@ mod tests {
         (Mmu::new(tables, 0, MEM), GuestRam::new(MEM).expect("maps"))
     }
 
+    static STATS: std::sync::LazyLock<GuestStats> = std::sync::LazyLock::new(GuestStats::default);
+
+    fn at(ram: &GuestRam) -> Translations<'_> {
+        Translations {
+            ram,
+            vm: None,
+            stats: &STATS,
+            now_ns: 0,
+        }
+    }
+
     fn request(op: u32, flags: u32, vaddr: u64, frame: u64) -> MmuRequest {
         MmuRequest {
             op,
@@ -474,6 +617,34 @@ mod tests {
             vaddr,
             frame,
         }
+    }
+
+    #[test]
+    fn the_notifier_budget_refills_each_window() {
+        let mut budget = Budget::default();
+        assert!(budget.take(NOTIFIER_BUDGET as usize - 1, 0));
+        assert!(budget.take(1, 10));
+        assert!(!budget.take(1, BUDGET_WINDOW_NS - 1));
+        assert!(budget.take(3, BUDGET_WINDOW_NS));
+        assert!(!budget.take(NOTIFIER_BUDGET as usize, BUDGET_WINDOW_NS + 1));
+        assert!(!budget.take(usize::MAX, 5 * BUDGET_WINDOW_NS));
+    }
+
+    #[test]
+    fn many_separate_frames_or_a_spent_budget_move_the_slot() {
+        let (mut mmu, _ram) = mmu();
+        assert!(mmu.notifier_for(NOTIFIER_RUNS_MAX, 0));
+        assert!(!mmu.notifier_for(NOTIFIER_RUNS_MAX + 1, 0));
+        let mut left = NOTIFIER_BUDGET as usize - NOTIFIER_RUNS_MAX;
+        while left > 0 {
+            assert!(mmu.notifier_for(left.min(NOTIFIER_RUNS_MAX), 1));
+            left -= left.min(NOTIFIER_RUNS_MAX);
+        }
+        assert!(!mmu.notifier_for(1, 2));
+        mmu.forget = Forget::Notifier;
+        assert!(mmu.notifier_for(MMU_BATCH_MAX as usize, 3));
+        mmu.forget = Forget::SlotMove;
+        assert!(!mmu.notifier_for(1, BUDGET_WINDOW_NS * 2));
     }
 
     #[test]
@@ -490,7 +661,7 @@ mod tests {
             request(MMU_MAP, MMU_WRITE, v, IMAGE_BASE),
             request(MMU_MAP, 0, v + PAGE_SIZE, 0x3000),
         ];
-        let got = mmu.update(&ram, &batch).expect("no host failure");
+        let got = mmu.update(at(&ram), &batch).expect("no host failure");
         assert_eq!(
             got,
             Err(Refused {
@@ -512,7 +683,7 @@ mod tests {
             request(MMU_MAP, MMU_EXEC, v + PAGE_SIZE, IMAGE_BASE),
             request(MMU_UNMAP, 0, IMAGE_BASE + PAGE_SIZE, 0),
         ];
-        assert_eq!(mmu.update(&ram, &batch).expect("applies"), Ok(4));
+        assert_eq!(mmu.update(at(&ram), &batch).expect("applies"), Ok(4));
         let leaf = mmu.tables.leaf(v);
         assert_eq!(leaf & ADDR_MASK, IMAGE_BASE + 4 * PAGE_SIZE);
         assert_eq!(leaf & (WRITABLE | NO_EXECUTE), NO_EXECUTE);
@@ -555,11 +726,15 @@ mod tests {
             (request(9, 0, v, 0), HypercallError::Invalid),
         ];
         for (req, error) in cases {
-            let got = mmu.update(&ram, &[req]).expect("no host failure");
+            let got = mmu.update(at(&ram), &[req]).expect("no host failure");
             assert_eq!(got, Err(Refused { index: 0, error }), "{req:?}");
         }
         let too_many = vec![request(MMU_UNMAP, 0, v, 0); MMU_BATCH_MAX as usize + 1];
-        assert!(mmu.update(&ram, &too_many).expect("no failure").is_err());
+        assert!(
+            mmu.update(at(&ram), &too_many)
+                .expect("no failure")
+                .is_err()
+        );
     }
 
     #[test]
@@ -569,7 +744,7 @@ mod tests {
         let batch: Vec<MmuRequest> = (0..200)
             .map(|i| request(MMU_MAP, 0, (1 + i) << 30, IMAGE_BASE))
             .collect();
-        let got = mmu.update(&ram, &batch).expect("no host failure");
+        let got = mmu.update(at(&ram), &batch).expect("no host failure");
         assert!(matches!(
             got,
             Err(Refused {
@@ -585,26 +760,27 @@ mod tests {
         let (mut mmu, ram) = mmu();
         let frame = IMAGE_BASE + 2 * PAGE_SIZE;
         assert_eq!(
-            mmu.give_back(&ram, &[frame]).expect("no failure"),
+            mmu.give_back(at(&ram), &[frame]).expect("no failure"),
             Err(HypercallError::Invalid),
             "still mapped"
         );
         ram.write_host(frame, b"secret").expect("writes");
         let unmap = [request(MMU_UNMAP, 0, frame, 0)];
-        assert_eq!(mmu.update(&ram, &unmap).expect("applies"), Ok(1));
+        assert_eq!(mmu.update(at(&ram), &unmap).expect("applies"), Ok(1));
         assert_eq!(
-            mmu.give_back(&ram, &[frame, frame]).expect("no failure"),
+            mmu.give_back(at(&ram), &[frame, frame])
+                .expect("no failure"),
             Err(HypercallError::Invalid),
             "twice in one batch"
         );
-        assert_eq!(mmu.give_back(&ram, &[frame]).expect("frees"), Ok(()));
+        assert_eq!(mmu.give_back(at(&ram), &[frame]).expect("frees"), Ok(()));
         assert_eq!(
-            mmu.give_back(&ram, &[frame]).expect("no failure"),
+            mmu.give_back(at(&ram), &[frame]).expect("no failure"),
             Err(HypercallError::Invalid),
             "already free"
         );
         let map = [request(MMU_MAP, 0, frame, frame)];
-        assert!(mmu.update(&ram, &map).expect("no failure").is_err());
+        assert!(mmu.update(at(&ram), &map).expect("no failure").is_err());
         assert_eq!(
             mmu.alloc(&ram, 2).expect("no failure"),
             Err(HypercallError::LimitExceeded)
@@ -615,7 +791,7 @@ mod tests {
         let mut bytes = [1u8; 16];
         ram.read_host(frame, &mut bytes).expect("reads");
         assert_eq!(bytes, [0; 16]);
-        assert_eq!(mmu.update(&ram, &map).expect("applies"), Ok(1));
+        assert_eq!(mmu.update(at(&ram), &map).expect("applies"), Ok(1));
     }
 
     #[test]

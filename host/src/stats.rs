@@ -74,6 +74,8 @@ pub struct GuestStats {
     cpu_ns: AtomicU64,
     preemptions: AtomicU64,
     traps: AtomicU64,
+    notifier_calls: AtomicU64,
+    slot_moves: AtomicU64,
     /// Host address and size of the guest's RAM while it exists (0: none).
     ram_addr: AtomicU64,
     ram_len: AtomicU64,
@@ -96,6 +98,8 @@ impl Default for GuestStats {
             cpu_ns: AtomicU64::new(0),
             preemptions: AtomicU64::new(0),
             traps: AtomicU64::new(0),
+            notifier_calls: AtomicU64::new(0),
+            slot_moves: AtomicU64::new(0),
             ram_addr: AtomicU64::new(0),
             ram_len: AtomicU64::new(0),
             resident_at_end: AtomicU64::new(0),
@@ -137,6 +141,14 @@ pub struct StatsSnapshot {
     pub preemptions: u64,
     /// Exceptions bounced to the guest's own handler.
     pub traps: u64,
+    /// Runs of frames whose translations (or host memory) the host
+    /// dropped through KVM's MMU notifier, one `mprotect` pair or
+    /// `madvise` each: cheap alone, but each costs every VM in the process.
+    pub notifier_calls: u64,
+    /// Times the host dropped every translation of the guest by moving a
+    /// memory slot: a batch with many separate old frames, or the
+    /// notifier budget spent ([`crate::mmu::Forget`]).
+    pub slot_moves: u64,
     /// Guest RAM size, in bytes.
     pub memory_bytes: u64,
     /// Bytes of guest RAM resident in host memory: pages the guest
@@ -227,6 +239,16 @@ impl GuestStats {
         self.traps.fetch_add(1, Relaxed);
     }
 
+    /// `runs` notifier calls.
+    pub fn count_notifier_calls(&self, runs: usize) {
+        self.notifier_calls.fetch_add(runs as u64, Relaxed);
+    }
+
+    /// One slot move.
+    pub fn count_slot_move(&self) {
+        self.slot_moves.fetch_add(1, Relaxed);
+    }
+
     /// Watches the guest's RAM for [`StatsSnapshot::resident_bytes`].
     pub fn watch_memory(&self, ram: &GuestRam) {
         self.ram_len.store(ram.size(), Relaxed);
@@ -257,6 +279,8 @@ impl GuestStats {
             cpu_ns: self.cpu_ns.load(Relaxed),
             preemptions: self.preemptions.load(Relaxed),
             traps: self.traps.load(Relaxed),
+            notifier_calls: self.notifier_calls.load(Relaxed),
+            slot_moves: self.slot_moves.load(Relaxed),
             memory_bytes: self.ram_len.load(Relaxed),
             resident_bytes: match self.ram_addr.load(Acquire) {
                 0 => self.resident_at_end.load(Relaxed),

@@ -6,6 +6,7 @@
 mod common;
 
 use shoal_abi::HypercallNr;
+use shoal_host::mmu::Forget;
 use shoal_host::{Crash, GuestEnd, GuestReport};
 
 /// Where the `mmu` guest remaps and faults.
@@ -15,20 +16,67 @@ fn mmu_updates(report: &GuestReport) -> u64 {
     report.stats.hypercall(HypercallNr::MmuUpdate)
 }
 
+fn run_forgetting(args: &[&str], forget: Forget) -> GuestReport {
+    common::run_with(
+        "mmu",
+        shoal_host::GuestConfig {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            forget,
+            ..Default::default()
+        },
+    )
+}
+
 #[test]
 fn remapping_a_live_address_thousands_of_times_never_reads_a_stale_page() {
-    let report = common::run("mmu", &["check", "5000"]);
-    common::assert_exited_0(&report);
-    let text = report.console_text();
-    assert!(
-        text.contains("remapped 5000 times, never stale\n"),
-        "{text}"
-    );
-    assert!(
-        text.ends_with("batch of 64 and scrubbed frames ok\nmmu ok\n"),
-        "{text}"
-    );
-    assert!(mmu_updates(&report) > 5000, "{:?}", report.stats.hypercalls);
+    for forget in [Forget::Auto, Forget::Notifier, Forget::SlotMove] {
+        let report = run_forgetting(&["check", "5000"], forget);
+        common::assert_exited_0(&report);
+        let text = report.console_text();
+        assert!(
+            text.contains("remapped 5000 times, never stale\n"),
+            "{forget:?}: {text}"
+        );
+        assert!(
+            text.ends_with("batch of 64 and scrubbed frames ok\nmmu ok\n"),
+            "{forget:?}: {text}"
+        );
+        assert!(mmu_updates(&report) > 5000, "{:?}", report.stats.hypercalls);
+        let (notifier, slot_moves) = (report.stats.notifier_calls, report.stats.slot_moves);
+        match forget {
+            Forget::Notifier => assert_eq!(slot_moves, 0),
+            Forget::SlotMove => assert_eq!(notifier, 0),
+            // Single remaps, 500 a second through the notifier; they
+            // come faster than that (30 ms for 500 alone), so the budget
+            // runs out and the rest move the slot.
+            Forget::Auto => {
+                assert!(notifier > 0 && slot_moves > 0, "{:?}", report.stats);
+                assert!(notifier + slot_moves >= 5000, "{:?}", report.stats);
+            }
+        }
+    }
+}
+
+#[test]
+fn batches_that_drop_many_separate_frames_are_never_stale() {
+    for forget in [Forget::Auto, Forget::Notifier, Forget::SlotMove] {
+        let report = run_forgetting(&["scatter", "300"], forget);
+        common::assert_exited_0(&report);
+        let text = report.console_text();
+        assert!(
+            text.contains("remapped 64 pages 300 times in batches, never stale\n"),
+            "{forget:?}: {text}"
+        );
+        assert!(
+            text.ends_with("64 separate frames given back came back zeroed\nscatter ok\n"),
+            "{forget:?}: {text}"
+        );
+        // Each batch of 64 separate old frames is over the notifier's
+        // per-batch limit: the slot moves, once per batch.
+        if forget == Forget::Auto {
+            assert!(report.stats.slot_moves >= 299, "{:?}", report.stats);
+        }
+    }
 }
 
 #[test]

@@ -8,12 +8,15 @@
 //! change), `batched` (one `mmu_update` per round) or `multicall` (one
 //! `multicall` of N single-change `mmu_update`s per round). Every change
 //! remaps a page to the other of two frames, so each takes a mapping
-//! away (the costly kind). Prints `result MODE COUNT NANOS`: the total
+//! away (the costly kind). `scatter COUNT` is the worst batch: COUNT
+//! rounds of one `mmu_update` that remaps 512 pages, each from its own
+//! frame to another, no two old frames adjacent, then reads every page.
+//! Prints `result MODE COUNT NANOS`: the total
 //! time of COUNT operations measured inside the guest.
 #![no_std]
 #![no_main]
 
-use shoal_guest::abi::hypercall::{AbiInfo, MMU_MAP, MmuRequest, MmuUpdate};
+use shoal_guest::abi::hypercall::{AbiInfo, MMU_BATCH_MAX, MMU_MAP, MmuRequest, MmuUpdate};
 use shoal_guest::abi::layout::NULL_EXIT_PORT;
 use shoal_guest::abi::layout::PAGE_SIZE;
 use shoal_guest::hypercall::{Call, Queued};
@@ -125,6 +128,37 @@ fn remap(mode: &str, frames: [u64; 2], count: u64, n: usize) -> bool {
     }
 }
 
+/// Pages remapped per round by `scatter`: a whole batch.
+const SCATTER_PAGES: usize = MMU_BATCH_MAX as usize;
+
+/// Frames for `scatter`, two per page, and the pages mapped to the first
+/// of each pair.
+fn scatter_setup() -> Option<[u64; 2 * SCATTER_PAGES]> {
+    let mut frames = [0u64; 2 * SCATTER_PAGES];
+    mmu::take_heap(frames.len() as u64).ok()?;
+    mmu::alloc_frames(&mut frames).ok()?;
+    scatter_round(&frames, 0).then_some(frames)
+}
+
+/// Round `round` of the worst batch: page `i` moves to frame `2i` or
+/// `2i + 1`, so no two old frames are adjacent and the host drops the
+/// translations of 512 separate frames; then every page is read.
+fn scatter_round(frames: &[u64; 2 * SCATTER_PAGES], round: u64) -> bool {
+    let mut requests = [map_request(0, 0); SCATTER_PAGES];
+    for (page, request) in requests.iter_mut().enumerate() {
+        let vaddr = WINDOW + page as u64 * PAGE_SIZE;
+        *request = map_request(vaddr, frames[2 * page + (round % 2) as usize]);
+    }
+    if mmu::update(&requests).is_err() {
+        return false;
+    }
+    for request in &requests {
+        // SAFETY: the page was just mapped, readable.
+        core::hint::black_box(unsafe { core::ptr::read_volatile(request.vaddr as *const u64) });
+    }
+    true
+}
+
 shoal_guest::entry!(main);
 
 fn null_exit() {
@@ -148,6 +182,11 @@ fn main() -> i32 {
     let frames = match mode {
         "trapped" | "single" | "batched" | "multicall" => remap_setup(n),
         _ => None,
+    };
+    let scatter = if mode == "scatter" {
+        scatter_setup()
+    } else {
+        None
     };
     let start = time::monotonic_ns();
     match mode {
@@ -184,6 +223,10 @@ fn main() -> i32 {
                 last = core::hint::black_box(now);
             }
         }
+        "scatter" => match scatter {
+            Some(frames) if (1..=count).all(|round| scatter_round(&frames, round)) => {}
+            _ => return 4,
+        },
         "trapped" | "single" | "batched" | "multicall" => match frames {
             Some(frames) if remap(mode, frames, count, n) => {}
             _ => return 4,

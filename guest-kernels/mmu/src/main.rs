@@ -22,6 +22,14 @@
 //!   entry reads back as zero. Prints `trapped ok`.
 //! - `mmu trapped-forbidden`: writes an entry mapping a page-table frame
 //!   through the window; the host must stop it.
+//! - `mmu scatter [ROUNDS]`: maps 64 pages at [`WINDOW`], each to one of
+//!   its own two patterned frames, and remaps all of them to the other
+//!   one in one batch, ROUNDS times (default 200), reading every page's
+//!   pattern each round. No two old frames of a batch are adjacent, which
+//!   makes the host drop every translation at once (a slot move) rather
+//!   than one frame at a time. Then gives every other frame back (64
+//!   separate frames), takes them again and checks they are zeroed. Prints
+//!   `scatter ok`.
 //! - `mmu heap`: fills a `Vec` and a `BTreeMap` from the SDK's heap, which
 //!   grows by mapping frames, and checks every value. Prints `heap ok`.
 #![no_std]
@@ -395,6 +403,62 @@ fn trapped_forbidden() -> i32 {
     1
 }
 
+/// Pages `scatter` remaps in each batch, with two frames each.
+const SCATTER: usize = 64;
+
+fn scatter(rounds: u64) -> Result<(), Failed> {
+    mmu::take_heap(2 * SCATTER as u64)?;
+    let mut frames = [0u64; 2 * SCATTER];
+    mmu::alloc_frames(&mut frames)?;
+    let mut batch = Batch::new();
+    for (i, frame) in frames.iter().enumerate() {
+        batch.map(PATTERNS + i as u64 * PAGE_SIZE, *frame, WRITE)?;
+    }
+    batch.flush()?;
+    for i in 0..frames.len() {
+        write(PATTERNS + i as u64 * PAGE_SIZE, pattern(i));
+    }
+    for round in 0..rounds {
+        let which = |page: usize| 2 * page + (round % 2) as usize;
+        for page in 0..SCATTER {
+            batch.map(WINDOW + page as u64 * PAGE_SIZE, frames[which(page)], 0)?;
+        }
+        batch.flush()?;
+        for page in 0..SCATTER {
+            let got = read(WINDOW + page as u64 * PAGE_SIZE);
+            if got != pattern(which(page)) {
+                println!("stale page: round {round} page {page} read {got:#x}");
+                return Err(Failed::Wrong);
+            }
+        }
+    }
+    println!("remapped {SCATTER} pages {rounds} times in batches, never stale");
+
+    // Give back every even frame: 64 separate frames, none mapped.
+    let mut even = [0u64; SCATTER];
+    for page in 0..SCATTER {
+        even[page] = frames[2 * page];
+        batch.unmap(WINDOW + page as u64 * PAGE_SIZE)?;
+    }
+    batch.flush()?;
+    for page in 0..SCATTER {
+        batch.unmap(PATTERNS + 2 * page as u64 * PAGE_SIZE)?;
+    }
+    batch.flush()?;
+    mmu::free_frames(&even)?;
+    mmu::alloc_frames(&mut even)?;
+    for frame in even {
+        batch.map(WINDOW, frame, 0)?;
+        batch.flush()?;
+        if read(WINDOW) != 0 || read(WINDOW + PAGE_SIZE - 8) != 0 {
+            println!("frame {frame:#x} came back with data in it");
+            return Err(Failed::Wrong);
+        }
+    }
+    println!("{SCATTER} separate frames given back came back zeroed");
+    Ok(())
+}
+
 fn heap() -> bool {
     let mut values: Vec<u64> = Vec::new();
     for i in 0..100_000u64 {
@@ -418,30 +482,27 @@ fn heap() -> bool {
     right && HEAP.grown() > 1
 }
 
+/// Prints how `mode` went; the exit status.
+fn report(mode: &str, result: Result<(), Failed>) -> i32 {
+    match result {
+        Ok(()) => {
+            println!("{mode} ok");
+            return 0;
+        }
+        Err(Failed::Refused(refused)) => println!("{mode} failed: batch refused: {refused:?}"),
+        Err(Failed::Call(error)) => println!("{mode} failed: frame call: {error:?}"),
+        Err(Failed::Wrong) => println!("{mode} failed"),
+    }
+    1
+}
+
 fn main() -> i32 {
     let mut args = boot::args();
-    match args.next().unwrap_or("check") {
-        "check" => {
-            let remaps = args.next().and_then(|a| a.parse().ok()).unwrap_or(2000);
-            match check(remaps) {
-                Ok(()) => {
-                    println!("mmu ok");
-                    0
-                }
-                Err(Failed::Refused(refused)) => {
-                    println!("mmu failed: batch refused: {refused:?}");
-                    1
-                }
-                Err(Failed::Call(error)) => {
-                    println!("mmu failed: frame call: {error:?}");
-                    1
-                }
-                Err(Failed::Wrong) => {
-                    println!("mmu failed");
-                    1
-                }
-            }
-        }
+    let mode = args.next().unwrap_or("check");
+    let number = args.next().and_then(|a| a.parse().ok());
+    match mode {
+        "check" => report("mmu", check(number.unwrap_or(2000) as usize)),
+        "scatter" => report("scatter", scatter(number.unwrap_or(200))),
         "unmap-fault" => fault(false),
         "protect-fault" => fault(true),
         "catch" if catch() => {
@@ -453,8 +514,7 @@ fn main() -> i32 {
             1
         }
         "trapped" => {
-            let remaps = args.next().and_then(|a| a.parse().ok()).unwrap_or(500);
-            if trapped_remaps(remaps) {
+            if trapped_remaps(number.unwrap_or(500) as usize) {
                 println!("trapped ok");
                 0
             } else {
@@ -470,7 +530,7 @@ fn main() -> i32 {
         "heap" => 1,
         other => {
             println!(
-                "usage: mmu [check [REMAPS] | unmap-fault | protect-fault | catch | trapped [REMAPS] | trapped-forbidden], not {other}"
+                "usage: mmu [check [REMAPS] | scatter [ROUNDS] | unmap-fault | protect-fault | catch | trapped [REMAPS] | trapped-forbidden | heap], not {other}"
             );
             2
         }

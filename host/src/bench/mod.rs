@@ -12,6 +12,7 @@ pub use sched::mem_available_kib;
 use crate::builtin;
 use crate::host::{GuestConfig, Host};
 use crate::loader::LoadError;
+use crate::mmu::Forget;
 use shoal_abi::HypercallNr;
 use std::time::Instant;
 
@@ -218,6 +219,7 @@ pub fn run_all(host: &Host, sizes: Sizes, only: &[String]) -> Result<Vec<Figure>
     }
     if wanted("mmu") {
         figures.extend(mmu_figures(host, sizes.rounds)?);
+        figures.extend(forget_figures(host, sizes.rounds)?);
     }
     if wanted("spawn") {
         figures.extend(sched::spawn_figures(
@@ -300,6 +302,10 @@ fn mmu_figures(host: &Host, rounds: usize) -> Result<Vec<Figure>, BenchError> {
                 let config = GuestConfig {
                     args: vec![mode.into(), changes.to_string(), n.to_string()],
                     trapped_page_tables: mode == "trapped",
+                    // One way to drop translations for all four, the
+                    // one without a budget (the ways are compared in
+                    // `forget_figures`).
+                    forget: Forget::Notifier,
                     ..Default::default()
                 };
                 runs.push(run_guest_with(host, &image, mode, config)?.nanos_per_op);
@@ -311,6 +317,123 @@ fn mmu_figures(host: &Host, rounds: usize) -> Result<Vec<Figure>, BenchError> {
         for (mode, name) in MODES.iter().zip(names).skip(1) {
             figures.push(Figure::versus(name, per_change(mode)?, "us", trapped));
         }
+    }
+    Ok(figures)
+}
+
+/// Idle guests beside the guest measured by [`forget_figures`]: with
+/// the pool's VMs, about as many VMs as a shard's process holds.
+const NEIGHBOURS: usize = 99;
+
+/// The two ways to drop stale translations, alone in the process and with
+/// [`NEIGHBOURS`] idle guests: a change of one page (the exit and the
+/// drop, per change), and the worst batch (512 pages remapped, each old
+/// frame apart from the others, then every page read; per batch).
+fn forget_figures(host: &Host, rounds: usize) -> Result<Vec<Figure>, BenchError> {
+    let image = builtin_image("bench")?;
+    let idle = builtin_image("idle")?;
+    let run = |mode: &str, count: u64, forget: Forget| -> Result<f64, BenchError> {
+        let mut runs = Vec::new();
+        for _ in 0..rounds.max(1) {
+            let config = GuestConfig {
+                args: vec![mode.into(), count.to_string(), "1".into()],
+                mem_size: 16 << 20,
+                forget,
+                ..Default::default()
+            };
+            runs.push(run_guest_with(host, &image, mode, config)?.nanos_per_op);
+        }
+        Ok(median(runs) / 1000.0)
+    };
+    let mut figures = Vec::new();
+    for crowded in [false, true] {
+        let neighbours = if crowded {
+            (0..NEIGHBOURS)
+                .map(|_| sched::spawn(host, &idle, &["3600s"]))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            Vec::new()
+        };
+        sched::all_blocked(&neighbours);
+        let names: [&'static str; 4] = if crowded {
+            [
+                "pt_n1_notifier_crowded",
+                "pt_n1_slot_move_crowded",
+                "pt_worst_notifier_crowded",
+                "pt_worst_slot_move_crowded",
+            ]
+        } else {
+            [
+                "pt_n1_notifier",
+                "pt_n1_slot_move",
+                "pt_worst_notifier",
+                "pt_worst_slot_move",
+            ]
+        };
+        let notifier = run("single", 2048, Forget::Notifier)?;
+        figures.push(Figure::plain(names[0], notifier, "us"));
+        let slot_move = run("single", 2048, Forget::SlotMove)?;
+        figures.push(Figure::versus(names[1], slot_move, "us", notifier));
+        let notifier = run("scatter", 16, Forget::Notifier)?;
+        figures.push(Figure::plain(names[2], notifier, "us"));
+        let slot_move = run("scatter", 16, Forget::SlotMove)?;
+        figures.push(Figure::versus(names[3], slot_move, "us", notifier));
+        if crowded {
+            figures.extend(stalls(host, &image)?);
+        }
+        sched::kill_all(neighbours);
+    }
+    Ok(figures)
+}
+
+/// A neighbour's wake-up lateness while two guests send worst batches
+/// back to back, their stale translations dropped through the notifier
+/// and the default way (the slot move for such batches); and beside two
+/// guests that only spin, for reference.
+fn stalls(host: &Host, image: &crate::Image) -> Result<Vec<Figure>, BenchError> {
+    let sched_image = builtin_image("sched")?;
+    let spin = builtin_image("spin")?;
+    let spinners = (0..2)
+        .map(|_| sched::spawn(host, &spin, &["forever"]))
+        .collect::<Result<Vec<_>, _>>()?;
+    let report = sched::spawn(host, &sched_image, &["300", "2000"])?.wait();
+    sched::kill_all(spinners);
+    let lateness = sched::Lateness::of(&report)?;
+    let mut figures = vec![
+        Figure::plain("wakeup_p99_beside_spinners", lateness.p99_us, "us"),
+        Figure::plain("wakeup_max_beside_spinners", lateness.max_us, "us"),
+    ];
+    for (forget, p99, max) in [
+        (
+            Forget::Notifier,
+            "wakeup_p99_beside_worst_notifier",
+            "wakeup_max_beside_worst_notifier",
+        ),
+        (
+            Forget::Auto,
+            "wakeup_p99_beside_worst_auto",
+            "wakeup_max_beside_worst_auto",
+        ),
+    ] {
+        let senders = (0..2)
+            .map(|_| {
+                host.spawn(
+                    image,
+                    GuestConfig {
+                        args: vec!["scatter".into(), "1000000".into()],
+                        mem_size: 16 << 20,
+                        forget,
+                        ..Default::default()
+                    },
+                )
+                .map_err(BenchError::Spawn)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let report = sched::spawn(host, &sched_image, &["300", "2000"])?.wait();
+        sched::kill_all(senders);
+        let lateness = sched::Lateness::of(&report)?;
+        figures.push(Figure::plain(p99, lateness.p99_us, "us"));
+        figures.push(Figure::plain(max, lateness.max_us, "us"));
     }
     Ok(figures)
 }

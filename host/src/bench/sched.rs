@@ -6,7 +6,7 @@ use crate::host::{GuestConfig, GuestHandle, Host, HostConfig};
 use crate::loader::Image;
 use std::time::{Duration, Instant};
 
-fn spawn(host: &Host, image: &Image, args: &[&str]) -> Result<GuestHandle, BenchError> {
+pub(crate) fn spawn(host: &Host, image: &Image, args: &[&str]) -> Result<GuestHandle, BenchError> {
     host.spawn(
         image,
         GuestConfig {
@@ -19,7 +19,7 @@ fn spawn(host: &Host, image: &Image, args: &[&str]) -> Result<GuestHandle, Bench
 
 /// Kills every guest first, then waits for them: killing and waiting one
 /// at a time would wait for each queued spinner's turn in between.
-fn kill_all(guests: Vec<GuestHandle>) {
+pub(crate) fn kill_all(guests: Vec<GuestHandle>) {
     for guest in &guests {
         guest.kill();
     }
@@ -184,26 +184,46 @@ pub fn wakeup(
         .collect::<Result<Vec<_>, _>>()?;
     let report = spawn(host, sched, &["300", "2000"])?.wait();
     kill_all(spinners);
-    let text = report.console_text();
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let value = |name: &str| {
-        words
-            .iter()
-            .position(|w| *w == name)
-            .and_then(|i| words.get(i + 1))
-            .and_then(|v| v.parse::<f64>().ok())
-    };
-    match (value("p50"), value("p99")) {
-        (Some(p50), Some(p99)) => Ok(vec![
-            Figure::plain("wakeup_busy_guests", busy as f64, "guests"),
-            Figure::plain("wakeup_latency_p50", p50 / 1000.0, "us"),
-            Figure::plain("wakeup_latency_p99", p99 / 1000.0, "us"),
-        ]),
-        _ => Err(BenchError::NoResult {
-            mode: "sched".into(),
-            end: report.end.to_string(),
-            console: text,
-        }),
+    let lateness = Lateness::of(&report)?;
+    Ok(vec![
+        Figure::plain("wakeup_busy_guests", busy as f64, "guests"),
+        Figure::plain("wakeup_latency_p50", lateness.p50_us, "us"),
+        Figure::plain("wakeup_latency_p99", lateness.p99_us, "us"),
+    ])
+}
+
+/// The wake-up lateness the `sched` guest reported.
+pub(crate) struct Lateness {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+impl Lateness {
+    /// Reads the `sched` guest's report.
+    pub(crate) fn of(report: &crate::GuestReport) -> Result<Self, BenchError> {
+        let text = report.console_text();
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let value = |name: &str| {
+            words
+                .iter()
+                .position(|w| *w == name)
+                .and_then(|i| words.get(i + 1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|ns| ns / 1000.0)
+        };
+        match (value("p50"), value("p99"), value("max")) {
+            (Some(p50_us), Some(p99_us), Some(max_us)) => Ok(Self {
+                p50_us,
+                p99_us,
+                max_us,
+            }),
+            _ => Err(BenchError::NoResult {
+                mode: "sched".into(),
+                end: report.end.to_string(),
+                console: text,
+            }),
+        }
     }
 }
 
@@ -255,7 +275,7 @@ struct ScaleCosts {
 }
 
 /// Waits until every guest in `guests` has blocked.
-fn all_blocked(guests: &[GuestHandle]) {
+pub(crate) fn all_blocked(guests: &[GuestHandle]) {
     let give_up = Instant::now() + Duration::from_secs(120);
     let mut waiting: Vec<&GuestHandle> = guests.iter().collect();
     while !waiting.is_empty() && Instant::now() < give_up {

@@ -3,6 +3,7 @@
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use shoal_host::console::ConsoleSink;
+use shoal_host::mmu::Forget;
 use shoal_host::{GuestConfig, Host, Image, Limits, builtin};
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -82,6 +83,11 @@ struct RunArgs {
     /// (trap-and-emulate; feature TRAPPED_PAGE_TABLES).
     #[arg(long)]
     trapped_page_tables: bool,
+    /// How the host makes KVM forget the translations a page-table change
+    /// takes away: the MMU notifier for small changes and the slot move
+    /// for large ones (auto), or always one of them (for measuring).
+    #[arg(long, value_enum, default_value_t)]
+    forget: Forget,
     /// A guest ELF file, or the name of a built-in guest (see `shoal list`).
     kernel: String,
     /// Arguments passed to the guest (after `--`).
@@ -109,6 +115,7 @@ impl RunArgs {
                 cpu_share: self.cpu_share,
             },
             trapped_page_tables: self.trapped_page_tables,
+            forget: self.forget,
         }
     }
 }

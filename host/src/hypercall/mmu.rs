@@ -25,7 +25,10 @@ pub fn update(ctx: &Context<'_>, args: &mut MmuUpdate) -> Served {
     }
     let requests: Vec<MmuRequest> = read_array(ctx, args.requests, args.count, MMU_BATCH_MAX)?;
     let mut mmu = ctx.mmu.borrow_mut();
-    match mmu.active(ctx.ram.size()).update(ctx.ram, &requests) {
+    match mmu
+        .active(ctx.ram.size())
+        .update(ctx.translations(), &requests)
+    {
         Ok(Ok(done)) => Ok((done as i64, Flow::Resume)),
         Ok(Err(refused)) => {
             args.error_index = refused.index as u64;
@@ -69,7 +72,10 @@ pub fn free(ctx: &Context<'_>, args: &mut FrameFree) -> Served {
     }
     let frames: Vec<u64> = read_array(ctx, args.frames, args.count, MMU_BATCH_MAX)?;
     let mut mmu = ctx.mmu.borrow_mut();
-    match mmu.active(ctx.ram.size()).give_back(ctx.ram, &frames) {
+    match mmu
+        .active(ctx.ram.size())
+        .give_back(ctx.translations(), &frames)
+    {
         Ok(Ok(())) => Ok((i64::from(args.count), Flow::Resume)),
         Ok(Err(error)) => Err(error),
         Err(e) => failed(e),

@@ -17,8 +17,9 @@ mod trap;
 use crate::clock::GuestClock;
 use crate::console::Console;
 use crate::end::{Crash, GuestEnd};
+use crate::kvm::Vm;
 use crate::kvm::memory::GuestRam;
-use crate::mmu::GuestMmu;
+use crate::mmu::{GuestMmu, Translations};
 use crate::stats::GuestStats;
 use crate::trap::Traps;
 use shoal_abi::hypercall::{self as abi, Hypercall, MAX_ARG_LEN, MULTICALL_MAX, TrapFrame};
@@ -59,6 +60,8 @@ pub struct Context<'a> {
     pub features: u64,
     /// Its counters.
     pub stats: &'a GuestStats,
+    /// Its VM (none in unit tests).
+    pub vm: Option<&'a Vm>,
     /// Its page tables and frames.
     pub mmu: &'a RefCell<GuestMmu>,
     /// Its exception handler.
@@ -67,6 +70,18 @@ pub struct Context<'a> {
     pub preempt: &'a AtomicBool,
     /// Whether this call is one of a `multicall`'s.
     pub in_multicall: bool,
+}
+
+impl<'a> Context<'a> {
+    /// What the MMU needs to drop stale translations.
+    pub fn translations(&self) -> Translations<'a> {
+        Translations {
+            ram: self.ram,
+            vm: self.vm,
+            stats: self.stats,
+            now_ns: self.clock.now_ns(),
+        }
+    }
 }
 
 /// The result of a service: the value for `ret` and what happens next.

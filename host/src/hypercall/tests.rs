@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::clock::{GuestClock, TscScale};
+use crate::mmu::Forget;
 use shoal_abi::hypercall::{AbiInfo, Block, ConsoleWrite, Exit, Panic, WallClock};
 use shoal_abi::layout::{IMAGE_BASE, PAGE_TABLE_AREA_START};
 
@@ -26,7 +27,11 @@ impl Fixture {
             clock: GuestClock::start(TscScale::from_hz(1_000_000_000), 0),
             console: Console::new(1, console_limit, None),
             stats: GuestStats::default(),
-            mmu: RefCell::new(GuestMmu::new(std::sync::Arc::default(), 0)),
+            mmu: RefCell::new(GuestMmu::new(
+                std::sync::Arc::default(),
+                0,
+                Forget::default(),
+            )),
             traps: Cell::default(),
             preempt: AtomicBool::new(false),
         }
@@ -40,6 +45,7 @@ impl Fixture {
             console: &self.console,
             features: 0b101,
             stats: &self.stats,
+            vm: None,
             mmu: &self.mmu,
             traps: &self.traps,
             preempt: &self.preempt,

@@ -50,6 +50,7 @@ impl Kvm {
     pub fn create_vm(&self, ram: &GuestRam) -> Result<Vm, VmError> {
         let vm = Vm {
             fd: self.fd.create_vm().map_err(VmError::Create)?,
+            flush_slot: std::cell::Cell::new(None),
         };
         vm.set_memory(ram)?;
         Ok(vm)
@@ -60,7 +61,17 @@ impl Kvm {
 #[derive(Debug)]
 pub struct Vm {
     fd: VmFd,
+    /// Where the flush slot sits now (`None` until first used).
+    flush_slot: std::cell::Cell<Option<u64>>,
 }
+
+/// The memory slot moved to flush every translation.
+const FLUSH_SLOT: u32 = 2;
+/// The two guest-physical places the flush slot moves between: outside
+/// RAM and the trapping alias, below the 36-bit physical width KVM
+/// assumes without CPUID. No page table can point there (`mmu_update`
+/// maps only the guest's own frames).
+const FLUSH_SLOT_ADDRS: [u64; 2] = [0xf_0000_0000, 0xf_0000_1000];
 
 impl Vm {
     /// Makes `ram` the VM's memory, at guest-physical 0. The caller keeps
@@ -103,6 +114,37 @@ impl Vm {
         // SAFETY: the region lies inside `ram`'s mapping (checked above),
         // which the caller keeps alive as long as the VM.
         unsafe { self.fd.set_user_memory_region(region) }.map_err(VmError::Memory)
+    }
+
+    /// Makes KVM drop every translation of this VM (and nothing of any
+    /// other VM in the process) by moving a one-page memory slot: KVM
+    /// flushes its shadow page tables on a slot move. The slot aliases the
+    /// first page of `ram`, which the caller keeps alive as long as the VM.
+    /// The guest rebuilds its translations as it touches its pages again.
+    pub fn forget_all_translations(&self, ram: &GuestRam) -> Result<(), VmError> {
+        let mut region = kvm_userspace_memory_region {
+            slot: FLUSH_SLOT,
+            flags: 0,
+            guest_phys_addr: FLUSH_SLOT_ADDRS[0],
+            memory_size: shoal_abi::layout::PAGE_SIZE,
+            userspace_addr: ram.host_base(),
+        };
+        let next = match self.flush_slot.get() {
+            // Creating a slot flushes nothing: create it, then move it.
+            None => {
+                // SAFETY: the region is the first page of `ram`'s mapping,
+                // which the caller keeps alive as long as the VM.
+                unsafe { self.fd.set_user_memory_region(region) }.map_err(VmError::Memory)?;
+                FLUSH_SLOT_ADDRS[1]
+            }
+            Some(at) if at == FLUSH_SLOT_ADDRS[0] => FLUSH_SLOT_ADDRS[1],
+            Some(_) => FLUSH_SLOT_ADDRS[0],
+        };
+        region.guest_phys_addr = next;
+        // SAFETY: as above.
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(VmError::Memory)?;
+        self.flush_slot.set(Some(next));
+        Ok(())
     }
 
     /// Creates vCPU 0.

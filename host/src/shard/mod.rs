@@ -129,6 +129,7 @@ impl Shards {
             console_limit: config.console_limit,
             limits: config.limits,
             trapped_page_tables: config.trapped_page_tables,
+            forget: config.forget,
         });
         match reply {
             Some(Reply::Done(Ok(()))) => Ok(remote),

@@ -190,6 +190,7 @@ impl Shard {
                 console_limit,
                 limits,
                 trapped_page_tables,
+                forget,
             } => {
                 let result = self.spawn(
                     id,
@@ -201,6 +202,7 @@ impl Shard {
                         console_sink: None,
                         limits,
                         trapped_page_tables,
+                        forget,
                     },
                 );
                 self.reply(tag, Reply::Done(result));

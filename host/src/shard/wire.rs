@@ -43,6 +43,7 @@ pub enum Request {
         console_limit: u64,
         limits: Limits,
         trapped_page_tables: bool,
+        forget: crate::mmu::Forget,
     },
     /// Kill guest `id`.
     Kill { id: u64 },
