@@ -34,6 +34,10 @@ const GUESTS: &[(&str, &str)] = &[
         "a demand-paged array bigger than its RAM: a page-fault handler maps frames as pages are touched",
     ),
     (
+        "events",
+        "waits for events the host raises (ping N: answers each; mask: ignores others until a deadline)",
+    ),
+    (
         "bad-pointer",
         "hostile: passes pointers the host must refuse",
     ),

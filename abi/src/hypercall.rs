@@ -207,9 +207,11 @@ impl Hypercall for WallClock {
 }
 
 /// `block`: gives up the CPU until the monotonic clock (the clock page's
-/// time base) reaches `deadline_ns`, or until an event arrives. A deadline
-/// in the past returns at once. Returns 0 when the deadline passed, 1 when
-/// events woke the guest (their bits are in `events`).
+/// time base) reaches `deadline_ns`, or until an event that is not masked
+/// is pending ([`crate::EventPage`]). Returns at once if one is pending
+/// already or the deadline is past. Returns 1 when unmasked events are
+/// pending as it returns (their bits are in `events`; the call does not
+/// clear them), else 0.
 #[repr(C)]
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,

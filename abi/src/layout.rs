@@ -9,7 +9,8 @@
 //! 0x0000_0000  null page            never mapped
 //! 0x0000_1000  boot info page       user read-only   (BootInfo + arguments)
 //! 0x0000_2000  clock page           user read-only   (ClockPage)
-//! 0x0000_3000  host-reserved        never mapped to the guest (GDT, IDT,
+//! 0x0000_3000  event page           user read-write  (EventPage)
+//! 0x0000_4000  host-reserved        never mapped to the guest (GDT, IDT,
 //!  ..                               exception stubs, TSS, kernel stack)
 //! 0x0001_0000  page-table frames    never mapped to the guest
 //! 0x0010_0000  guest image          as the ELF segments say (R, RW, RX)
@@ -26,9 +27,11 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const BOOT_INFO_PAGE: u64 = 0x1000;
 /// The clock page ([`crate::ClockPage`]).
 pub const CLOCK_PAGE: u64 = 0x2000;
+/// The event page ([`crate::EventPage`]).
+pub const EVENT_PAGE: u64 = 0x3000;
 /// Start of the host-reserved system area (descriptor tables, exception
 /// stubs, TSS, the CPL0 stack). Never mapped at a user-accessible address.
-pub const SYSTEM_AREA_START: u64 = 0x3000;
+pub const SYSTEM_AREA_START: u64 = 0x4000;
 /// Start of the frames the host uses for the guest's page tables.
 pub const PAGE_TABLE_AREA_START: u64 = 0x1_0000;
 /// End (exclusive) of the page-table frames.

@@ -4,7 +4,7 @@
 //! the ABI version, the hypercall mechanism (port and argument block), the
 //! hypercall numbers and their wire types, error codes, feature bits, the
 //! guest-physical memory layout, and the layouts of the shared pages (boot
-//! info and clock). `docs/abi.md` is the prose specification of the same
+//! info, clock and events). `docs/abi.md` is the prose specification of the same
 //! contract.
 //!
 //! Every wire type is `#[repr(C)]` with explicit padding and a compile-time
@@ -14,6 +14,7 @@
 pub mod boot;
 pub mod clock;
 pub mod error;
+pub mod event;
 pub mod hypercall;
 pub mod layout;
 pub mod note;
@@ -21,6 +22,7 @@ pub mod note;
 pub use boot::BootInfo;
 pub use clock::ClockPage;
 pub use error::HypercallError;
+pub use event::EventPage;
 pub use hypercall::{HypercallHeader, HypercallNr};
 
 /// The version of this ABI. Independent of the crate's semver: it changes
@@ -60,6 +62,12 @@ pub mod features {
     /// [`ALL_V1`].
     pub const TRAPPED_PAGE_TABLES: u64 = 1 << 7;
 
+    /// The event page at [`crate::layout::EVENT_PAGE`] is live: the host
+    /// raises events there and `block` returns when an unmasked one is
+    /// pending ([`crate::EventPage`]).
+    pub const EVENTS: u64 = 1 << 8;
+
     /// Every feature this version of the ABI crate knows about.
-    pub const ALL_V1: u64 = CLOCK_PAGE | BLOCK | PRECISE_FAULTS | YIELD | MMU | TRAPS | MULTICALL;
+    pub const ALL_V1: u64 =
+        CLOCK_PAGE | BLOCK | PRECISE_FAULTS | YIELD | MMU | TRAPS | MULTICALL | EVENTS;
 }

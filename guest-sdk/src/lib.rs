@@ -29,6 +29,7 @@
 
 pub mod boot;
 pub mod console;
+pub mod event;
 pub mod heap;
 pub mod hypercall;
 pub mod mmu;

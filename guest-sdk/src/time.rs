@@ -56,8 +56,9 @@ pub fn wall() -> Duration {
     Duration::from_nanos(wall_ns())
 }
 
-/// Blocks until `monotonic_ns() >= deadline_ns` or an event arrives.
-/// Returns the pending event bits (0 when the deadline passed).
+/// Blocks until `monotonic_ns() >= deadline_ns` or an unmasked event is
+/// pending (at once if one is). Returns the unmasked pending events (0 when
+/// the deadline passed). [`crate::event::wait_any`] is the usual way.
 pub fn block_until(deadline_ns: u64) -> u64 {
     let mut args = Block {
         deadline_ns,
@@ -70,12 +71,11 @@ pub fn block_until(deadline_ns: u64) -> u64 {
 }
 
 /// Sleeps for at least `duration`, giving the CPU back to the host.
+/// Events do not wake it (they stay pending).
 pub fn sleep(duration: Duration) {
     let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
     let deadline = monotonic_ns().saturating_add(nanos);
-    while monotonic_ns() < deadline {
-        block_until(deadline);
-    }
+    crate::event::wait_any(0, deadline);
 }
 
 /// Parses a duration argument: `500ms`, `2s`, `750us`, or a bare number of

@@ -3,6 +3,7 @@
 
 use crate::console::Console;
 use crate::end::{Crash, GuestEnd};
+use crate::event::Events;
 use crate::limits::Limits;
 use crate::stats::{GuestStats, StatsSnapshot};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -68,6 +69,8 @@ pub struct GuestControl {
     pub stats: Arc<GuestStats>,
     /// The guest's limits.
     pub limits: Limits,
+    /// Its events (the guest raises into them while it has RAM).
+    pub events: Arc<Events>,
     /// Why the host stopped the guest, when `killed` was set for a limit.
     stop_reason: Mutex<Option<Crash>>,
     on_end: OnEnd,
@@ -88,6 +91,7 @@ impl GuestControl {
             ended: Condvar::new(),
             console,
             stats,
+            events: Arc::default(),
         }
     }
 

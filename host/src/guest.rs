@@ -5,6 +5,7 @@ use crate::boot::{BootError, BootParams, Template, descriptors};
 use crate::clock::{GuestClock, TscScale};
 use crate::console::Console;
 use crate::end::{Crash, GuestEnd};
+use crate::event::Events;
 use crate::hypercall::{self, Context, Flow};
 use crate::kvm::memory::{GuestRam, MemoryError};
 use crate::kvm::vcpu::{Exit, VcpuError};
@@ -78,6 +79,10 @@ pub struct Guest {
     exit_rate: Option<RateWindow>,
     mmu: RefCell<GuestMmu>,
     traps: Cell<Traps>,
+    events: Arc<Events>,
+    /// The `block` call the guest is parked in, whose result is written
+    /// when it runs again.
+    blocked_at: Option<u64>,
 }
 
 /// Everything needed to create a guest.
@@ -100,10 +105,13 @@ pub struct GuestParts<'a> {
     pub trapped_page_tables: bool,
     /// How stale translations are dropped.
     pub forget: Forget,
+    /// Its events (shared with its control block).
+    pub events: Arc<Events>,
 }
 
 impl Drop for Guest {
     fn drop(&mut self) {
+        self.events.detach();
         self.stats.release_memory(&self.ram);
     }
 }
@@ -148,6 +156,7 @@ impl Guest {
         let clock = GuestClock::start(scale, tsc_offset);
         clock.publish(&ram)?;
         parts.stats.watch_memory(&ram);
+        parts.events.attach(&ram);
         tracing::debug!(
             id = parts.id,
             entry = template.cpu().rip,
@@ -166,6 +175,8 @@ impl Guest {
             exit_rate: parts.exit_rate.map(RateWindow::new),
             mmu: RefCell::new(mmu),
             traps: Cell::default(),
+            events: parts.events,
+            blocked_at: None,
         })
     }
 
@@ -179,6 +190,11 @@ impl Guest {
         &self.clock
     }
 
+    /// The guest's events.
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
     /// Makes kicks sent to the current thread interrupt this guest until
     /// the guard is dropped.
     pub fn arm_kick(&mut self) -> crate::kvm::KickGuard {
@@ -189,6 +205,9 @@ impl Guest {
     /// is set. Checks `killed` before every entry; a kick makes the current
     /// entry return so that both flags are looked at.
     pub fn run(&mut self, killed: &AtomicBool, preempt: &AtomicBool) -> Step {
+        if let Some(at) = self.blocked_at.take() {
+            hypercall::time::woke(&self.ram, &self.events, at);
+        }
         loop {
             if killed.load(Ordering::SeqCst) {
                 return Step::Ended(GuestEnd::Killed);
@@ -217,7 +236,10 @@ impl Guest {
             match self.serve(reason, exit, preempt) {
                 Flow::Resume => {}
                 Flow::Return(frame) => self.vcpu.resume_user(&trap::registers(&frame), false),
-                Flow::Block(deadline) => return Step::Blocked(deadline),
+                Flow::Block { deadline_ns, at } => {
+                    self.blocked_at = Some(at);
+                    return Step::Blocked(deadline_ns);
+                }
                 Flow::Yield => return Step::Yielded,
                 Flow::End(end) => return Step::Ended(end),
             }
@@ -239,6 +261,8 @@ impl Guest {
                     stats: &self.stats,
                     vm: Some(&self.vm),
                     mmu: &self.mmu,
+                    events: &self.events,
+                    at: 0,
                     traps: &self.traps,
                     preempt,
                     in_multicall: false,

@@ -278,6 +278,17 @@ impl GuestHandle {
         }
     }
 
+    /// Raises the guest's events `bits` (bit `n` is event `n` of its
+    /// event page, `docs/abi.md`): they become pending, and a guest blocked
+    /// in `block` wakes if one of them is not masked. Does nothing once the
+    /// guest ended.
+    pub fn raise_events(&self, bits: u64) {
+        match &self.runs {
+            Runs::Here(sched) => sched.raise_events(&self.control, bits),
+            Runs::InShard(remote) => remote.raise_events(bits),
+        }
+    }
+
     /// Console output so far.
     pub fn console(&self) -> Vec<u8> {
         self.control.console.snapshot()

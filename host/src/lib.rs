@@ -31,6 +31,7 @@ pub mod clock;
 pub mod console;
 pub mod control;
 pub mod end;
+pub mod event;
 pub mod guest;
 pub mod host;
 pub mod hypercall;

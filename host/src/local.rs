@@ -90,6 +90,12 @@ impl Local {
             Some(shell) => shell,
             None => self.toolstack.shell(config.mem_size)?,
         };
+        let control = Arc::new(GuestControl::new(
+            id,
+            Arc::clone(&console),
+            Arc::clone(&stats),
+            config.limits,
+        ));
         let guest = Guest::create(
             shell,
             self.toolstack.scale(),
@@ -103,9 +109,9 @@ impl Local {
                 exit_rate: config.limits.exit_rate,
                 trapped_page_tables: config.trapped_page_tables,
                 forget: config.forget,
+                events: Arc::clone(&control.events),
             },
         )?;
-        let control = Arc::new(GuestControl::new(id, console, stats, config.limits));
         if let Some(hook) = relay_end {
             control.set_on_end(hook);
         }

@@ -10,7 +10,7 @@ use crate::kvm::vcpu::CpuSetup;
 use crate::loader::{Image, page_end, page_start};
 use paging::{NO_EXECUTE, PageTables, PagingError, USER, WRITABLE};
 use shoal_abi::boot::{ARGS_MAX, ARGS_OFFSET, BOOT_MAGIC, BootInfo};
-use shoal_abi::layout::{BOOT_INFO_PAGE, CLOCK_PAGE, PAGE_SIZE, STACK_SIZE};
+use shoal_abi::layout::{BOOT_INFO_PAGE, CLOCK_PAGE, EVENT_PAGE, PAGE_SIZE, STACK_SIZE};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use zerocopy::IntoBytes;
 
@@ -110,6 +110,7 @@ impl Template {
         let user_rw = USER | WRITABLE | NO_EXECUTE;
         pt.map(BOOT_INFO_PAGE, BOOT_INFO_PAGE, user_ro)?;
         pt.map(CLOCK_PAGE, CLOCK_PAGE, user_ro)?;
+        pt.map(EVENT_PAGE, EVENT_PAGE, user_rw)?;
         pt.map(descriptors::GDT, descriptors::GDT, WRITABLE | NO_EXECUTE)?;
         pt.map(descriptors::IDT, descriptors::IDT, 0)?;
         pt.identity(

@@ -11,12 +11,13 @@
 mod console;
 mod mmu;
 mod system;
-mod time;
+pub(crate) mod time;
 mod trap;
 
 use crate::clock::GuestClock;
 use crate::console::Console;
 use crate::end::{Crash, GuestEnd};
+use crate::event::Events;
 use crate::kvm::Vm;
 use crate::kvm::memory::GuestRam;
 use crate::mmu::{GuestMmu, Translations};
@@ -35,8 +36,15 @@ const HEADER_LEN: usize = size_of::<HypercallHeader>();
 pub enum Flow {
     /// Re-enter the guest.
     Resume,
-    /// Block the guest until its monotonic clock reaches this deadline (ns).
-    Block(u64),
+    /// Block the guest until its monotonic clock reaches `deadline_ns` or
+    /// an unmasked event is pending; then write the call's result into the
+    /// `block` argument block at `at`.
+    Block {
+        /// The deadline, in guest monotonic ns.
+        deadline_ns: u64,
+        /// Guest-physical address of the `block` call's argument block.
+        at: u64,
+    },
     /// Give the worker to another guest, then resume.
     Yield,
     /// Resume the guest with these registers (`trap_return`).
@@ -64,6 +72,11 @@ pub struct Context<'a> {
     pub vm: Option<&'a Vm>,
     /// Its page tables and frames.
     pub mmu: &'a RefCell<GuestMmu>,
+    /// Its events.
+    pub events: &'a Events,
+    /// Guest-physical address of this call's argument block (set by
+    /// [`dispatch`]).
+    pub at: u64,
     /// Its exception handler.
     pub traps: &'a Cell<Traps>,
     /// Set when the guest's time slice is over (read, never cleared here).
@@ -89,6 +102,7 @@ type Served = Result<(i64, Flow), HypercallError>;
 
 /// Serves the hypercall whose argument block is at guest-physical `addr`.
 pub fn dispatch(ctx: &Context<'_>, addr: u64) -> Flow {
+    let ctx = &Context { at: addr, ..*ctx };
     let mut header_bytes = [0u8; HEADER_LEN];
     if !addr.is_multiple_of(8) || ctx.ram.read_guest(addr, &mut header_bytes).is_err() {
         return bad_memory(addr, HEADER_LEN as u64);

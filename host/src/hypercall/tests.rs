@@ -3,8 +3,10 @@
 
 use super::*;
 use crate::clock::{GuestClock, TscScale};
+use crate::event::Events;
 use crate::mmu::Forget;
 use shoal_abi::hypercall::{AbiInfo, Block, ConsoleWrite, Exit, Panic, WallClock};
+use shoal_abi::layout::EVENT_PAGE;
 use shoal_abi::layout::{IMAGE_BASE, PAGE_TABLE_AREA_START};
 
 const MEM: u64 = 4 << 20;
@@ -16,6 +18,7 @@ struct Fixture {
     console: Console,
     stats: GuestStats,
     mmu: RefCell<GuestMmu>,
+    events: Events,
     traps: Cell<Traps>,
     preempt: AtomicBool,
 }
@@ -27,6 +30,7 @@ impl Fixture {
             clock: GuestClock::start(TscScale::from_hz(1_000_000_000), 0),
             console: Console::new(1, console_limit, None),
             stats: GuestStats::default(),
+            events: Events::default(),
             mmu: RefCell::new(GuestMmu::new(
                 std::sync::Arc::default(),
                 0,
@@ -47,6 +51,8 @@ impl Fixture {
             stats: &self.stats,
             vm: None,
             mmu: &self.mmu,
+            events: &self.events,
+            at: 0,
             traps: &self.traps,
             preempt: &self.preempt,
             in_multicall: false,
@@ -268,7 +274,49 @@ fn block_returns_at_once_for_past_deadlines_and_blocks_for_future_ones() {
             events: 0,
         },
     );
-    assert_eq!(flow, Flow::Block(far));
+    assert_eq!(
+        flow,
+        Flow::Block {
+            deadline_ns: far,
+            at: BLOCK_AT
+        }
+    );
+    // Nothing pending when it wakes: the 0 stays.
+    time::woke(&f.ram, &f.events, BLOCK_AT);
+    let mut ret = [0u8; 8];
+    f.ram.read_guest(BLOCK_AT + 8, &mut ret).expect("in RAM");
+    assert_eq!(i64::from_le_bytes(ret), 0);
+}
+
+#[test]
+fn block_returns_pending_events_at_once_or_on_waking() {
+    let f = Fixture::new(100);
+    f.events.attach(&f.ram);
+    let far = f.clock.now_ns() + 1_000_000_000;
+    let block = Block {
+        deadline_ns: far,
+        events: 0,
+    };
+    // Masked: it blocks.
+    f.ram
+        .write_host(EVENT_PAGE + 8, &0b10u64.to_le_bytes())
+        .expect("mask");
+    assert!(!f.events.raise(0b10));
+    let (flow, ret, _) = f.call(BLOCK_AT, block);
+    assert!(matches!(flow, Flow::Block { .. }) && ret == 0);
+    // Raised while it sleeps: the result says so when it runs again.
+    assert!(f.events.raise(0b1));
+    time::woke(&f.ram, &f.events, BLOCK_AT);
+    let mut after = [0u8; 32];
+    f.ram.read_guest(BLOCK_AT, &mut after).expect("in RAM");
+    assert_eq!(i64::from_le_bytes(after[8..16].try_into().expect("8")), 1);
+    assert_eq!(
+        u64::from_le_bytes(after[24..32].try_into().expect("8")),
+        0b1
+    );
+    // Pending before the call: it returns at once.
+    let (flow, ret, args) = f.call(BLOCK_AT, block);
+    assert_eq!((flow, ret, args.events), (Flow::Resume, 1, 0b1));
 }
 
 #[test]
@@ -340,7 +388,7 @@ fn random_hostile_blocks_never_panic_and_end_only_with_documented_outcomes() {
             f.ram.write_guest(addr, &block).expect("in RAM");
         }
         match f.dispatch(addr) {
-            Flow::Resume | Flow::Block(_) => {}
+            Flow::Resume | Flow::Block { .. } => {}
             Flow::End(GuestEnd::Exited(_) | GuestEnd::Panicked(_)) => {}
             Flow::End(GuestEnd::Crashed(Crash::BadHypercallMemory { .. })) => {}
             other => panic!("round {round}: unexpected outcome {other:?} for block at {addr:#x}"),

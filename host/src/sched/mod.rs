@@ -180,15 +180,21 @@ impl Inner {
         if let Some(when) = when {
             timers.heap.push(std::cmp::Reverse((when, id, generation)));
         }
-        let killed = task.control.killed.load(Ordering::SeqCst);
+        // Under the timers lock, after the guest's last look: a raise
+        // either came before and is seen here, or comes after and finds
+        // the guest parked (`raise_events`). A throttled guest waits out
+        // its share whatever arrives.
+        let woken = task.control.killed.load(Ordering::SeqCst)
+            || (!throttled && task.guest.events().unmasked() != 0);
         let parked = Parked {
             generation,
             since: Instant::now(),
             throttled,
             task,
         };
-        if killed {
-            // A kill raced with parking: it found nothing to wake, so wake now.
+        if woken {
+            // A kill or an event raced with parking: it found nothing to
+            // wake, so wake now.
             drop(timers);
             self.push_woken(parked.task);
         } else {
@@ -218,6 +224,18 @@ impl Inner {
     fn forget_limit(&self, control: &GuestControl) {
         if control.limits.run_time.is_some() {
             self.lock_timers().limited.remove(&control.id);
+        }
+    }
+
+    /// Wakes guest `id` if it is parked for blocking (not throttled).
+    fn wake_blocked(&self, id: u64) {
+        let mut timers = self.lock_timers();
+        if timers.parked.get(&id).is_some_and(|p| !p.throttled)
+            && let Some(parked) = timers.parked.remove(&id)
+        {
+            drop(timers);
+            self.unpark(parked);
+            self.notify_timer();
         }
     }
 
@@ -270,6 +288,14 @@ impl SchedulerRef {
     pub fn kill(&self, control: &GuestControl) {
         self.0.mark_killed(control);
         self.0.wake(control.id);
+    }
+
+    /// Raises the events in `bits` for the guest, and wakes it if it is
+    /// blocked and one of its pending events is unmasked.
+    pub fn raise_events(&self, control: &GuestControl, bits: u64) {
+        if control.events.raise(bits) {
+            self.0.wake_blocked(control.id);
+        }
     }
 }
 

@@ -415,6 +415,13 @@ impl Remote {
         });
     }
 
+    pub(crate) fn raise_events(&self, bits: u64) {
+        let _ = self.link.send(&Request::Raise {
+            id: self.control.id,
+            bits,
+        });
+    }
+
     fn query(&self) -> Option<(GuestState, StatsSnapshot)> {
         if self.control.end().is_some() {
             return None;

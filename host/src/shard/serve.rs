@@ -213,6 +213,12 @@ impl Shard {
                     local.scheduler().kill(&control);
                 }
             }
+            Request::Raise { id, bits } => {
+                let control = self.lock_guests().get(&id).cloned();
+                if let (Some(control), Some(local)) = (control, &self.local) {
+                    local.scheduler().raise_events(&control, bits);
+                }
+            }
             Request::Stats { tag, id } => {
                 let control = self.lock_guests().get(&id).cloned();
                 let stats = control.map(|c| (c.state(), c.stats.snapshot()));

@@ -47,6 +47,8 @@ pub enum Request {
     },
     /// Kill guest `id`.
     Kill { id: u64 },
+    /// Raise events `bits` for guest `id`.
+    Raise { id: u64, bits: u64 },
     /// State and counters of guest `id`.
     Stats { tag: u64, id: u64 },
     /// The pool's status.

@@ -1,0 +1,38 @@
+//! The event page, at [`crate::layout::EVENT_PAGE`]: up to 64 events per
+//! guest, in the manner of Xen's event channels, with no exit to look at
+//! them.
+//!
+//! Event `n` is bit `n` of the two words. The host raises an event by
+//! setting its `pending` bit (an atomic OR); if the bit is not in `mask`
+//! and the guest is blocked in `block`, the guest wakes. The guest clears
+//! the pending bits it handled (an atomic AND, or a swap of the word) and
+//! sets `mask` bits for events that must not wake it. Both sides access the
+//! words only with atomic instructions.
+//!
+//! No wake-up is lost: the host looks at `pending & !mask` once more after
+//! the guest's `block` exit, just before it parks the guest, and every
+//! raise after that finds the guest parked and wakes it. A guest that
+//! checks `pending`, finds nothing and calls `block` therefore wakes for
+//! an event raised in between.
+
+use core::mem::{offset_of, size_of};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// Events a guest has.
+pub const EVENTS: u32 = 64;
+
+/// The event page's first bytes (the rest of the page is reserved, zero).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct EventPage {
+    /// Bit `n` set: event `n` is pending. Set by the host, cleared by the
+    /// guest.
+    pub pending: u64,
+    /// Bit `n` set: event `n` does not wake the guest (it still becomes
+    /// pending). Written by the guest only. Zero at boot.
+    pub mask: u64,
+}
+const _: () = assert!(size_of::<EventPage>() == 16);
+const _: () = assert!(offset_of!(EventPage, mask) == 8);
