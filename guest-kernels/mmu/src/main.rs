@@ -97,15 +97,22 @@ impl From<Error> for Failed {
     }
 }
 
-fn check(remaps: usize) -> Result<(), Failed> {
-    mmu::take_heap(POOL as u64)?;
-    let mut frames = [0u64; 4];
-    mmu::alloc_frames(&mut frames)?;
+/// Takes `pool` frames from the heap, fills `frames` from them and maps
+/// those writable at [`PATTERNS`], in order.
+fn take_and_map(pool: usize, frames: &mut [u64]) -> Result<(), Failed> {
+    mmu::take_heap(pool as u64)?;
+    mmu::alloc_frames(frames)?;
     let mut batch = Batch::new();
     for (i, frame) in frames.iter().enumerate() {
         batch.map(PATTERNS + i as u64 * PAGE_SIZE, *frame, WRITE)?;
     }
     batch.flush()?;
+    Ok(())
+}
+
+fn check(remaps: usize) -> Result<(), Failed> {
+    let mut frames = [0u64; 4];
+    take_and_map(POOL, &mut frames)?;
     for i in 0..frames.len() {
         let page = PATTERNS + i as u64 * PAGE_SIZE;
         if read(page) != 0 || read(page + PAGE_SIZE - 8) != 0 {
@@ -407,14 +414,9 @@ fn trapped_forbidden() -> i32 {
 const SCATTER: usize = 64;
 
 fn scatter(rounds: u64) -> Result<(), Failed> {
-    mmu::take_heap(2 * SCATTER as u64)?;
     let mut frames = [0u64; 2 * SCATTER];
-    mmu::alloc_frames(&mut frames)?;
+    take_and_map(2 * SCATTER, &mut frames)?;
     let mut batch = Batch::new();
-    for (i, frame) in frames.iter().enumerate() {
-        batch.map(PATTERNS + i as u64 * PAGE_SIZE, *frame, WRITE)?;
-    }
-    batch.flush()?;
     for i in 0..frames.len() {
         write(PATTERNS + i as u64 * PAGE_SIZE, pattern(i));
     }
