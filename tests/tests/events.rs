@@ -15,7 +15,6 @@ fn spawn_events(host: &Host, args: &[&str]) -> (GuestHandle, Receiver<String>) {
     let (tx, rx) = channel();
     let mut line = Vec::new();
     let config = GuestConfig {
-        args: args.iter().map(|a| a.to_string()).collect(),
         console_sink: Some(Box::new(move |_, bytes| {
             for &byte in bytes {
                 if byte == b'\n' {
@@ -31,7 +30,7 @@ fn spawn_events(host: &Host, args: &[&str]) -> (GuestHandle, Receiver<String>) {
             run_time: Some(Duration::from_secs(120)),
             ..Default::default()
         },
-        ..Default::default()
+        ..common::config(args)
     };
     let guest = host
         .spawn(&common::image("events"), config)

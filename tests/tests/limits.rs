@@ -8,9 +8,8 @@ use std::time::Duration;
 
 fn limited(args: &[&str], limits: Limits) -> GuestConfig {
     GuestConfig {
-        args: args.iter().map(|a| a.to_string()).collect(),
         limits,
-        ..Default::default()
+        ..common::config(args)
     }
 }
 

@@ -20,9 +20,8 @@ fn run_forgetting(args: &[&str], forget: Forget) -> GuestReport {
     common::run_with(
         "mmu",
         shoal_host::GuestConfig {
-            args: args.iter().map(|a| a.to_string()).collect(),
             forget,
-            ..Default::default()
+            ..common::config(args)
         },
     )
 }
@@ -125,14 +124,10 @@ fn writing_a_page_made_read_only_is_a_precise_page_fault() {
 
 #[test]
 fn forbidden_page_table_requests_are_refused_and_a_neighbour_is_unharmed() {
-    let host = common::host();
-    let neighbour = common::spawn(&host, "hello", &["next door"]);
-    let report = common::spawn(&host, "mmu-attack", &[]).wait();
+    let report = common::attack_beside_a_neighbour("mmu-attack");
     let text = report.console_text();
-    assert_eq!(report.end, GuestEnd::Exited(0), "{text}");
     assert_eq!(text.matches("refused as documented").count(), 18, "{text}");
     assert!(!text.contains("WRONG"), "{text}");
-    common::assert_hello(&neighbour.wait(), "next door");
 }
 
 #[test]
@@ -147,9 +142,8 @@ fn trapped(args: &[&str]) -> GuestReport {
     common::run_with(
         "mmu",
         shoal_host::GuestConfig {
-            args: args.iter().map(|a| a.to_string()).collect(),
             trapped_page_tables: true,
-            ..Default::default()
+            ..common::config(args)
         },
     )
 }

@@ -38,13 +38,9 @@ fn a_demand_paged_array_bigger_than_ram_fills_in_page_by_page() {
 
 #[test]
 fn bad_trap_tables_and_forged_returns_are_refused() {
-    let host = common::host();
-    let neighbour = common::spawn(&host, "hello", &["next door"]);
-    let report = common::spawn(&host, "trap-attack", &[]).wait();
+    let report = common::attack_beside_a_neighbour("trap-attack");
     let text = report.console_text();
-    assert_eq!(report.end, GuestEnd::Exited(0), "{text}");
     assert_eq!(text.matches("refused as documented").count(), 8, "{text}");
-    common::assert_hello(&neighbour.wait(), "next door");
 }
 
 #[test]

@@ -144,6 +144,21 @@ fn run_guest_with(
     }
 }
 
+/// The median over `rounds` runs of the bench guest (each configured by
+/// `config`) of its time per operation, in microseconds.
+fn median_us(
+    host: &Host,
+    image: &crate::Image,
+    mode: &str,
+    rounds: usize,
+    config: impl Fn() -> GuestConfig,
+) -> Result<f64, BenchError> {
+    let runs = (0..rounds.max(1))
+        .map(|_| Ok(run_guest_with(host, image, mode, config())?.nanos_per_op))
+        .collect::<Result<Vec<_>, BenchError>>()?;
+    Ok(median(runs) / 1000.0)
+}
+
 pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
@@ -296,21 +311,16 @@ fn mmu_figures(host: &Host, rounds: usize) -> Result<Vec<Figure>, BenchError> {
     ];
     let mut figures = Vec::new();
     for (n, names) in NAMES {
-        let per_change = |mode: &str| -> Result<f64, BenchError> {
-            let mut runs = Vec::new();
-            for _ in 0..rounds.max(1) {
-                let config = GuestConfig {
-                    args: vec![mode.into(), changes.to_string(), n.to_string()],
-                    trapped_page_tables: mode == "trapped",
-                    // One way to drop translations for all four, the
-                    // one without a budget (the ways are compared in
-                    // `forget_figures`).
-                    forget: Forget::Notifier,
-                    ..Default::default()
-                };
-                runs.push(run_guest_with(host, &image, mode, config)?.nanos_per_op);
-            }
-            Ok(median(runs) / 1000.0)
+        let per_change = |mode: &str| {
+            median_us(host, &image, mode, rounds, || GuestConfig {
+                args: vec![mode.into(), changes.to_string(), n.to_string()],
+                trapped_page_tables: mode == "trapped",
+                // One way to drop translations for all four, the one
+                // without a budget (the ways are compared in
+                // `forget_figures`).
+                forget: Forget::Notifier,
+                ..Default::default()
+            })
         };
         let trapped = per_change(MODES[0])?;
         figures.push(Figure::plain(names[0], trapped, "us"));
@@ -332,18 +342,13 @@ const NEIGHBOURS: usize = 99;
 fn forget_figures(host: &Host, rounds: usize) -> Result<Vec<Figure>, BenchError> {
     let image = builtin_image("bench")?;
     let idle = builtin_image("idle")?;
-    let run = |mode: &str, count: u64, forget: Forget| -> Result<f64, BenchError> {
-        let mut runs = Vec::new();
-        for _ in 0..rounds.max(1) {
-            let config = GuestConfig {
-                args: vec![mode.into(), count.to_string(), "1".into()],
-                mem_size: 16 << 20,
-                forget,
-                ..Default::default()
-            };
-            runs.push(run_guest_with(host, &image, mode, config)?.nanos_per_op);
-        }
-        Ok(median(runs) / 1000.0)
+    let run = |mode: &str, count: u64, forget: Forget| {
+        median_us(host, &image, mode, rounds, || GuestConfig {
+            args: vec![mode.into(), count.to_string(), "1".into()],
+            mem_size: 16 << 20,
+            forget,
+            ..Default::default()
+        })
     };
     let mut figures = Vec::new();
     for crowded in [false, true] {

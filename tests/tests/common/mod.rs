@@ -19,15 +19,17 @@ pub fn image(name: &str) -> Image {
         .unwrap_or_else(|e| panic!("{name} does not load: {e}"))
 }
 
+/// The default configuration with `args`.
+pub fn config(args: &[&str]) -> GuestConfig {
+    GuestConfig {
+        args: args.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
 /// Runs the built-in guest `name` with `args` to its end.
 pub fn run(name: &str, args: &[&str]) -> GuestReport {
-    run_with(
-        name,
-        GuestConfig {
-            args: args.iter().map(|a| a.to_string()).collect(),
-            ..Default::default()
-        },
-    )
+    run_with(name, config(args))
 }
 
 /// Runs the built-in guest `name` with `config` to its end.
@@ -51,14 +53,20 @@ pub fn text_range(name: &str) -> std::ops::Range<u64> {
 
 /// Starts the built-in guest `name` with `args` on `host`.
 pub fn spawn(host: &Host, name: &str, args: &[&str]) -> shoal_host::GuestHandle {
-    host.spawn(
-        &image(name),
-        GuestConfig {
-            args: args.iter().map(|a| a.to_string()).collect(),
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("cannot spawn {name}: {e}"))
+    host.spawn(&image(name), config(args))
+        .unwrap_or_else(|e| panic!("cannot spawn {name}: {e}"))
+}
+
+/// Runs the hostile built-in guest `name` to its end beside a `hello`
+/// neighbour; asserts that it exited 0 (it checks every refusal itself)
+/// and that the neighbour was unharmed.
+pub fn attack_beside_a_neighbour(name: &str) -> GuestReport {
+    let host = host();
+    let neighbour = spawn(&host, "hello", &["next door"]);
+    let report = spawn(&host, name, &[]).wait();
+    assert_exited_0(&report);
+    assert_hello(&neighbour.wait(), "next door");
+    report
 }
 
 /// Asserts the guest exited with code 0, showing its console otherwise.
