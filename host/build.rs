@@ -38,6 +38,10 @@ const GUESTS: &[(&str, &str)] = &[
         "waits for events the host raises (ping N: answers each; mask: ignores others until a deadline)",
     ),
     (
+        "blk",
+        "drives disk 0 (--disk FILE): check writes, flushes and reads back a pattern; fill, verify, refused, info",
+    ),
+    (
         "bad-pointer",
         "hostile: passes pointers the host must refuse",
     ),

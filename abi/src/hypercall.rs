@@ -70,11 +70,17 @@ pub enum HypercallNr {
     TrapReturn = 11,
     /// Several hypercalls in one exit: [`Multicall`]. Feature `MULTICALL`.
     Multicall = 12,
+    /// Describe one of the guest's devices: [`DeviceInfo`]. Feature
+    /// `DEVICES`.
+    DeviceInfo = 13,
+    /// Give a device's virtqueue to the host: [`QueueSetup`]. Feature
+    /// `DEVICES`.
+    QueueSetup = 14,
 }
 
 impl HypercallNr {
     /// Every hypercall number of this ABI version, in numeric order.
-    pub const ALL: [HypercallNr; 13] = [
+    pub const ALL: [HypercallNr; 15] = [
         Self::AbiInfo,
         Self::ConsoleWrite,
         Self::Exit,
@@ -88,6 +94,8 @@ impl HypercallNr {
         Self::SetTrapTable,
         Self::TrapReturn,
         Self::Multicall,
+        Self::DeviceInfo,
+        Self::QueueSetup,
     ];
 
     /// The call's name as the docs and traces spell it.
@@ -106,6 +114,8 @@ impl HypercallNr {
             Self::SetTrapTable => "set_trap_table",
             Self::TrapReturn => "trap_return",
             Self::Multicall => "multicall",
+            Self::DeviceInfo => "device_info",
+            Self::QueueSetup => "queue_setup",
         }
     }
 }
@@ -547,6 +557,67 @@ impl Hypercall for Multicall {
     const NR: HypercallNr = HypercallNr::Multicall;
 }
 
+/// `device_info`: fills in what device `index` is. Returns 0, or
+/// `Invalid` when the guest has no device `index` (devices are numbered
+/// from 0 without gaps).
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct DeviceInfo {
+    /// The device's index.
+    pub index: u32,
+    /// Out: [`crate::device::KIND_BLOCK`].
+    pub kind: u32,
+    /// Out: [`crate::device::FLAG_READ_ONLY`].
+    pub flags: u32,
+    /// Out: the largest queue size the device accepts.
+    pub queue_max: u32,
+    /// Out: the device's size (block: in 512-byte sectors).
+    pub capacity: u64,
+    /// Out: most data bytes one request may carry.
+    pub request_max: u32,
+    /// Must be zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<DeviceInfo>() == 32);
+impl Hypercall for DeviceInfo {
+    const NR: HypercallNr = HypercallNr::DeviceInfo;
+}
+
+/// `queue_setup`: the host starts serving device `device`'s virtqueue of
+/// `size` descriptors at these guest-physical addresses, with the event
+/// index on, and raises event `event` when it has used buffers. Returns 0.
+///
+/// `Invalid`: no such device, its queue is already set up, `size` not a
+/// power of two up to `queue_max`, a part misaligned (descriptors 16
+/// bytes, available ring 2, used ring 4), parts overlapping, or `event`
+/// not below 64. `Fault`: a part outside guest-owned memory.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct QueueSetup {
+    /// The device's index.
+    pub device: u32,
+    /// Descriptors in the queue.
+    pub size: u32,
+    /// The descriptor table.
+    pub desc: u64,
+    /// The available (driver) ring.
+    pub avail: u64,
+    /// The used (device) ring.
+    pub used: u64,
+    /// The event raised for used buffers.
+    pub event: u32,
+    /// Must be zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<QueueSetup>() == 40);
+impl Hypercall for QueueSetup {
+    const NR: HypercallNr = HypercallNr::QueueSetup;
+}
+
 /// Most calls in one [`Multicall`].
 pub const MULTICALL_MAX: u32 = 64;
 
@@ -570,6 +641,8 @@ const _: () = assert!(FrameFree::ARG_LEN <= MAX_ARG_LEN);
 const _: () = assert!(SetTrapTable::ARG_LEN <= MAX_ARG_LEN);
 const _: () = assert!(TrapReturn::ARG_LEN <= MAX_ARG_LEN);
 const _: () = assert!(Multicall::ARG_LEN <= MAX_ARG_LEN);
+const _: () = assert!(DeviceInfo::ARG_LEN <= MAX_ARG_LEN);
+const _: () = assert!(QueueSetup::ARG_LEN <= MAX_ARG_LEN);
 
 #[cfg(test)]
 mod tests {
@@ -580,7 +653,7 @@ mod tests {
         for call in HypercallNr::ALL {
             assert_eq!(HypercallNr::try_from(call as u32), Ok(call));
         }
-        assert_eq!(HypercallNr::try_from(13), Err(UnknownHypercall(13)));
+        assert_eq!(HypercallNr::try_from(15), Err(UnknownHypercall(15)));
         assert_eq!(
             HypercallNr::try_from(u32::MAX),
             Err(UnknownHypercall(u32::MAX))

@@ -59,10 +59,11 @@ pub const HYPERCALL_PORT: u16 = 0x500;
 /// hypercall pays, and lets experimenters time an exit with no work.
 pub const NULL_EXIT_PORT: u16 = 0x504;
 
-/// The ports open to the guest in its TSS I/O bitmap: the hypercall and
-/// null-exit ports with the three ports after each (a 32-bit access checks
-/// four port bits). Any other `in`/`out` faults with #GP.
-pub const GUEST_PORTS: core::ops::Range<u16> = HYPERCALL_PORT..NULL_EXIT_PORT + 4;
+/// The ports open to the guest in its TSS I/O bitmap: the hypercall,
+/// null-exit and device notification ([`crate::device::NOTIFY_PORT`])
+/// ports with the three ports after each (a 32-bit access checks four port
+/// bits). Any other `in`/`out` faults with #GP.
+pub const GUEST_PORTS: core::ops::Range<u16> = HYPERCALL_PORT..crate::device::NOTIFY_PORT + 4;
 
 /// Ports the host's exception stubs use (`EXCEPTION_PORT_BASE + vector`,
 /// below 256 so that a stub's `out imm8, al` touches no register). Closed

@@ -4,7 +4,7 @@
 //! the ABI version, the hypercall mechanism (port and argument block), the
 //! hypercall numbers and their wire types, error codes, feature bits, the
 //! guest-physical memory layout, and the layouts of the shared pages (boot
-//! info, clock and events). `docs/abi.md` is the prose specification of the same
+//! info, clock and events) and of the device rings. `docs/abi.md` is the prose specification of the same
 //! contract.
 //!
 //! Every wire type is `#[repr(C)]` with explicit padding and a compile-time
@@ -13,6 +13,7 @@
 
 pub mod boot;
 pub mod clock;
+pub mod device;
 pub mod error;
 pub mod event;
 pub mod hypercall;
@@ -67,7 +68,11 @@ pub mod features {
     /// pending ([`crate::EventPage`]).
     pub const EVENTS: u64 = 1 << 8;
 
+    /// Devices are served: `device_info`, `queue_setup` and the
+    /// notification port ([`crate::device`]).
+    pub const DEVICES: u64 = 1 << 9;
+
     /// Every feature this version of the ABI crate knows about.
     pub const ALL_V1: u64 =
-        CLOCK_PAGE | BLOCK | PRECISE_FAULTS | YIELD | MMU | TRAPS | MULTICALL | EVENTS;
+        CLOCK_PAGE | BLOCK | PRECISE_FAULTS | YIELD | MMU | TRAPS | MULTICALL | EVENTS | DEVICES;
 }

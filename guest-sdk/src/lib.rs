@@ -23,10 +23,14 @@
 //! exceptions such as page faults can be handled by the guest ([`trap`]);
 //! a heap that grows by mapping frames serves `alloc` ([`heap`]).
 //!
+//! Disks the host gives the guest are driven through virtio rings with
+//! [`blk`] (built on [`virtq`]), without an exit per request.
+//!
 //! Everything privileged goes through hypercalls ([`hypercall`]), including
 //! a raw escape hatch ([`hypercall::raw`]) for ABI experiments.
 #![cfg_attr(not(test), no_std)]
 
+pub mod blk;
 pub mod boot;
 pub mod console;
 pub mod event;
@@ -35,6 +39,7 @@ pub mod hypercall;
 pub mod mmu;
 pub mod time;
 pub mod trap;
+pub mod virtq;
 
 #[cfg(not(test))]
 mod rt;

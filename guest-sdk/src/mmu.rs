@@ -186,6 +186,35 @@ pub fn free_frames(frames: &[u64]) -> Result<(), Error> {
 /// The end of the boot heap after the pages [`take_heap`] took (0: none
 /// taken yet).
 static BOOT_HEAP_END: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// The start of the boot heap after the pages [`take_low`] took (0: none
+/// taken yet).
+static BOOT_HEAP_START: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// What is left of the boot heap: `(start, end)`.
+fn boot_heap() -> (u64, u64) {
+    use core::sync::atomic::Ordering;
+    let info = crate::boot::info();
+    let or = |taken: u64, at_boot: u64| if taken == 0 { at_boot } else { taken };
+    (
+        or(BOOT_HEAP_START.load(Ordering::Relaxed), info.heap_start),
+        or(BOOT_HEAP_END.load(Ordering::Relaxed), info.heap_end),
+    )
+}
+
+/// Takes the bottom `pages` pages of what is left of the boot heap for
+/// the caller to keep: zeroed, writable and mapped at their own
+/// guest-physical addresses, which is what device rings and buffers
+/// need. Returns their address; `LimitExceeded` when the heap is too
+/// small.
+pub fn take_low(pages: u64) -> Result<u64, Error> {
+    use core::sync::atomic::Ordering;
+    let (start, end) = boot_heap();
+    if pages > end.saturating_sub(start) / PAGE_SIZE {
+        return Err(Error::Abi(HypercallError::LimitExceeded));
+    }
+    BOOT_HEAP_START.store(start + pages * PAGE_SIZE, Ordering::Relaxed);
+    Ok(start)
+}
 
 /// Unmaps the top `pages` pages of what is left of the boot heap and
 /// gives their frames back, so that [`alloc_frames`] has frames to hand
@@ -194,12 +223,8 @@ static BOOT_HEAP_END: core::sync::atomic::AtomicU64 = core::sync::atomic::Atomic
 /// still be mapped at their own addresses, as at boot.
 pub fn take_heap(pages: u64) -> Result<u64, Error> {
     use core::sync::atomic::Ordering;
-    let info = crate::boot::info();
-    let top = match BOOT_HEAP_END.load(Ordering::Relaxed) {
-        0 => info.heap_end,
-        end => end,
-    };
-    let heap = top.saturating_sub(info.heap_start) / PAGE_SIZE;
+    let (bottom, top) = boot_heap();
+    let heap = top.saturating_sub(bottom) / PAGE_SIZE;
     if pages > heap {
         return Err(Error::Abi(HypercallError::LimitExceeded));
     }

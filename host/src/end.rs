@@ -121,6 +121,15 @@ pub enum Crash {
         /// Why it was refused: the error `mmu_update` would have returned.
         error: String,
     },
+    /// The guest broke one of its device rings (see
+    /// [`shoal_abi::device`]).
+    #[error("device {device}: {reason}")]
+    Device {
+        /// The device index.
+        device: u32,
+        /// What the guest did.
+        reason: String,
+    },
     /// The guest exceeded one of its limits.
     #[error("limit exceeded: {0}")]
     LimitExceeded(crate::limits::Limit),

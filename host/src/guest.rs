@@ -4,6 +4,7 @@
 use crate::boot::{BootError, BootParams, Template, descriptors};
 use crate::clock::{GuestClock, TscScale};
 use crate::console::Console;
+use crate::device::{DeviceParts, Devices};
 use crate::end::{Crash, GuestEnd};
 use crate::event::Events;
 use crate::hypercall::{self, Context, Flow};
@@ -43,6 +44,10 @@ pub enum SpawnError {
     /// KVM refused the vCPU or its state.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A device could not be attached (a disk that cannot be opened or
+    /// is in use).
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
     /// The runner thread could not be started.
     #[error("cannot start the guest's thread")]
     Thread(#[source] std::io::Error),
@@ -80,6 +85,7 @@ pub struct Guest {
     mmu: RefCell<GuestMmu>,
     traps: Cell<Traps>,
     events: Arc<Events>,
+    devices: Devices,
     /// The `block` call the guest is parked in, whose result is written
     /// when it runs again.
     blocked_at: Option<u64>,
@@ -107,10 +113,13 @@ pub struct GuestParts<'a> {
     pub forget: Forget,
     /// Its events (shared with its control block).
     pub events: Arc<Events>,
+    /// Its devices, if it has any.
+    pub devices: Option<DeviceParts>,
 }
 
 impl Drop for Guest {
     fn drop(&mut self) {
+        self.devices.detach();
         self.events.detach();
         self.stats.release_memory(&self.ram);
     }
@@ -153,6 +162,10 @@ impl Guest {
             mmu.active(ram.size()).open_window(&ram)?;
         }
         vcpu.setup(template.cpu())?;
+        let devices = match parts.devices {
+            Some(devices) => Devices::attach(devices, &vm)?,
+            None => Devices::default(),
+        };
         let clock = GuestClock::start(scale, tsc_offset);
         clock.publish(&ram)?;
         parts.stats.watch_memory(&ram);
@@ -176,6 +189,7 @@ impl Guest {
             mmu: RefCell::new(mmu),
             traps: Cell::default(),
             events: parts.events,
+            devices,
             blocked_at: None,
         })
     }
@@ -262,6 +276,7 @@ impl Guest {
                     vm: Some(&self.vm),
                     mmu: &self.mmu,
                     events: &self.events,
+                    devices: &self.devices,
                     at: 0,
                     traps: &self.traps,
                     preempt,

@@ -4,6 +4,7 @@
 use crate::console::{ConsoleSink, DEFAULT_CONSOLE_LIMIT};
 use crate::control::GuestControl;
 pub use crate::control::GuestState;
+use crate::device::DiskSpec;
 use crate::end::GuestEnd;
 use crate::guest::SpawnError;
 use crate::kvm::vm::VmError;
@@ -41,6 +42,8 @@ pub struct GuestConfig {
     /// How the host drops the translations a page-table change takes
     /// away (the default picks per change; the others are for measuring).
     pub forget: Forget,
+    /// The guest's disks: device `i` is `disks[i]`.
+    pub disks: Vec<DiskSpec>,
 }
 
 impl Default for GuestConfig {
@@ -53,6 +56,7 @@ impl Default for GuestConfig {
             limits: Limits::default(),
             trapped_page_tables: false,
             forget: Forget::default(),
+            disks: Vec::new(),
         }
     }
 }

@@ -30,6 +30,7 @@ pub mod builtin;
 pub mod clock;
 pub mod console;
 pub mod control;
+pub mod device;
 pub mod end;
 pub mod event;
 pub mod guest;
@@ -46,6 +47,7 @@ pub mod shard;
 pub mod stats;
 pub mod trap;
 
+pub use device::DiskSpec;
 pub use end::{Crash, GuestEnd, PanicReport};
 pub use host::{
     DEFAULT_SHARD_SIZE, GuestConfig, GuestHandle, GuestReport, GuestState, Host, HostConfig,

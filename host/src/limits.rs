@@ -116,11 +116,17 @@ impl RateWindow {
 
     /// Counts one exit at guest time `now_ns`; false when it is one too many.
     pub fn allow(&mut self, now_ns: u64) -> bool {
+        self.allow_n(1, now_ns)
+    }
+
+    /// Counts `n` at `now_ns`; false when the window's count passes the
+    /// limit.
+    pub fn allow_n(&mut self, n: u64, now_ns: u64) -> bool {
         if now_ns.saturating_sub(self.window_start_ns) >= 1_000_000_000 {
             self.window_start_ns = now_ns;
             self.count = 0;
         }
-        self.count += 1;
+        self.count = self.count.saturating_add(n);
         self.count <= self.limit
     }
 

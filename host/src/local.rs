@@ -4,6 +4,7 @@
 
 use crate::console::Console;
 use crate::control::{EndHook, GuestControl};
+use crate::device::{DeviceError, DeviceParts, DiskSpec, Disks, IoThread, Owner};
 use crate::guest::{Guest, GuestParts, SpawnError};
 use crate::host::{GuestConfig, HostConfig, HostError};
 use crate::kvm::GuestRam;
@@ -23,6 +24,10 @@ pub(crate) struct Local {
     pool: Arc<Pool>,
     templates: Templates,
     sched: Scheduler,
+    /// Disks open in this process (read-only ones shared).
+    disks: Disks,
+    /// The device thread, started with the first guest that has a device.
+    io: Mutex<Option<Arc<IoThread>>>,
     /// Every guest not yet known to be over, for `drop`; ended ones are
     /// swept out only when the list would have to grow.
     live: Mutex<Vec<Weak<GuestControl>>>,
@@ -47,6 +52,8 @@ impl Local {
             toolstack,
             templates: Templates::default(),
             sched,
+            disks: Disks::default(),
+            io: Mutex::default(),
             live: Mutex::default(),
         })
     }
@@ -96,6 +103,7 @@ impl Local {
             Arc::clone(&stats),
             config.limits,
         ));
+        let devices = self.devices(&config.disks, &control)?;
         let guest = Guest::create(
             shell,
             self.toolstack.scale(),
@@ -110,6 +118,7 @@ impl Local {
                 trapped_page_tables: config.trapped_page_tables,
                 forget: config.forget,
                 events: Arc::clone(&control.events),
+                devices,
             },
         )?;
         if let Some(hook) = relay_end {
@@ -128,6 +137,37 @@ impl Local {
             control: Arc::clone(&control),
         });
         Ok((control, self.sched.handle()))
+    }
+
+    /// Opens the disks of a guest, with the device thread to serve them.
+    fn devices(
+        &self,
+        disks: &[DiskSpec],
+        control: &Arc<GuestControl>,
+    ) -> Result<Option<DeviceParts>, SpawnError> {
+        if disks.is_empty() {
+            return Ok(None);
+        }
+        let disks = disks
+            .iter()
+            .map(|spec| self.disks.open(spec))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(DeviceError::from)?;
+        let io = {
+            let mut io = self.io.lock().unwrap_or_else(|e| e.into_inner());
+            match io.as_ref() {
+                Some(io) => Arc::clone(io),
+                None => Arc::clone(io.insert(IoThread::start().map_err(DeviceError::from)?)),
+            }
+        };
+        Ok(Some(DeviceParts {
+            disks,
+            io,
+            owner: Owner {
+                control: Arc::clone(control),
+                sched: self.sched.handle(),
+            },
+        }))
     }
 }
 
@@ -161,5 +201,8 @@ impl Drop for Local {
             control.wait();
         }
         self.sched.stop();
+        if let Some(io) = self.io.get_mut().unwrap_or_else(|e| e.into_inner()) {
+            io.stop();
+        }
     }
 }

@@ -76,6 +76,8 @@ pub struct GuestStats {
     traps: AtomicU64,
     notifier_calls: AtomicU64,
     slot_moves: AtomicU64,
+    notifications: AtomicU64,
+    device_requests: AtomicU64,
     /// Host address and size of the guest's RAM while it exists (0: none).
     ram_addr: AtomicU64,
     ram_len: AtomicU64,
@@ -100,6 +102,8 @@ impl Default for GuestStats {
             traps: AtomicU64::new(0),
             notifier_calls: AtomicU64::new(0),
             slot_moves: AtomicU64::new(0),
+            notifications: AtomicU64::new(0),
+            device_requests: AtomicU64::new(0),
             ram_addr: AtomicU64::new(0),
             ram_len: AtomicU64::new(0),
             resident_at_end: AtomicU64::new(0),
@@ -149,6 +153,11 @@ pub struct StatsSnapshot {
     /// memory slot: a batch with many separate old frames, or the
     /// notifier budget spent ([`crate::mmu::Forget`]).
     pub slot_moves: u64,
+    /// Device notifications the guest sent (`out` to the notification
+    /// port): exits that stay in the kernel, not in `exits`.
+    pub notifications: u64,
+    /// Device requests (descriptor chains) the host completed.
+    pub device_requests: u64,
     /// Guest RAM size, in bytes.
     pub memory_bytes: u64,
     /// Bytes of guest RAM resident in host memory: pages the guest
@@ -249,6 +258,20 @@ impl GuestStats {
         self.slot_moves.fetch_add(1, Relaxed);
     }
 
+    /// `n` device notifications.
+    pub fn count_notifications(&self, n: u64) {
+        if n > 0 {
+            self.notifications.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// `n` device requests completed.
+    pub fn count_device_requests(&self, n: u64) {
+        if n > 0 {
+            self.device_requests.fetch_add(n, Relaxed);
+        }
+    }
+
     /// Watches the guest's RAM for [`StatsSnapshot::resident_bytes`].
     pub fn watch_memory(&self, ram: &GuestRam) {
         self.ram_len.store(ram.size(), Relaxed);
@@ -281,6 +304,8 @@ impl GuestStats {
             traps: self.traps.load(Relaxed),
             notifier_calls: self.notifier_calls.load(Relaxed),
             slot_moves: self.slot_moves.load(Relaxed),
+            notifications: self.notifications.load(Relaxed),
+            device_requests: self.device_requests.load(Relaxed),
             memory_bytes: self.ram_len.load(Relaxed),
             resident_bytes: match self.ram_addr.load(Acquire) {
                 0 => self.resident_at_end.load(Relaxed),

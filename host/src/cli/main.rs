@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use shoal_host::console::ConsoleSink;
 use shoal_host::mmu::Forget;
-use shoal_host::{GuestConfig, Host, Image, Limits, builtin};
+use shoal_host::{DiskSpec, GuestConfig, Host, Image, Limits, builtin};
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
@@ -88,6 +88,12 @@ struct RunArgs {
     /// for large ones (auto), or always one of them (for measuring).
     #[arg(long, value_enum, default_value_t)]
     forget: Forget,
+    /// Give the guest a disk: a host file, `PATH` (read-write) or
+    /// `PATH,ro` (read-only; many guests may share it). Repeat for more
+    /// disks; device `i` is the `i`-th. `{i}` in the path becomes the
+    /// guest's index.
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<DiskSpec>,
     /// A guest ELF file, or the name of a built-in guest (see `shoal list`).
     kernel: String,
     /// Arguments passed to the guest (after `--`).
@@ -116,6 +122,18 @@ impl RunArgs {
             },
             trapped_page_tables: self.trapped_page_tables,
             forget: self.forget,
+            disks: self
+                .disks
+                .iter()
+                .map(|disk| DiskSpec {
+                    path: disk
+                        .path
+                        .to_string_lossy()
+                        .replace("{i}", &index.to_string())
+                        .into(),
+                    read_only: disk.read_only,
+                })
+                .collect(),
         }
     }
 }

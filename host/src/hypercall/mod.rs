@@ -9,6 +9,7 @@
 //! reads no guest byte twice, and adds no vCPU ioctl to the exit.
 
 mod console;
+mod device;
 mod mmu;
 mod system;
 pub(crate) mod time;
@@ -16,6 +17,7 @@ mod trap;
 
 use crate::clock::GuestClock;
 use crate::console::Console;
+use crate::device::Devices;
 use crate::end::{Crash, GuestEnd};
 use crate::event::Events;
 use crate::kvm::Vm;
@@ -74,6 +76,8 @@ pub struct Context<'a> {
     pub mmu: &'a RefCell<GuestMmu>,
     /// Its events.
     pub events: &'a Events,
+    /// Its devices.
+    pub devices: &'a Devices,
     /// Guest-physical address of this call's argument block (set by
     /// [`dispatch`]).
     pub at: u64,
@@ -136,6 +140,8 @@ pub fn dispatch(ctx: &Context<'_>, addr: u64) -> Flow {
         HypercallNr::SetTrapTable => serve::<abi::SetTrapTable>(ctx, addr, header, trap::set_table),
         HypercallNr::TrapReturn => serve::<abi::TrapReturn>(ctx, addr, header, trap::trap_return),
         HypercallNr::Multicall => serve::<abi::Multicall>(ctx, addr, header, multicall),
+        HypercallNr::DeviceInfo => serve::<abi::DeviceInfo>(ctx, addr, header, device::info),
+        HypercallNr::QueueSetup => serve::<abi::QueueSetup>(ctx, addr, header, device::setup),
         // A number the ABI crate knows but this host does not serve yet.
         _ => finish(
             ctx,

@@ -19,6 +19,7 @@ struct Fixture {
     stats: GuestStats,
     mmu: RefCell<GuestMmu>,
     events: Events,
+    devices: Devices,
     traps: Cell<Traps>,
     preempt: AtomicBool,
 }
@@ -31,6 +32,7 @@ impl Fixture {
             console: Console::new(1, console_limit, None),
             stats: GuestStats::default(),
             events: Events::default(),
+            devices: Devices::default(),
             mmu: RefCell::new(GuestMmu::new(
                 std::sync::Arc::default(),
                 0,
@@ -52,6 +54,7 @@ impl Fixture {
             vm: None,
             mmu: &self.mmu,
             events: &self.events,
+            devices: &self.devices,
             at: 0,
             traps: &self.traps,
             preempt: &self.preempt,

@@ -271,6 +271,36 @@ impl GuestRam {
         Ok(())
     }
 
+    /// A `vm-memory` view of guest-owned memory only (`IMAGE_BASE..size`,
+    /// at the same guest-physical addresses), for code that takes
+    /// guest-chosen addresses and a `GuestMemory`, such as `virtio-queue`:
+    /// through it nothing outside guest-owned memory can be reached.
+    ///
+    /// # Safety
+    ///
+    /// The view points into this RAM's mapping without keeping it alive:
+    /// the caller drops the view before this `GuestRam`.
+    pub unsafe fn guest_view(&self) -> Result<GuestMemoryMmap<()>, MemoryError> {
+        let len =
+            usize::try_from(self.size - IMAGE_BASE).map_err(|_| MemoryError::BadSize(self.size))?;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        // SAFETY: `IMAGE_BASE..size` lies inside this RAM's live mapping
+        // (`size >= MIN_MEMORY > IMAGE_BASE`), with these protections; the
+        // caller drops the view before the mapping goes.
+        let region = unsafe {
+            MmapRegion::build_raw(
+                (self.mapping.addr + IMAGE_BASE as usize) as *mut u8,
+                len,
+                Mapping::PROT,
+                flags,
+            )
+        }
+        .map_err(|e| MemoryError::Mmap(std::io::Error::other(e)))?;
+        GuestRegionMmap::new(region, GuestAddress(IMAGE_BASE))
+            .and_then(|region| GuestMemoryMmap::from_regions(vec![region]).ok())
+            .ok_or(MemoryError::BadSize(self.size))
+    }
+
     /// Copies guest-owned bytes at `addr` into `buf`.
     pub fn read_guest(&self, addr: u64, buf: &mut [u8]) -> Result<(), Fault> {
         let fault = Fault {
@@ -328,6 +358,18 @@ mod tests {
         let mut buf = [0u8; 16];
         assert!(ram.read_guest(IMAGE_BASE, &mut buf).is_ok());
         assert!(ram.read_guest((4 << 20) - 16, &mut buf).is_ok());
+        // SAFETY: dropped at the end of the test, before `ram`.
+        let view = unsafe { ram.guest_view() }.expect("view");
+        assert!(view.read_slice(&mut buf, GuestAddress(IMAGE_BASE)).is_ok());
+        assert!(
+            view.read_slice(&mut buf, GuestAddress(IMAGE_BASE - 8))
+                .is_err()
+        );
+        assert!(
+            view.read_slice(&mut buf, GuestAddress((4 << 20) - 8))
+                .is_err()
+        );
+        drop(view);
         assert!(ram.read_guest((4 << 20) - 8, &mut buf).is_err());
         assert!(ram.read_guest(0, &mut buf).is_err());
         assert!(ram.read_guest(0x3000, &mut buf).is_err());

@@ -3,7 +3,8 @@
 use super::memory::GuestRam;
 use super::vcpu::{Vcpu, VcpuError};
 use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{Cap, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, VmFd};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Why KVM could not be opened or a VM created.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +21,9 @@ pub enum VmError {
     /// `KVM_SET_USER_MEMORY_REGION` failed.
     #[error("cannot register guest memory with KVM")]
     Memory(#[source] kvm_ioctls::Error),
+    /// `KVM_IOEVENTFD` failed.
+    #[error("cannot register a notification port with KVM")]
+    IoEvent(#[source] kvm_ioctls::Error),
     /// Creating or setting up the vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -145,6 +149,14 @@ impl Vm {
         unsafe { self.fd.set_user_memory_region(region) }.map_err(VmError::Memory)?;
         self.flush_slot.set(Some(next));
         Ok(())
+    }
+
+    /// Makes a 32-bit `out` of `value` to `port` signal `eventfd` inside
+    /// the kernel, without an exit to this process.
+    pub fn notify_on(&self, eventfd: &EventFd, port: u16, value: u32) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(eventfd, &IoEventAddress::Pio(u64::from(port)), value)
+            .map_err(VmError::IoEvent)
     }
 
     /// Creates vCPU 0.

@@ -130,6 +130,7 @@ impl Shards {
             limits: config.limits,
             trapped_page_tables: config.trapped_page_tables,
             forget: config.forget,
+            disks: config.disks,
         });
         match reply {
             Some(Reply::Done(Ok(()))) => Ok(remote),

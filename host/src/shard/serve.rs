@@ -191,6 +191,7 @@ impl Shard {
                 limits,
                 trapped_page_tables,
                 forget,
+                disks,
             } => {
                 let result = self.spawn(
                     id,
@@ -203,6 +204,7 @@ impl Shard {
                         limits,
                         trapped_page_tables,
                         forget,
+                        disks,
                     },
                 );
                 self.reply(tag, Reply::Done(result));

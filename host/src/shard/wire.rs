@@ -44,6 +44,7 @@ pub enum Request {
         limits: Limits,
         trapped_page_tables: bool,
         forget: crate::mmu::Forget,
+        disks: Vec<crate::device::DiskSpec>,
     },
     /// Kill guest `id`.
     Kill { id: u64 },

@@ -1,0 +1,316 @@
+//! Disks: host files served to guests as virtio-blk devices.
+//!
+//! A writable disk is locked exclusively (`flock`) for as long as a guest
+//! has it, across processes too; a read-only disk is locked shared, and
+//! within one process every guest of the same read-only file shares one
+//! open file ([`Disks`]). Writes go straight to the file (`pwrite`) and a
+//! flush is an `fdatasync`: once a flush completes, every write completed
+//! before it is on the disk.
+
+use super::ring::Chain;
+use shoal_abi::device::{
+    BLK_ID_LEN, BLK_S_IOERR, BLK_S_OK, BLK_S_UNSUPP, BLK_T_FLUSH, BLK_T_GET_ID, BLK_T_IN,
+    BLK_T_OUT, BlkHeader, DESC_WRITE, SECTOR_SIZE,
+};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use zerocopy::FromBytes;
+
+/// A disk to give a guest: `shoal run --disk PATH[,ro]`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskSpec {
+    /// The host file.
+    pub path: PathBuf,
+    /// The guest may only read it (and other guests may share it).
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = String;
+
+    /// `PATH`, `PATH,ro` or `PATH,rw`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (path, read_only) = match s.rsplit_once(',') {
+            Some((path, "ro")) => (path, true),
+            Some((path, "rw")) => (path, false),
+            _ => (s, false),
+        };
+        if path.is_empty() {
+            return Err("a disk needs a file path".into());
+        }
+        Ok(Self {
+            path: path.into(),
+            read_only,
+        })
+    }
+}
+
+/// Why a disk could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// Opening or sizing the file failed.
+    #[error("cannot open disk {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another guest (or process) holds the file in a way that excludes
+    /// this use: writable disks are exclusive.
+    #[error("disk {0} is in use by another guest (a writable disk is exclusive)")]
+    Busy(PathBuf),
+}
+
+/// An open disk.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    read_only: bool,
+    sectors: u64,
+    id: [u8; BLK_ID_LEN as usize],
+}
+
+impl Disk {
+    /// Opens and locks the file of `spec`.
+    pub fn open(spec: &DiskSpec) -> Result<Self, DiskError> {
+        let open_error = |source| DiskError::Open {
+            path: spec.path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!spec.read_only)
+            .open(&spec.path)
+            .map_err(open_error)?;
+        let lock = if spec.read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: `flock` on a file descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+            let error = std::io::Error::last_os_error();
+            return Err(match error.raw_os_error() {
+                Some(libc::EWOULDBLOCK) => DiskError::Busy(spec.path.clone()),
+                _ => open_error(error),
+            });
+        }
+        let len = file.metadata().map_err(open_error)?.len();
+        let mut id = [0u8; BLK_ID_LEN as usize];
+        let name = spec
+            .path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let n = name.len().min(id.len());
+        id[..n].copy_from_slice(&name.as_bytes()[..n]);
+        Ok(Self {
+            file,
+            read_only: spec.read_only,
+            sectors: len / SECTOR_SIZE,
+            id,
+        })
+    }
+
+    /// Size in sectors (a partial last sector of the file is not part of
+    /// the disk).
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    /// Whether the guest may only read.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Serves one request whose chain the ring has checked: every buffer
+    /// lies in `mem` and off the rings. Returns the bytes written into the
+    /// chain (the used length), or `None` when the chain is not framed as
+    /// a request and has no status byte to say so.
+    pub fn serve(&self, mem: &GuestMemoryMmap<()>, chain: &Chain) -> Option<u32> {
+        let descs = &chain.descs;
+        let status = descs
+            .last()
+            .filter(|d| d.flags & DESC_WRITE != 0 && d.len >= 1)?;
+        let status_at = GuestAddress(status.addr);
+        let mut header = [0u8; size_of::<BlkHeader>()];
+        let framed = descs.len() >= 2
+            && descs[0].flags & DESC_WRITE == 0
+            && descs[0].len as usize == header.len()
+            && mem
+                .read_slice(&mut header, GuestAddress(descs[0].addr))
+                .is_ok();
+        let data = &descs[1..descs.len() - 1];
+        let (result, written) = match BlkHeader::read_from_bytes(&header) {
+            Ok(header) if framed => self.request(mem, header, data),
+            _ => (BLK_S_IOERR, 0),
+        };
+        mem.write_obj(result, status_at).ok()?;
+        Some(written + 1)
+    }
+
+    /// Serves a framed request: its status and the data bytes written.
+    fn request(
+        &self,
+        mem: &GuestMemoryMmap<()>,
+        header: BlkHeader,
+        data: &[shoal_abi::device::Descriptor],
+    ) -> (u8, u32) {
+        let writes_guest = header.kind == BLK_T_IN || header.kind == BLK_T_GET_ID;
+        if data
+            .iter()
+            .any(|d| (d.flags & DESC_WRITE != 0) != writes_guest)
+        {
+            return (BLK_S_IOERR, 0);
+        }
+        let bytes: u64 = data.iter().map(|d| u64::from(d.len)).sum();
+        match header.kind {
+            BLK_T_IN | BLK_T_OUT => {
+                let in_range = bytes.is_multiple_of(SECTOR_SIZE)
+                    && header
+                        .sector
+                        .checked_add(bytes / SECTOR_SIZE)
+                        .is_some_and(|end| end <= self.sectors);
+                if !in_range || (header.kind == BLK_T_OUT && self.read_only) {
+                    return (BLK_S_IOERR, 0);
+                }
+                let mut offset = header.sector * SECTOR_SIZE;
+                for d in data {
+                    let done = if header.kind == BLK_T_IN {
+                        self.read_into(mem, d.addr, d.len, offset)
+                    } else {
+                        self.write_from(mem, d.addr, d.len, offset)
+                    };
+                    if done.is_err() {
+                        return (BLK_S_IOERR, 0);
+                    }
+                    offset += u64::from(d.len);
+                }
+                let written = if writes_guest { bytes as u32 } else { 0 };
+                (BLK_S_OK, written)
+            }
+            BLK_T_FLUSH if self.read_only => (BLK_S_OK, 0),
+            BLK_T_FLUSH => match self.file.sync_data() {
+                Ok(()) => (BLK_S_OK, 0),
+                Err(_) => (BLK_S_IOERR, 0),
+            },
+            BLK_T_GET_ID => {
+                let Some(first) = data.first() else {
+                    return (BLK_S_IOERR, 0);
+                };
+                let n = (first.len as usize).min(self.id.len());
+                match mem.write_slice(&self.id[..n], GuestAddress(first.addr)) {
+                    Ok(()) => (BLK_S_OK, n as u32),
+                    Err(_) => (BLK_S_IOERR, 0),
+                }
+            }
+            _ => (BLK_S_UNSUPP, 0),
+        }
+    }
+
+    /// Reads file bytes at `offset` into the guest buffer `addr..+len`.
+    fn read_into(
+        &self,
+        mem: &GuestMemoryMmap<()>,
+        addr: u64,
+        len: u32,
+        offset: u64,
+    ) -> std::io::Result<()> {
+        let slice = mem
+            .get_slice(GuestAddress(addr), len as usize)
+            .map_err(std::io::Error::other)?;
+        let guard = slice.ptr_guard_mut();
+        self.transfer(guard.as_ptr(), len as usize, offset, true)
+    }
+
+    /// Writes the guest buffer `addr..+len` to the file at `offset`.
+    fn write_from(
+        &self,
+        mem: &GuestMemoryMmap<()>,
+        addr: u64,
+        len: u32,
+        offset: u64,
+    ) -> std::io::Result<()> {
+        let slice = mem
+            .get_slice(GuestAddress(addr), len as usize)
+            .map_err(std::io::Error::other)?;
+        let guard = slice.ptr_guard();
+        self.transfer(guard.as_ptr().cast_mut(), len as usize, offset, false)
+    }
+
+    /// `pread` (`into_guest`) or `pwrite` the `len` bytes at `ptr`, a
+    /// live guest buffer, from or to the file at `offset`, to the end.
+    /// The kernel copies: no Rust reference to guest memory is made, so a
+    /// guest changing the buffer meanwhile only changes its own data.
+    fn transfer(
+        &self,
+        ptr: *mut u8,
+        len: usize,
+        mut offset: u64,
+        into_guest: bool,
+    ) -> std::io::Result<()> {
+        let mut done = 0;
+        while done < len {
+            let offset_arg = libc::off_t::try_from(offset).map_err(std::io::Error::other)?;
+            // SAFETY: `ptr..ptr + len` is guest memory inside a live
+            // mapping (`get_slice` checked it; the caller's view outlives
+            // the call), and `done < len`.
+            let n = unsafe {
+                let at = ptr.add(done).cast();
+                if into_guest {
+                    libc::pread(self.file.as_raw_fd(), at, len - done, offset_arg)
+                } else {
+                    libc::pwrite(self.file.as_raw_fd(), at, len - done, offset_arg)
+                }
+            };
+            match n {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n if n < 0 => {
+                    let error = std::io::Error::last_os_error();
+                    if error.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(error);
+                    }
+                }
+                n => {
+                    done += n as usize;
+                    offset += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The disks open in this process, so that every guest of one read-only
+/// file shares one open file and one lock.
+#[derive(Debug, Default)]
+pub struct Disks {
+    shared: Mutex<HashMap<PathBuf, Weak<Disk>>>,
+}
+
+impl Disks {
+    /// Opens `spec`, or shares the read-only disk already open for it.
+    pub fn open(&self, spec: &DiskSpec) -> Result<Arc<Disk>, DiskError> {
+        if !spec.read_only {
+            return Disk::open(spec).map(Arc::new);
+        }
+        let key = canonical(&spec.path);
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(disk) = shared.get(&key).and_then(Weak::upgrade) {
+            return Ok(disk);
+        }
+        shared.retain(|_, disk| disk.strong_count() > 0);
+        let disk = Arc::new(Disk::open(spec)?);
+        shared.insert(key, Arc::downgrade(&disk));
+        Ok(disk)
+    }
+}
+
+fn canonical(path: &Path) -> PathBuf {
+    path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
+}
