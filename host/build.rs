@@ -67,6 +67,10 @@ const GUESTS: &[(&str, &str)] = &[
         "hostile: bad trap tables, forged trap returns, a faulting handler",
     ),
     (
+        "ring-attack",
+        "hostile: breaks its disk's ring (loop, index, next, outside, past-end, rings, huge, indirect, ahead, cut, storm; setup: bad queue_setup calls)",
+    ),
+    (
         "residue",
         "leaves a secret behind (write) or looks for one (check)",
     ),

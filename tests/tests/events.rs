@@ -6,25 +6,15 @@ mod common;
 
 use shoal_abi::HypercallNr;
 use shoal_host::{GuestConfig, GuestHandle, GuestState, Host, HostConfig, Limits};
-use std::sync::mpsc::{Receiver, channel};
+use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 /// Spawns the `events` guest with `args`, its console lines sent to the
 /// receiver.
 fn spawn_events(host: &Host, args: &[&str]) -> (GuestHandle, Receiver<String>) {
-    let (tx, rx) = channel();
-    let mut line = Vec::new();
+    let (sink, rx) = common::line_sink();
     let config = GuestConfig {
-        console_sink: Some(Box::new(move |_, bytes| {
-            for &byte in bytes {
-                if byte == b'\n' {
-                    let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
-                    line.clear();
-                } else {
-                    line.push(byte);
-                }
-            }
-        })),
+        console_sink: Some(sink),
         // A lost wake-up leaves the guest blocked: end it rather than hang.
         limits: Limits {
             run_time: Some(Duration::from_secs(120)),

@@ -163,13 +163,15 @@ mod tests {
 
     #[test]
     fn io_bitmap_opens_only_the_guest_ports() {
+        use shoal_abi::device::NOTIFY_PORT;
         let tss = tss_bytes();
         for port in HYPERCALL_PORT..HYPERCALL_PORT + 4 {
             assert!(port_open(&tss, port));
         }
         assert!(port_open(&tss, NULL_EXIT_PORT + 3));
+        assert!(port_open(&tss, NOTIFY_PORT + 3));
         assert!(!port_open(&tss, HYPERCALL_PORT - 1));
-        assert!(!port_open(&tss, NULL_EXIT_PORT + 4));
+        assert!(!port_open(&tss, NOTIFY_PORT + 4));
         assert!(!port_open(&tss, EXCEPTION_PORT_BASE));
         assert!(!port_open(&tss, 0x60));
         assert_eq!(*tss.last().expect("non-empty"), 0xff);

@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use shoal_host::console::ConsoleSink;
 use shoal_host::{GuestConfig, GuestReport, Host, Image, builtin};
+use std::sync::mpsc::{Receiver, channel};
 
 /// A host on `/dev/kvm`; fails the test with a clear message without one.
 pub fn host() -> Host {
@@ -101,4 +103,22 @@ pub fn assert_hello(report: &GuestReport, arg: &str) {
         "{text}"
     );
     assert!(text.ends_with(&format!("arg 0: {arg}\n1 args\n")), "{text}");
+}
+
+/// A console sink that sends each whole line the guest prints to the
+/// receiver.
+pub fn line_sink() -> (ConsoleSink, Receiver<String>) {
+    let (tx, rx) = channel();
+    let mut line = Vec::new();
+    let sink: ConsoleSink = Box::new(move |_, bytes| {
+        for &byte in bytes {
+            if byte == b'\n' {
+                let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+                line.clear();
+            } else {
+                line.push(byte);
+            }
+        }
+    });
+    (sink, rx)
 }
