@@ -10,6 +10,11 @@
 //! - `refused`: a write to a read-only disk and a read past the end must
 //!   both fail. Prints `refused ok`.
 //! - `info`: prints the disk's size, mode and id.
+//! - `bench read|write BYTES DEPTH TOTAL`: for `shoal bench`, moves TOTAL
+//!   bytes sequentially (wrapping at the disk's end) in requests of BYTES,
+//!   DEPTH at a time; prints `result blk TOTAL NANOS`.
+//! - `notify N`: for `shoal bench`, times N notifications with nothing
+//!   to do; prints `result notify N NANOS`.
 //!
 //! Byte `o` of the disk holds byte `o % 8` of the little-endian word
 //! `pattern(SEED, o / 8)`: tests read the host file and check it the
@@ -18,7 +23,7 @@
 #![no_main]
 
 use shoal_guest::blk::{self, BlkError, Disk, Request};
-use shoal_guest::{boot, println};
+use shoal_guest::{boot, println, time};
 
 shoal_guest::entry!(main);
 
@@ -89,7 +94,67 @@ fn sweep(disk: &mut Disk, bufs: &mut [u8], write: bool, seed: u64) -> Result<(),
     Ok(())
 }
 
-fn run(mode: &str, seed: u64) -> Result<i32, BlkError> {
+/// `bench read|write BYTES DEPTH TOTAL`.
+fn bench(disk: &mut Disk, mut args: impl Iterator<Item = &'static str>) -> Result<i32, BlkError> {
+    let write = args.next() == Some("write");
+    let mut number = || args.next().and_then(|a| a.parse::<u64>().ok());
+    let (Some(bytes), Some(depth), Some(total)) = (number(), number(), number()) else {
+        println!("usage: blk bench read|write BYTES DEPTH TOTAL");
+        return Ok(2);
+    };
+    let (bytes, depth) = (
+        bytes as usize,
+        (depth as usize).clamp(1, blk::IN_FLIGHT_MAX),
+    );
+    let bufs = blk::buffer((bytes * depth).div_ceil(4096) as u64)?;
+    let sectors = (bytes / 512) as u64;
+    let mut sector = 0;
+    let mut moved = 0;
+    let start = time::monotonic_ns();
+    while moved < total {
+        let mut batch: [Option<Request<'_>>; blk::IN_FLIGHT_MAX] =
+            [const { None }; blk::IN_FLIGHT_MAX];
+        for (slot, buf) in batch
+            .iter_mut()
+            .zip(bufs.chunks_exact_mut(bytes))
+            .take(depth)
+        {
+            if sector + sectors > disk.sectors() {
+                sector = 0;
+            }
+            *slot = Some(if write {
+                Request::write(sector, buf)
+            } else {
+                Request::read(sector, buf)
+            });
+            sector += sectors;
+        }
+        let mut batch = batch.map(|r| r.unwrap_or_else(Request::flush));
+        disk.run(&mut batch[..depth]);
+        for req in &batch[..depth] {
+            req.result?;
+        }
+        moved += (bytes * depth) as u64;
+    }
+    println!("result blk {moved} {}", time::monotonic_ns() - start);
+    Ok(0)
+}
+
+/// `notify N`.
+fn notify(count: u64) -> i32 {
+    let start = time::monotonic_ns();
+    for _ in 0..count {
+        shoal_guest::virtq::notify(0);
+    }
+    println!("result notify {count} {}", time::monotonic_ns() - start);
+    0
+}
+
+/// Runs `mode`; `rest` are the arguments after it.
+fn run(mode: &str, seed: u64, rest: impl Iterator<Item = &'static str>) -> Result<i32, BlkError> {
+    if mode == "notify" {
+        return Ok(notify(seed));
+    }
     let mut disk = Disk::open(0)?;
     let bufs = || blk::buffer((CHUNK * DEPTH / 4096) as u64).map_err(BlkError::from);
     match mode {
@@ -122,6 +187,7 @@ fn run(mode: &str, seed: u64) -> Result<i32, BlkError> {
             }
             println!("refused ok");
         }
+        "bench" => return bench(&mut disk, rest),
         "info" => {
             let id = disk.id()?;
             let len = id.iter().position(|b| *b == 0).unwrap_or(id.len());
@@ -148,7 +214,7 @@ fn main() -> i32 {
     let mut args = boot::args();
     let mode = args.next().unwrap_or("check");
     let seed = args.next().and_then(|a| a.parse().ok()).unwrap_or(1);
-    match run(mode, seed) {
+    match run(mode, seed, boot::args().skip(1)) {
         Ok(code) => code,
         Err(e) => {
             println!("blk failed: {e:?}");

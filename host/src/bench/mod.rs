@@ -6,6 +6,7 @@
 //! between the measurements so that drift of the machine affects each the
 //! same way; the median round is reported.
 
+mod blk;
 mod sched;
 pub use sched::mem_available_kib;
 
@@ -94,6 +95,9 @@ pub enum BenchError {
     /// `--only` named a group that does not exist.
     #[error("no benchmark group {0:?} (groups: {groups})", groups = GROUPS.join(", "))]
     UnknownGroup(String),
+    /// A scratch file could not be made.
+    #[error("cannot make a scratch disk")]
+    Io(#[source] std::io::Error),
     /// A second host for comparison could not start.
     #[error("cannot start a host for comparison")]
     Host(#[source] crate::host::HostError),
@@ -103,6 +107,7 @@ pub enum BenchError {
 struct Run {
     nanos_per_op: f64,
     other_exits: u64,
+    stats: crate::StatsSnapshot,
 }
 
 fn run_guest(host: &Host, image: &crate::Image, mode: &str, count: u64) -> Result<Run, BenchError> {
@@ -134,6 +139,7 @@ fn run_guest_with(
             Ok(Run {
                 nanos_per_op: nanos as f64 / n as f64,
                 other_exits: report.stats.exits.saturating_sub(reporting),
+                stats: report.stats,
             })
         }
         _ => Err(BenchError::NoResult {
@@ -212,9 +218,10 @@ fn builtin_image(name: &'static str) -> Result<crate::Image, BenchError> {
 }
 
 /// Benchmark groups, in the order they run.
-pub const GROUPS: [&str; 7] = [
+pub const GROUPS: [&str; 8] = [
     "hypercall",
     "mmu",
+    "blk",
     "spawn",
     "memory",
     "wakeup",
@@ -235,6 +242,9 @@ pub fn run_all(host: &Host, sizes: Sizes, only: &[String]) -> Result<Vec<Figure>
     if wanted("mmu") {
         figures.extend(mmu_figures(host, sizes.rounds)?);
         figures.extend(forget_figures(host, sizes.rounds)?);
+    }
+    if wanted("blk") {
+        figures.extend(blk::blk_figures(host, sizes.rounds)?);
     }
     if wanted("spawn") {
         figures.extend(sched::spawn_figures(

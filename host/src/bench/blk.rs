@@ -1,0 +1,225 @@
+//! The disk benchmarks: sequential throughput of a guest's disk against
+//! the host's own reads and writes of the same file in the same run,
+//! exits per request at queue depth 1 and 32, and the cost of a
+//! notification against a hypercall exit.
+//!
+//! The disk is a 64 MiB file the host writes first, so that both the
+//! guest and the host move data through the page cache: the figures
+//! compare the I/O paths, not the storage under them.
+
+use super::{BenchError, Figure, builtin_image, median, run_guest_with};
+use crate::device::DiskSpec;
+use crate::host::{GuestConfig, Host};
+use shoal_abi::HypercallNr;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
+
+/// Size of the benchmark disk.
+const DISK_BYTES: u64 = 64 << 20;
+
+/// One throughput comparison: request size, depth, and figure names.
+struct Case {
+    bytes: u64,
+    depth: u64,
+    write: bool,
+    name: &'static str,
+}
+
+const CASES: [Case; 4] = [
+    Case {
+        bytes: 4096,
+        depth: 32,
+        write: false,
+        name: "blk_seq_read_4k_mib_s",
+    },
+    Case {
+        bytes: 4096,
+        depth: 32,
+        write: true,
+        name: "blk_seq_write_4k_mib_s",
+    },
+    Case {
+        bytes: 64 << 10,
+        depth: 32,
+        write: false,
+        name: "blk_seq_read_64k_mib_s",
+    },
+    Case {
+        bytes: 64 << 10,
+        depth: 32,
+        write: true,
+        name: "blk_seq_write_64k_mib_s",
+    },
+];
+
+/// A guest run of `blk bench`: MiB/s and exits per request.
+struct GuestRun {
+    mib_s: f64,
+    exits_per_request: f64,
+    notifications_per_request: f64,
+}
+
+fn guest_run(
+    host: &Host,
+    image: &crate::Image,
+    disk: &std::path::Path,
+    args: &[String],
+) -> Result<GuestRun, BenchError> {
+    let config = GuestConfig {
+        mem_size: 16 << 20,
+        args: args.to_vec(),
+        disks: vec![DiskSpec {
+            path: disk.to_path_buf(),
+            read_only: false,
+        }],
+        ..Default::default()
+    };
+    let run = run_guest_with(host, image, "blk", config)?;
+    let stats = &run.stats;
+    let requests = stats.device_requests.max(1) as f64;
+    let setup = stats.hypercall(HypercallNr::DeviceInfo) + stats.hypercall(HypercallNr::QueueSetup);
+    let exits = run.other_exits.saturating_sub(setup) + stats.notifications;
+    Ok(GuestRun {
+        mib_s: 1e9 / run.nanos_per_op / (1 << 20) as f64,
+        exits_per_request: exits as f64 / requests,
+        notifications_per_request: stats.notifications as f64 / requests,
+    })
+}
+
+/// The host's own sequential throughput on `file` in MiB/s: `total`
+/// bytes in `bytes` requests with `pread`/`pwrite`, wrapping at the end.
+fn host_mib_s(file: &std::fs::File, bytes: u64, write: bool, total: u64) -> f64 {
+    let mut buf = vec![0x5au8; bytes as usize];
+    let start = Instant::now();
+    let mut offset = 0;
+    let mut moved = 0;
+    while moved < total {
+        if offset + bytes > DISK_BYTES {
+            offset = 0;
+        }
+        let done = if write {
+            file.write_all_at(&buf, offset)
+        } else {
+            file.read_exact_at(&mut buf, offset)
+        };
+        if done.is_err() {
+            return f64::NAN;
+        }
+        offset += bytes;
+        moved += bytes;
+    }
+    moved as f64 / start.elapsed().as_secs_f64() / (1 << 20) as f64
+}
+
+/// Every disk figure, medians over `rounds`.
+pub(super) fn blk_figures(host: &Host, rounds: usize) -> Result<Vec<Figure>, BenchError> {
+    let image = builtin_image("blk")?;
+    let mut disk = tempfile::NamedTempFile::new().map_err(BenchError::Io)?;
+    disk.write_all(&vec![0xa5; DISK_BYTES as usize])
+        .map_err(BenchError::Io)?;
+    let path = disk.path().to_path_buf();
+    let rounds = rounds.max(1);
+    let mut figures = Vec::new();
+    for case in &CASES {
+        let total = if case.bytes >= 64 << 10 {
+            256 << 20
+        } else {
+            32 << 20
+        };
+        let args = |depth: u64| {
+            [
+                "bench",
+                if case.write { "write" } else { "read" },
+                &case.bytes.to_string(),
+                &depth.to_string(),
+                &total.to_string(),
+            ]
+            .map(String::from)
+            .to_vec()
+        };
+        let mut guest = Vec::new();
+        let mut own = Vec::new();
+        for _ in 0..rounds {
+            guest.push(guest_run(host, &image, &path, &args(case.depth))?.mib_s);
+            own.push(host_mib_s(disk.as_file(), case.bytes, case.write, total));
+        }
+        figures.push(Figure::versus(
+            case.name,
+            median(guest),
+            "MiB/s",
+            median(own),
+        ));
+    }
+    for (depth, exits, notes) in [
+        (
+            1,
+            "blk_exits_per_request_qd1",
+            "blk_notifications_per_request_qd1",
+        ),
+        (
+            32,
+            "blk_exits_per_request_qd32",
+            "blk_notifications_per_request_qd32",
+        ),
+    ] {
+        let args = [
+            "bench",
+            "read",
+            "4096",
+            &depth.to_string(),
+            &(8u64 << 20).to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        let runs = (0..rounds)
+            .map(|_| guest_run(host, &image, &path, &args))
+            .collect::<Result<Vec<_>, _>>()?;
+        figures.push(Figure::plain(
+            exits,
+            median(runs.iter().map(|r| r.exits_per_request).collect()),
+            "exits",
+        ));
+        figures.push(Figure::plain(
+            notes,
+            median(runs.iter().map(|r| r.notifications_per_request).collect()),
+            "notifications",
+        ));
+    }
+    figures.push(notify_cost(host, &image, &path, rounds)?);
+    Ok(figures)
+}
+
+/// A notification's cost to the guest (an `out` KVM hands to the device
+/// thread in the kernel) against a null exit to the host process. 10,000
+/// per run: below the storm limit, which counts notifications with
+/// nothing to do.
+fn notify_cost(
+    host: &Host,
+    image: &crate::Image,
+    disk: &std::path::Path,
+    rounds: usize,
+) -> Result<Figure, BenchError> {
+    let bench = builtin_image("bench")?;
+    let mut notify = Vec::new();
+    let mut null = Vec::new();
+    for _ in 0..rounds {
+        let args = ["notify", "10000"].map(String::from).to_vec();
+        let config = GuestConfig {
+            args,
+            disks: vec![DiskSpec {
+                path: disk.to_path_buf(),
+                read_only: false,
+            }],
+            ..Default::default()
+        };
+        notify.push(run_guest_with(host, image, "notify", config)?.nanos_per_op / 1000.0);
+        null.push(super::run_guest(host, &bench, "floor", 10_000)?.nanos_per_op / 1000.0);
+    }
+    Ok(Figure::versus(
+        "blk_notify_us",
+        median(notify),
+        "us",
+        median(null),
+    ))
+}
