@@ -16,11 +16,12 @@
 //!
 //! The host treats every descriptor as hostile. A chain that loops, is
 //! longer than the queue, points outside guest-owned memory or at the
-//! queue's own rings, declares more than [`REQUEST_MAX`] bytes of data, or
-//! is cut short, and an available index that runs more than a queue ahead,
-//! stop the guest with the reason. A request that is well formed but
-//! cannot be done (a sector past the end, a write to a read-only disk) gets
-//! an error status instead.
+//! queue's own rings, has buffers adding up to more than [`REQUEST_MAX`] +
+//! 4 KiB, or has no status byte, and an available index that runs more
+//! than a queue ahead, stop the guest with the reason. A request that is
+//! well formed but cannot be done (a sector past the end, more data than
+//! [`REQUEST_MAX`], a write to a read-only disk) gets an error status
+//! instead.
 //!
 //! The block device speaks virtio-blk: each request is a chain of a
 //! [`BlkHeader`] (device-readable), data buffers (device-writable for

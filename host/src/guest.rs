@@ -311,6 +311,7 @@ impl Guest {
                         vm: Some(&self.vm),
                         stats: &self.stats,
                         now_ns: self.clock.now_ns(),
+                        device_gate: self.devices.gate(),
                     },
                     addr,
                     len,

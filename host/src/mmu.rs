@@ -117,6 +117,12 @@ pub struct Translations<'a> {
     pub stats: &'a GuestStats,
     /// The guest's clock now.
     pub now_ns: u64,
+    /// Held for reading by the guest's device thread while it touches
+    /// guest RAM, if the guest has devices: the notifier's `mprotect`
+    /// makes frames read-only for a moment, so it runs only with this
+    /// held for writing, and a busy device makes the change move the slot
+    /// instead.
+    pub device_gate: Option<&'a std::sync::RwLock<()>>,
 }
 
 /// Notifier calls made in the current budget window.
@@ -306,8 +312,10 @@ impl Mmu {
         if runs.is_empty() {
             return Ok(());
         }
+        let gate = at.device_gate.map(|gate| gate.try_write());
+        let device_busy = matches!(gate, Some(Err(_)));
         match at.vm {
-            Some(vm) if !self.notifier_for(runs.len(), at.now_ns) => {
+            Some(vm) if device_busy || !self.notifier_for(runs.len(), at.now_ns) => {
                 vm.forget_all_translations(at.ram)?;
                 at.stats.count_slot_move();
             }
@@ -607,6 +615,7 @@ mod tests {
             vm: None,
             stats: &STATS,
             now_ns: 0,
+            device_gate: None,
         }
     }
 

@@ -88,8 +88,9 @@ struct RunArgs {
     /// for large ones (auto), or always one of them (for measuring).
     #[arg(long, value_enum, default_value_t)]
     forget: Forget,
-    /// Give the guest a disk: a host file, `PATH` (read-write) or
-    /// `PATH,ro` (read-only; many guests may share it). Repeat for more
+    /// Give the guest a disk: a host file, `PATH` or `PATH,rw`
+    /// (read-write, one guest at a time) or `PATH,ro` (read-only; many
+    /// guests may share it). Repeat for more
     /// disks; device `i` is the `i`-th. `{i}` in the path becomes the
     /// guest's index.
     #[arg(long = "disk", value_name = "PATH[,ro]")]

@@ -10,7 +10,7 @@
 use super::ring::Chain;
 use shoal_abi::device::{
     BLK_ID_LEN, BLK_S_IOERR, BLK_S_OK, BLK_S_UNSUPP, BLK_T_FLUSH, BLK_T_GET_ID, BLK_T_IN,
-    BLK_T_OUT, BlkHeader, DESC_WRITE, SECTOR_SIZE,
+    BLK_T_OUT, BlkHeader, DESC_WRITE, REQUEST_MAX, SECTOR_SIZE,
 };
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -19,6 +19,20 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use zerocopy::FromBytes;
+
+/// What one flush counts for in a device thread turn (it may wait for
+/// the storage): as much as a full request's data.
+pub const FLUSH_COST: u64 = REQUEST_MAX as u64;
+
+/// What serving one chain did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// Bytes written into the chain (its used length).
+    pub written: u32,
+    /// Its weight in the device thread's turn: data bytes moved, or
+    /// [`FLUSH_COST`].
+    pub cost: u64,
+}
 
 /// A disk to give a guest: `shoal run --disk PATH[,ro]`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -129,10 +143,9 @@ impl Disk {
     }
 
     /// Serves one request whose chain the ring has checked: every buffer
-    /// lies in `mem` and off the rings. Returns the bytes written into the
-    /// chain (the used length), or `None` when the chain is not framed as
-    /// a request and has no status byte to say so.
-    pub fn serve(&self, mem: &GuestMemoryMmap<()>, chain: &Chain) -> Option<u32> {
+    /// lies in `mem` and off the rings. `None` when the chain is not
+    /// framed as a request and has no status byte to say so.
+    pub fn serve(&self, mem: &GuestMemoryMmap<()>, chain: &Chain) -> Option<Served> {
         let descs = &chain.descs;
         let status = descs
             .last()
@@ -145,13 +158,23 @@ impl Disk {
             && mem
                 .read_slice(&mut header, GuestAddress(descs[0].addr))
                 .is_ok();
-        let data = &descs[1..descs.len() - 1];
-        let (result, written) = match BlkHeader::read_from_bytes(&header) {
-            Ok(header) if framed => self.request(mem, header, data),
-            _ => (BLK_S_IOERR, 0),
+        let (result, written, cost) = match BlkHeader::read_from_bytes(&header) {
+            Ok(header) if framed => {
+                let data = &descs[1..descs.len() - 1];
+                let (result, written) = self.request(mem, header, data);
+                let cost = match header.kind {
+                    BLK_T_FLUSH => FLUSH_COST,
+                    _ => data.iter().map(|d| u64::from(d.len)).sum(),
+                };
+                (result, written, cost)
+            }
+            _ => (BLK_S_IOERR, 0, 0),
         };
         mem.write_obj(result, status_at).ok()?;
-        Some(written + 1)
+        Some(Served {
+            written: written + 1,
+            cost,
+        })
     }
 
     /// Serves a framed request: its status and the data bytes written.
@@ -172,6 +195,7 @@ impl Disk {
         match header.kind {
             BLK_T_IN | BLK_T_OUT => {
                 let in_range = bytes.is_multiple_of(SECTOR_SIZE)
+                    && bytes <= u64::from(REQUEST_MAX)
                     && header
                         .sector
                         .checked_add(bytes / SECTOR_SIZE)
@@ -181,12 +205,10 @@ impl Disk {
                 }
                 let mut offset = header.sector * SECTOR_SIZE;
                 for d in data {
-                    let done = if header.kind == BLK_T_IN {
-                        self.read_into(mem, d.addr, d.len, offset)
-                    } else {
-                        self.write_from(mem, d.addr, d.len, offset)
-                    };
-                    if done.is_err() {
+                    if self
+                        .transfer(mem, d.addr, d.len, offset, header.kind == BLK_T_IN)
+                        .is_err()
+                    {
                         return (BLK_S_IOERR, 0);
                     }
                     offset += u64::from(d.len);
@@ -213,47 +235,23 @@ impl Disk {
         }
     }
 
-    /// Reads file bytes at `offset` into the guest buffer `addr..+len`.
-    fn read_into(
+    /// `pread` (`into_guest`) or `pwrite` the guest buffer `addr..+len`
+    /// from or to the file at `offset`, to the end. The kernel copies: no
+    /// Rust reference to guest memory is made, so a guest changing the
+    /// buffer meanwhile only changes its own data.
+    fn transfer(
         &self,
         mem: &GuestMemoryMmap<()>,
         addr: u64,
         len: u32,
-        offset: u64,
+        mut offset: u64,
+        into_guest: bool,
     ) -> std::io::Result<()> {
         let slice = mem
             .get_slice(GuestAddress(addr), len as usize)
             .map_err(std::io::Error::other)?;
         let guard = slice.ptr_guard_mut();
-        self.transfer(guard.as_ptr(), len as usize, offset, true)
-    }
-
-    /// Writes the guest buffer `addr..+len` to the file at `offset`.
-    fn write_from(
-        &self,
-        mem: &GuestMemoryMmap<()>,
-        addr: u64,
-        len: u32,
-        offset: u64,
-    ) -> std::io::Result<()> {
-        let slice = mem
-            .get_slice(GuestAddress(addr), len as usize)
-            .map_err(std::io::Error::other)?;
-        let guard = slice.ptr_guard();
-        self.transfer(guard.as_ptr().cast_mut(), len as usize, offset, false)
-    }
-
-    /// `pread` (`into_guest`) or `pwrite` the `len` bytes at `ptr`, a
-    /// live guest buffer, from or to the file at `offset`, to the end.
-    /// The kernel copies: no Rust reference to guest memory is made, so a
-    /// guest changing the buffer meanwhile only changes its own data.
-    fn transfer(
-        &self,
-        ptr: *mut u8,
-        len: usize,
-        mut offset: u64,
-        into_guest: bool,
-    ) -> std::io::Result<()> {
+        let (ptr, len) = (guard.as_ptr(), len as usize);
         let mut done = 0;
         while done < len {
             let offset_arg = libc::off_t::try_from(offset).map_err(std::io::Error::other)?;
@@ -313,4 +311,124 @@ impl Disks {
 
 fn canonical(path: &Path) -> PathBuf {
     path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_abi::device::{DESC_NEXT, Descriptor};
+
+    const BASE: u64 = 0x10_0000;
+
+    fn disk(read_only: bool) -> (Disk, tempfile::NamedTempFile) {
+        let file = tempfile::NamedTempFile::new().expect("temporary file");
+        file.as_file().set_len(8 * SECTOR_SIZE).expect("sized");
+        let spec = DiskSpec {
+            path: file.path().to_path_buf(),
+            read_only,
+        };
+        (Disk::open(&spec).expect("opens"), file)
+    }
+
+    fn chain(descs: &[(u64, u32, u16)]) -> Chain {
+        Chain {
+            head: 0,
+            descs: descs
+                .iter()
+                .map(|&(addr, len, flags)| Descriptor {
+                    addr,
+                    len,
+                    flags,
+                    next: 0,
+                })
+                .collect(),
+        }
+    }
+
+    fn request(mem: &GuestMemoryMmap<()>, kind: u32, sector: u64) -> u64 {
+        let header = BlkHeader {
+            kind,
+            reserved: 0,
+            sector,
+        };
+        mem.write_slice(zerocopy::IntoBytes::as_bytes(&header), GuestAddress(BASE))
+            .expect("inside");
+        BASE
+    }
+
+    fn status(mem: &GuestMemoryMmap<()>) -> u8 {
+        mem.read_obj(GuestAddress(BASE + 0x800)).expect("inside")
+    }
+
+    #[test]
+    fn chains_that_are_not_requests_get_an_error_status_or_none() {
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(BASE), 1 << 16)]).expect("memory");
+        let (disk, _file) = disk(false);
+        // A lone status byte: answered with an error.
+        let served = disk.serve(&mem, &chain(&[(BASE + 0x800, 1, DESC_WRITE)]));
+        assert_eq!(served.map(|s| s.written), Some(1));
+        assert_eq!(status(&mem), BLK_S_IOERR);
+        // Nothing writable to answer in.
+        assert_eq!(disk.serve(&mem, &chain(&[(BASE, 16, 0)])), None);
+    }
+
+    #[test]
+    fn reads_writes_flushes_and_their_errors() {
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(BASE), 1 << 21)]).expect("memory");
+        let (disk, file) = disk(false);
+        let run = |kind, sector, data: (u64, u32, u16)| {
+            let header = request(&mem, kind, sector);
+            let mut descs = vec![(header, 16, DESC_NEXT)];
+            if data.1 > 0 {
+                descs.push(data);
+            }
+            descs.push((BASE + 0x800, 1, DESC_WRITE));
+            let served = disk.serve(&mem, &chain(&descs)).expect("answered");
+            (status(&mem), served)
+        };
+        mem.write_slice(&[7u8; 1024], GuestAddress(BASE + 0x1000))
+            .expect("inside");
+        let (ok, served) = run(BLK_T_OUT, 2, (BASE + 0x1000, 1024, 0));
+        assert_eq!((ok, served.written, served.cost), (BLK_S_OK, 1, 1024));
+        let on_disk = std::fs::read(file.path()).expect("readable");
+        assert!(on_disk[1024..2048].iter().all(|b| *b == 7));
+        let (ok, served) = run(BLK_T_IN, 2, (BASE + 0x2000, 512, DESC_WRITE));
+        assert_eq!((ok, served.written), (BLK_S_OK, 513));
+        let (ok, served) = run(BLK_T_FLUSH, 0, (0, 0, 0));
+        assert_eq!((ok, served.cost), (BLK_S_OK, FLUSH_COST));
+        // Past the end, not whole sectors, wrong direction, unknown type.
+        assert_eq!(
+            run(BLK_T_IN, 8, (BASE + 0x2000, 512, DESC_WRITE)).0,
+            BLK_S_IOERR
+        );
+        assert_eq!(
+            run(BLK_T_IN, 0, (BASE + 0x2000, 100, DESC_WRITE)).0,
+            BLK_S_IOERR
+        );
+        assert_eq!(run(BLK_T_IN, 0, (BASE + 0x2000, 512, 0)).0, BLK_S_IOERR);
+        assert_eq!(run(99, 0, (0, 0, 0)).0, BLK_S_UNSUPP);
+        // More data than a request may carry.
+        let big = REQUEST_MAX + 512;
+        assert_eq!(
+            run(BLK_T_IN, 0, (BASE + 0x1000, big, DESC_WRITE)).0,
+            BLK_S_IOERR
+        );
+    }
+
+    #[test]
+    fn read_only_disks_refuse_writes() {
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(BASE), 1 << 16)]).expect("memory");
+        let (disk, _file) = disk(true);
+        let header = request(&mem, BLK_T_OUT, 0);
+        let descs = [
+            (header, 16, DESC_NEXT),
+            (BASE + 0x1000, 512, DESC_NEXT),
+            (BASE + 0x800, 1, DESC_WRITE),
+        ];
+        disk.serve(&mem, &chain(&descs)).expect("answered");
+        assert_eq!(status(&mem), BLK_S_IOERR);
+    }
 }

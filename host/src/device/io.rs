@@ -1,7 +1,8 @@
 //! The device thread: one per host process, started with the first guest
 //! that has a device. It waits on every device's notification eventfd
 //! with epoll and serves the notified devices round-robin, a bounded turn
-//! each ([`super::TURN_CHAINS`]): a device with more work goes to the back
+//! each ([`super::TURN_CHAINS`], [`super::TURN_COST`]): a device with more
+//! work goes to the back
 //! of the run queue, and the thread looks for new notifications between
 //! turns, so a guest with a deep queue delays the others by one turn at
 //! most.
@@ -74,7 +75,8 @@ impl IoThread {
     pub fn unwatch(&self, slot: &Arc<Slot>) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.remove(&slot.token);
-        // The fd may already be closed by a failed attach; nothing to undo.
+        // Fails only if the fd was never added (an attach that failed
+        // before `watch`); nothing to undo then.
         let _ = self.epoll.ctl(
             ControlOperation::Delete,
             slot.eventfd().as_raw_fd(),

@@ -31,12 +31,15 @@ use shoal_abi::HypercallError;
 use shoal_abi::device::{FLAG_READ_ONLY, KIND_BLOCK, NOTIFY_PORT, QUEUE_SIZE_MAX, REQUEST_MAX};
 use shoal_abi::hypercall::{DeviceInfo, QueueSetup};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Chains one slot serves in a turn before the device thread moves on.
 pub const TURN_CHAINS: usize = 32;
+/// Cost (data bytes; a flush counts as [`disk::FLUSH_COST`]) after which a
+/// turn ends early.
+pub const TURN_COST: u64 = 4 << 20;
 
 /// Notifications a second that find nothing to do before the guest is
 /// stopped for a notification storm. A guest that follows the event index
@@ -95,6 +98,9 @@ pub struct Slot {
     owner: Owner,
     /// In the device thread's run queue.
     queued: AtomicBool,
+    /// The guest's device gate, held for reading during a turn (see
+    /// [`crate::mmu::Translations::device_gate`]).
+    gate: Arc<RwLock<()>>,
     state: Mutex<SlotState>,
 }
 
@@ -104,6 +110,14 @@ struct SlotState {
     /// Detached, or the guest was stopped: serve nothing more.
     gone: bool,
     storm: RateWindow,
+}
+
+impl SlotState {
+    /// Serves nothing more.
+    fn retire(&mut self) {
+        self.gone = true;
+        self.ring = None;
+    }
 }
 
 /// Whether a slot has more work after its turn.
@@ -138,25 +152,29 @@ impl Slot {
             return Turn::Done;
         }
         let outcome = match state.ring.as_mut() {
-            Some(ring) => self.turn(ring),
+            Some(ring) => {
+                let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
+                // A host bug on a guest's request stops that guest, not
+                // the thread that serves every guest's devices.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.turn(ring)))
+                    .unwrap_or(Err(RingError::HostPanic))
+            }
             None => Ok((0, Turn::Done, false)),
         };
         let (used, turn, raise) = match outcome {
             Ok(outcome) => outcome,
             Err(error) => {
-                state.gone = true;
-                state.ring = None;
+                state.retire();
                 drop(state);
                 self.stop(error.to_string());
                 return Turn::Done;
             }
         };
         if used == 0 && notifications > 0 && !state.storm.allow_n(notifications, now_ns()) {
-            state.gone = true;
-            state.ring = None;
+            state.retire();
             drop(state);
             self.stop(format!(
-                "notification storm: more than {STORM_LIMIT} notifications a second with nothing to do"
+                "notification storm: more than {STORM_LIMIT} notifications with nothing to do in one second"
             ));
             return Turn::Done;
         }
@@ -175,19 +193,22 @@ impl Slot {
     /// guest wants its event.
     fn turn(&self, ring: &mut Ring) -> Result<(u64, Turn, bool), RingError> {
         let mut used = 0;
+        let mut cost = 0;
+        let spent = |used: u64, cost: u64| used as usize >= TURN_CHAINS || cost >= TURN_COST;
         let turn = loop {
             while let Some(chain) = ring.pop()? {
-                let written = self
+                let served = self
                     .disk
                     .serve(ring.mem(), &chain)
                     .ok_or(RingError::Unanswerable(chain.head))?;
-                ring.complete(chain.head, written)?;
+                ring.complete(chain.head, served.written)?;
                 used += 1;
-                if used as usize == TURN_CHAINS {
+                cost += served.cost;
+                if spent(used, cost) {
                     break;
                 }
             }
-            if used as usize == TURN_CHAINS {
+            if spent(used, cost) {
                 break Turn::More;
             }
             if !ring.rearm()? {
@@ -209,9 +230,10 @@ impl Slot {
 
     /// Stops serving: the guest's RAM is about to go.
     fn detach(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.gone = true;
-        state.ring = None;
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retire();
     }
 }
 
@@ -227,6 +249,7 @@ fn now_ns() -> u64 {
 pub struct Devices {
     slots: Vec<Arc<Slot>>,
     io: Option<Arc<IoThread>>,
+    gate: Arc<RwLock<()>>,
 }
 
 impl Devices {
@@ -236,6 +259,7 @@ impl Devices {
         let mut devices = Self {
             slots: Vec::with_capacity(parts.disks.len()),
             io: Some(Arc::clone(&parts.io)),
+            gate: Arc::default(),
         };
         for (index, disk) in parts.disks.into_iter().enumerate() {
             let index = index as u32;
@@ -248,6 +272,7 @@ impl Devices {
                 notify,
                 owner: parts.owner.clone(),
                 queued: AtomicBool::new(false),
+                gate: Arc::clone(&devices.gate),
                 state: Mutex::new(SlotState {
                     ring: None,
                     gone: false,
@@ -258,6 +283,12 @@ impl Devices {
             devices.slots.push(slot);
         }
         Ok(devices)
+    }
+
+    /// The gate the MMU takes for writing before it makes guest RAM
+    /// read-only for a moment; none without devices.
+    pub fn gate(&self) -> Option<&RwLock<()>> {
+        (!self.slots.is_empty()).then_some(&*self.gate)
     }
 
     /// `device_info` for device `index`.

@@ -97,6 +97,7 @@ impl<'a> Context<'a> {
             vm: self.vm,
             stats: self.stats,
             now_ns: self.clock.now_ns(),
+            device_gate: self.devices.gate(),
         }
     }
 }

@@ -186,7 +186,8 @@ impl GuestRam {
     }
 
     /// Makes KVM forget every translation to guest-physical
-    /// `addr..addr + len` (page-aligned, inside RAM): the host page range
+    /// `addr..addr + len` (page-aligned, inside RAM), while nothing else
+    /// in the host writes guest RAM: the host page range
     /// is made read-only and then writable again, and each change runs
     /// KVM's MMU notifier, which drops the shadow entries that map those
     /// pages. The contents stay. How the host makes a changed guest page
@@ -197,8 +198,10 @@ impl GuestRam {
         let host = (self.mapping.addr as u64 + addr) as *mut libc::c_void;
         // SAFETY: the range lies inside this RAM's own mapping (checked
         // above), and only its protection changes, ending as it began; no
-        // host code touches guest RAM between this call and the one that
-        // restores it, both on the thread that runs the guest.
+        // host code writes guest RAM between this call and the one that
+        // restores it: both run on the thread that runs the guest, and the
+        // caller holds the guest's device gate for writing, which keeps
+        // its device thread off guest RAM (`mmu::Translations`).
         if unsafe { libc::mprotect(host, len as usize, libc::PROT_READ) } != 0 {
             return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
         }
