@@ -17,7 +17,7 @@ mod disk;
 mod io;
 pub mod ring;
 
-pub use disk::{Disk, DiskError, DiskSpec, Disks};
+pub use disk::{Disk, DiskError, DiskSpec, Disks, FLUSH_COST, Served};
 pub use io::IoThread;
 
 use crate::control::GuestControl;
@@ -37,7 +37,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Chains one slot serves in a turn before the device thread moves on.
 pub const TURN_CHAINS: usize = 32;
-/// Cost (data bytes; a flush counts as [`disk::FLUSH_COST`]) after which a
+/// Cost (data bytes; a flush counts as [`FLUSH_COST`], 1 MiB) after which a
 /// turn ends early.
 pub const TURN_COST: u64 = 4 << 20;
 
