@@ -140,9 +140,9 @@ impl Slot {
         !self.queued.swap(true, Ordering::AcqRel)
     }
 
-    /// Serves up to [`TURN_CHAINS`] chains. Raises the queue's event if
-    /// the guest asked for it; stops the guest if its ring is broken.
-    /// Called by the device thread only.
+    /// Serves one turn (up to [`TURN_CHAINS`] chains or [`TURN_COST`]).
+    /// Raises the queue's event if the guest asked for it; stops the guest
+    /// if its ring is broken. Called by the device thread only.
     pub fn serve(&self) -> Turn {
         self.queued.store(false, Ordering::Release);
         let notifications = self.notify.read().unwrap_or(0);
