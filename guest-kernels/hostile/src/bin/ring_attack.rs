@@ -25,6 +25,20 @@ shoal_guest::entry!(main);
 
 const SIZE: u32 = 8;
 
+/// Device 0's queue of `SIZE` at `base`: descriptors, then the available
+/// ring, the used ring at 2048.
+fn queue_at(base: u64) -> QueueSetup {
+    QueueSetup {
+        device: 0,
+        size: SIZE,
+        desc: base,
+        avail: base + desc_table_len(SIZE),
+        used: base + 2048,
+        event: 0,
+        _pad: 0,
+    }
+}
+
 /// A queue of `SIZE` set up by hand in two pages: descriptors, available
 /// ring, used ring at 2048; a page of buffer memory after them.
 struct Raw {
@@ -34,16 +48,7 @@ struct Raw {
 impl Raw {
     fn new() -> Self {
         let base = mmu::take_low(3).expect("boot heap");
-        let setup = QueueSetup {
-            device: 0,
-            size: SIZE,
-            desc: base,
-            avail: base + desc_table_len(SIZE),
-            used: base + 2048,
-            event: 0,
-            _pad: 0,
-        };
-        hypercall::call(&mut { setup }).expect("queue_setup");
+        hypercall::call(&mut queue_at(base)).expect("queue_setup");
         Self { base }
     }
 
@@ -83,15 +88,7 @@ fn desc(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
 fn setup_refusals() -> i32 {
     let base = mmu::take_low(2).expect("boot heap");
     let mem = boot::info().mem_size;
-    let good = QueueSetup {
-        device: 0,
-        size: SIZE,
-        desc: base,
-        avail: base + desc_table_len(SIZE),
-        used: base + 2048,
-        event: 0,
-        _pad: 0,
-    };
+    let good = queue_at(base);
     let cases: [(&str, QueueSetup, HypercallError); 9] = [
         (
             "no such device",
