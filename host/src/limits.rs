@@ -100,6 +100,7 @@ pub enum Limit {
 #[derive(Clone, Copy, Debug)]
 pub struct RateWindow {
     limit: u64,
+    window_ns: u64,
     window_start_ns: u64,
     count: u64,
 }
@@ -107,8 +108,14 @@ pub struct RateWindow {
 impl RateWindow {
     /// A window allowing `limit` exits per second.
     pub fn new(limit: u64) -> Self {
+        Self::per(limit, 1_000_000_000)
+    }
+
+    /// A window allowing `limit` in every `window_ns`.
+    pub fn per(limit: u64, window_ns: u64) -> Self {
         Self {
             limit,
+            window_ns,
             window_start_ns: 0,
             count: 0,
         }
@@ -122,7 +129,7 @@ impl RateWindow {
     /// Counts `n` at `now_ns`; false when the window's count passes the
     /// limit.
     pub fn allow_n(&mut self, n: u64, now_ns: u64) -> bool {
-        if now_ns.saturating_sub(self.window_start_ns) >= 1_000_000_000 {
+        if now_ns.saturating_sub(self.window_start_ns) >= self.window_ns {
             self.window_start_ns = now_ns;
             self.count = 0;
         }
@@ -166,5 +173,14 @@ mod tests {
         assert!(window.allow(1_000_000_000), "a new second starts afresh");
         assert!(window.allow(1_000_000_001) && window.allow(1_000_000_002));
         assert!(!window.allow(1_999_999_999));
+    }
+
+    #[test]
+    fn a_shorter_window_counts_afresh_when_it_ends() {
+        let mut window = RateWindow::per(2, 100);
+        assert!(window.allow_n(2, 0));
+        assert!(!window.allow(99));
+        assert!(window.allow_n(2, 100), "the next window starts afresh");
+        assert!(!window.allow_n(1, 150));
     }
 }

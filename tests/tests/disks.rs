@@ -260,6 +260,22 @@ fn every_broken_ring_stops_its_guest_with_the_reason_and_a_neighbour_keeps_its_d
 }
 
 #[test]
+fn notifying_under_the_storm_limit_is_not_an_attack() {
+    let file = scratch(1 << 20);
+    let report = common::run_with(
+        "ring-attack",
+        blk(&["storm", "15000", "300ms"], vec![disk(file.path(), false)]),
+    );
+    common::assert_exited_0(&report);
+    assert!(
+        report
+            .console_text()
+            .contains("storm at 15000/s not stopped")
+    );
+    assert!(report.stats.notifications >= 4000, "{:?}", report.stats);
+}
+
+#[test]
 fn disks_work_in_shard_processes() {
     let file = scratch(1 << 20);
     let host = Host::with_config(HostConfig {

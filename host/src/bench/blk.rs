@@ -1,15 +1,18 @@
 //! The disk benchmarks: sequential throughput of a guest's disk against
 //! the host's own reads and writes of the same file in the same run,
-//! exits per request at queue depth 1 and 32, and the cost of a
-//! notification against a hypercall exit.
+//! exits per request at queue depth 1 and 32, the cost of a
+//! notification against a hypercall exit, and a neighbour's throughput
+//! beside guests that break their rings or storm just under the limit
+//! (and, for comparison, beside guests that only spin).
 //!
 //! The disk is a 64 MiB file the host writes first, so that both the
 //! guest and the host move data through the page cache: the figures
 //! compare the I/O paths, not the storage under them.
 
-use super::{BenchError, Figure, builtin_image, median, run_guest_with};
+use super::{BenchError, Figure, builtin_image, median, parse_run, run_guest_with};
 use crate::device::DiskSpec;
 use crate::host::{GuestConfig, Host};
+use crate::{Crash, GuestEnd};
 use shoal_abi::HypercallNr;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -53,6 +56,19 @@ const CASES: [Case; 4] = [
     },
 ];
 
+/// The config of a `blk` guest with `args` and one writable disk.
+fn blk_config(disk: &std::path::Path, args: &[String]) -> GuestConfig {
+    GuestConfig {
+        mem_size: 16 << 20,
+        args: args.to_vec(),
+        disks: vec![DiskSpec {
+            path: disk.to_path_buf(),
+            read_only: false,
+        }],
+        ..Default::default()
+    }
+}
+
 /// A guest run of `blk bench`: MiB/s and exits per request.
 struct GuestRun {
     mib_s: f64,
@@ -66,16 +82,11 @@ fn guest_run(
     disk: &std::path::Path,
     args: &[String],
 ) -> Result<GuestRun, BenchError> {
-    let config = GuestConfig {
-        mem_size: 16 << 20,
-        args: args.to_vec(),
-        disks: vec![DiskSpec {
-            path: disk.to_path_buf(),
-            read_only: false,
-        }],
-        ..Default::default()
-    };
-    let run = run_guest_with(host, image, "blk", config)?;
+    let run = run_guest_with(host, image, "blk", blk_config(disk, args))?;
+    guest_figures(&run)
+}
+
+fn guest_figures(run: &super::Run) -> Result<GuestRun, BenchError> {
     let stats = &run.stats;
     let requests = stats.device_requests.max(1) as f64;
     let setup = stats.hypercall(HypercallNr::DeviceInfo) + stats.hypercall(HypercallNr::QueueSetup);
@@ -187,13 +198,14 @@ pub(super) fn blk_figures(host: &Host, rounds: usize) -> Result<Vec<Figure>, Ben
         ));
     }
     figures.push(notify_cost(host, &image, &path, rounds)?);
+    figures.extend(neighbour(host, &image, &path, rounds)?);
     Ok(figures)
 }
 
 /// A notification's cost to the guest (an `out` KVM hands to the device
 /// thread in the kernel) against a null exit to the host process. 10,000
-/// per run: below the storm limit, which counts notifications with
-/// nothing to do.
+/// per run, in rounds of 1,000 the guest spaces out to stay under the
+/// storm limit (these notifications have nothing to do).
 fn notify_cost(
     host: &Host,
     image: &crate::Image,
@@ -205,14 +217,7 @@ fn notify_cost(
     let mut null = Vec::new();
     for _ in 0..rounds {
         let args = ["notify", "10000"].map(String::from).to_vec();
-        let config = GuestConfig {
-            args,
-            disks: vec![DiskSpec {
-                path: disk.to_path_buf(),
-                read_only: false,
-            }],
-            ..Default::default()
-        };
+        let config = blk_config(disk, &args);
         notify.push(run_guest_with(host, image, "notify", config)?.nanos_per_op / 1000.0);
         null.push(super::run_guest(host, &bench, "floor", 10_000)?.nanos_per_op / 1000.0);
     }
@@ -222,4 +227,133 @@ fn notify_cost(
         "us",
         median(null),
     ))
+}
+
+/// The `ring-attack` modes that break a ring (each stops its guest).
+const ATTACKS: [&str; 11] = [
+    "loop", "index", "next", "outside", "past-end", "rings", "huge", "indirect", "ahead", "cut",
+    "storm",
+];
+
+/// How many noisy guests (or spinners) run beside the neighbour.
+const COMPANY: usize = 2;
+
+/// Who runs beside the neighbour.
+#[derive(Clone, Copy)]
+enum Company {
+    /// [`COMPANY`] guests notifying 15,000 times a second with nothing to
+    /// do (under the storm limit, so never stopped) for the whole run, and
+    /// the eleven ring attacks at its start (each stopped).
+    Hostile,
+    /// [`COMPANY`] `spin` guests: the same number of guests that only
+    /// take CPU, for comparison.
+    Spinners,
+}
+
+/// A well-behaved guest's 4 KiB reads at depth 32 (512 MiB), beside
+/// hostile guests and beside spinners, each against the same guest alone.
+fn neighbour(
+    host: &Host,
+    image: &crate::Image,
+    disk: &std::path::Path,
+    rounds: usize,
+) -> Result<Vec<Figure>, BenchError> {
+    let args = ["bench", "read", "4096", "32", &(512u64 << 20).to_string()]
+        .map(String::from)
+        .to_vec();
+    let mut alone = Vec::new();
+    let mut hostile = Vec::new();
+    let mut spinners = Vec::new();
+    for _ in 0..rounds {
+        alone.push(guest_run(host, image, disk, &args)?.mib_s);
+        hostile.push(beside(host, image, disk, &args, Company::Hostile)?);
+        spinners.push(beside(host, image, disk, &args, Company::Spinners)?);
+    }
+    let alone = median(alone);
+    Ok(vec![
+        Figure::versus(
+            "blk_neighbour_read_4k_mib_s",
+            median(hostile),
+            "MiB/s",
+            alone,
+        ),
+        Figure::versus(
+            "blk_neighbour_spin_read_4k_mib_s",
+            median(spinners),
+            "MiB/s",
+            alone,
+        ),
+    ])
+}
+
+/// One run of the neighbour (`blk` with `args` on `disk`) beside `company`:
+/// its MiB/s. An error if an attacker was not stopped for its ring, or a
+/// noisy guest was.
+fn beside(
+    host: &Host,
+    image: &crate::Image,
+    disk: &std::path::Path,
+    args: &[String],
+    company: Company,
+) -> Result<f64, BenchError> {
+    // The attackers share one read-only disk; the neighbour's is its own.
+    let shared = tempfile::NamedTempFile::new().map_err(BenchError::Io)?;
+    shared.as_file().set_len(1 << 20).map_err(BenchError::Io)?;
+    let attack = builtin_image("ring-attack")?;
+    let attacker = |args: &[&str]| {
+        let config = GuestConfig {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            disks: vec![DiskSpec {
+                path: shared.path().to_path_buf(),
+                read_only: true,
+            }],
+            ..Default::default()
+        };
+        host.spawn(&attack, config).map_err(BenchError::Spawn)
+    };
+    let unexpected = |mode: &str, report: crate::GuestReport| BenchError::NoResult {
+        mode: mode.into(),
+        end: report.end.to_string(),
+        console: report.console_text(),
+    };
+    let (company, wave) = match company {
+        Company::Hostile => (
+            (0..COMPANY)
+                .map(|_| attacker(&["storm", "15000", "60s"]))
+                .collect::<Result<Vec<_>, _>>()?,
+            ATTACKS
+                .iter()
+                .map(|mode| attacker(&[mode]))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        Company::Spinners => {
+            let spin = builtin_image("spin")?;
+            let config = || GuestConfig {
+                args: vec!["forever".into()],
+                ..Default::default()
+            };
+            (
+                (0..COMPANY)
+                    .map(|_| host.spawn(&spin, config()).map_err(BenchError::Spawn))
+                    .collect::<Result<Vec<_>, _>>()?,
+                Vec::new(),
+            )
+        }
+    };
+    let neighbour = host
+        .spawn(image, blk_config(disk, args))
+        .map_err(BenchError::Spawn)?;
+    for (mode, guest) in ATTACKS.iter().zip(wave) {
+        let report = guest.wait();
+        if !matches!(report.end, GuestEnd::Crashed(Crash::Device { .. })) {
+            return Err(unexpected(mode, report));
+        }
+    }
+    let run = parse_run("bench", neighbour.wait())?;
+    for guest in company {
+        if guest.try_end().is_some() {
+            return Err(unexpected("company", guest.wait()));
+        }
+    }
+    Ok(guest_figures(&run)?.mib_s)
 }

@@ -126,6 +126,12 @@ fn run_guest_with(
     config: GuestConfig,
 ) -> Result<Run, BenchError> {
     let report = host.spawn(image, config).map_err(BenchError::Spawn)?.wait();
+    parse_run(mode, report)
+}
+
+/// The `result MODE N NANOS` line of a bench-style guest's report, with
+/// its counters; an error if the guest failed or printed none.
+fn parse_run(mode: &str, report: crate::GuestReport) -> Result<Run, BenchError> {
     let text = report.console_text();
     let parsed = text.lines().find_map(|line| {
         let mut words = line.strip_prefix("result ")?.split_whitespace();

@@ -32,7 +32,7 @@ use shoal_abi::device::{FLAG_READ_ONLY, KIND_BLOCK, NOTIFY_PORT, QUEUE_SIZE_MAX,
 use shoal_abi::hypercall::{DeviceInfo, QueueSetup};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Chains one slot serves in a turn before the device thread moves on.
@@ -41,10 +41,15 @@ pub const TURN_CHAINS: usize = 32;
 /// turn ends early.
 pub const TURN_COST: u64 = 4 << 20;
 
-/// Notifications a second that find nothing to do before the guest is
-/// stopped for a notification storm. A guest that follows the event index
-/// sends a needless one only when it races the host's re-arming.
-pub const STORM_LIMIT: u64 = 20_000;
+/// Notifications that find nothing to do, in one [`STORM_WINDOW`], before
+/// the guest is stopped for a notification storm (20,000 a second, counted
+/// over a tenth of a second so that a storm ends soon). A guest that
+/// follows the event index sends a needless one only when it races the
+/// host's re-arming.
+pub const STORM_LIMIT: u64 = 2_000;
+
+/// The window [`STORM_LIMIT`] counts over: 100 ms.
+pub const STORM_WINDOW: Duration = Duration::from_millis(100);
 
 /// Why a guest's devices could not be attached.
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +179,8 @@ impl Slot {
             state.retire();
             drop(state);
             self.stop(format!(
-                "notification storm: more than {STORM_LIMIT} notifications with nothing to do in one second"
+                "notification storm: more than {STORM_LIMIT} notifications with nothing to do in {} ms",
+                    STORM_WINDOW.as_millis()
             ));
             return Turn::Done;
         }
@@ -276,7 +282,7 @@ impl Devices {
                 state: Mutex::new(SlotState {
                     ring: None,
                     gone: false,
-                    storm: RateWindow::new(STORM_LIMIT),
+                    storm: RateWindow::per(STORM_LIMIT, STORM_WINDOW.as_nanos() as u64),
                 }),
             });
             parts.io.watch(&slot)?;

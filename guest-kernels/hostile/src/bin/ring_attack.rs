@@ -10,6 +10,11 @@
 //! available index a queue and more ahead), `cut` (a chain with no status
 //! byte), `storm` (notifications with nothing to do, without end).
 //!
+//! `storm RATE [DURATION]` notifies with nothing to do RATE times a
+//! second, in 1 ms bursts, for DURATION (default `2s`), and exits 0 if the
+//! host has let it: a rate under the host's storm limit is a noisy
+//! neighbour, not an attack.
+//!
 //! `setup` instead checks that `queue_setup` refuses bad rings and exits
 //! 0 when it does.
 #![no_std]
@@ -19,7 +24,7 @@ use shoal_guest::abi::HypercallError;
 use shoal_guest::abi::device::{DESC_INDIRECT, DESC_NEXT, DESC_WRITE, Descriptor, desc_table_len};
 use shoal_guest::abi::hypercall::QueueSetup;
 use shoal_guest::hypercall::{self, Error};
-use shoal_guest::{boot, mmu, println, virtq};
+use shoal_guest::{boot, mmu, println, time, virtq};
 
 shoal_guest::entry!(main);
 
@@ -227,17 +232,44 @@ fn attack(mode: &str) -> bool {
     true
 }
 
+/// Notifications with nothing to do, `rate` a second for `nanos`.
+fn storm_at(rate: u64, nanos: u64) -> i32 {
+    let _queue = Raw::new();
+    let per_tick = rate / 1000;
+    let start = time::monotonic_ns();
+    let mut tick = start;
+    while tick - start < nanos {
+        for _ in 0..per_tick {
+            virtq::notify(0);
+        }
+        tick += 1_000_000;
+        shoal_guest::event::wait_any(0, tick);
+    }
+    println!("storm at {rate}/s not stopped");
+    0
+}
+
 fn main() -> i32 {
     let mode = boot::args().next().unwrap_or("loop");
     if mode == "setup" {
         return setup_refusals();
+    }
+    if let (Some(rate), "storm") = (boot::args().nth(1), mode) {
+        let duration = boot::args().nth(2).unwrap_or("2s");
+        return match time::parse_duration_ns(duration) {
+            Some(nanos) => storm_at(rate.parse().unwrap_or(0), nanos),
+            None => {
+                println!("bad duration {duration}");
+                2
+            }
+        };
     }
     println!("sending {mode}");
     if !attack(mode) {
         println!("unknown mode {mode}");
         return 2;
     }
-    shoal_guest::time::sleep(core::time::Duration::from_secs(5));
+    time::sleep(core::time::Duration::from_secs(5));
     println!("not stopped");
     3
 }
