@@ -67,12 +67,20 @@ const GUESTS: &[(&str, &str)] = &[
         "hostile: bad trap tables, forged trap returns, a faulting handler",
     ),
     (
+        "net-attack",
+        "sends frames the LAN must drop (short, long, writable, offloads, spoofed, to a guest gone) and one good one",
+    ),
+    (
         "ring-attack",
         "hostile: breaks its disk's ring (loop, index, next, outside, past-end, rings, huge, indirect, ahead, cut, storm; setup: bad queue_setup calls)",
     ),
     (
         "residue",
         "leaves a secret behind (write) or looks for one (check)",
+    ),
+    (
+        "ping",
+        "two guests on a virtual LAN exchange frames (reply; send N SIZE WINDOW) and measure round trips",
     ),
 ];
 

@@ -26,6 +26,15 @@
 //! The block device speaks virtio-blk: each request is a chain of a
 //! [`BlkHeader`] (device-readable), data buffers (device-writable for
 //! reads, readable for writes) and one status byte (device-writable, last).
+//!
+//! The network device speaks virtio-net without offloads: queue
+//! [`NET_RX`] holds device-writable chains the host fills with one
+//! received frame each, queue [`NET_TX`] device-readable chains of one
+//! frame to send; every chain starts with a [`NetHeader`] (all zero on
+//! transmit; on receive the host writes it with `num_buffers` 1). Frames
+//! are Ethernet frames of 14 to [`FRAME_MAX`] bytes without the checksum.
+//! The host gives each guest a MAC address ([`guest_mac`]) and drops, and
+//! counts, frames that claim another source.
 
 use core::mem::{offset_of, size_of};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -37,6 +46,89 @@ pub const NOTIFY_PORT: u16 = 0x508;
 
 /// `DeviceInfo::kind`: a block device.
 pub const KIND_BLOCK: u32 = 1;
+
+/// `DeviceInfo::kind`: a network device (two queues, [`NET_RX`] and
+/// [`NET_TX`]).
+pub const KIND_NET: u32 = 2;
+
+/// The network device's receive queue.
+pub const NET_RX: u32 = 0;
+/// The network device's transmit queue.
+pub const NET_TX: u32 = 1;
+
+/// Largest Ethernet frame (header and payload, no checksum).
+pub const FRAME_MAX: u32 = 1514;
+/// Smallest frame: an Ethernet header.
+pub const FRAME_MIN: u32 = 14;
+
+/// The first three bytes of every MAC address the host gives a guest
+/// (locally administered, unicast).
+pub const MAC_PREFIX: [u8; 3] = [0x02, 0x73, 0x68];
+
+/// The MAC address of the host's own end of every virtual LAN (port
+/// forwards), `02:73:68:00:00:01`; its IPv4 address is [`GATEWAY_IPV4`].
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x73, 0x68, 0, 0, 1];
+/// The host's IPv4 address on every virtual LAN.
+pub const GATEWAY_IPV4: [u8; 4] = [10, 0, 0, 1];
+
+/// The MAC address of guest `id`: [`MAC_PREFIX`] and the low 24 bits of
+/// `id + 16` (the first 16 are the host's own).
+pub const fn guest_mac(id: u64) -> [u8; 6] {
+    let n = (id + 16) & 0xff_ffff;
+    [
+        MAC_PREFIX[0],
+        MAC_PREFIX[1],
+        MAC_PREFIX[2],
+        (n >> 16) as u8,
+        (n >> 8) as u8,
+        n as u8,
+    ]
+}
+
+/// The IPv4 address that goes with a host-given MAC address on a virtual
+/// LAN (`10.0.0.0/8`): 10 and its last three bytes.
+pub const fn ipv4_of(mac: [u8; 6]) -> [u8; 4] {
+    [10, mac[3], mac[4], mac[5]]
+}
+
+/// The MAC address in `DeviceInfo::capacity` of a network device.
+pub const fn mac_from_capacity(capacity: u64) -> [u8; 6] {
+    let b = capacity.to_le_bytes();
+    [b[0], b[1], b[2], b[3], b[4], b[5]]
+}
+
+/// `DeviceInfo::capacity` of a network device with `mac`.
+pub const fn mac_to_capacity(mac: [u8; 6]) -> u64 {
+    u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0])
+}
+
+/// The virtio-net header (version 1, 12 bytes) that starts every chain of
+/// the network queues. No offloads: on transmit it must be all zero, on
+/// receive the host writes zeros and `num_buffers` 1.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct NetHeader {
+    /// Zero (no checksum offload).
+    pub flags: u8,
+    /// Zero (no segmentation offload).
+    pub gso_type: u8,
+    /// Zero.
+    pub hdr_len: u16,
+    /// Zero.
+    pub gso_size: u16,
+    /// Zero.
+    pub csum_start: u16,
+    /// Zero.
+    pub csum_offset: u16,
+    /// Receive: 1. Transmit: zero.
+    pub num_buffers: u16,
+}
+const _: () = assert!(size_of::<NetHeader>() == 12);
+
+/// Bytes of [`NetHeader`].
+pub const NET_HEADER_LEN: u32 = 12;
 
 /// `DeviceInfo::flags`: the device refuses writes.
 pub const FLAG_READ_ONLY: u32 = 1;

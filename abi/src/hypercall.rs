@@ -567,18 +567,22 @@ impl Hypercall for Multicall {
 pub struct DeviceInfo {
     /// The device's index.
     pub index: u32,
-    /// Out: [`crate::device::KIND_BLOCK`].
+    /// Out: [`crate::device::KIND_BLOCK`] or [`crate::device::KIND_NET`].
     pub kind: u32,
     /// Out: [`crate::device::FLAG_READ_ONLY`].
     pub flags: u32,
     /// Out: the largest queue size the device accepts.
     pub queue_max: u32,
-    /// Out: the device's size (block: in 512-byte sectors).
+    /// Out: the device's size (block: in 512-byte sectors) or address
+    /// (network: the MAC address, its first byte lowest,
+    /// [`crate::device::mac_from_capacity`]).
     pub capacity: u64,
-    /// Out: most data bytes one request may carry.
+    /// Out: most data bytes one request may carry (network: the largest
+    /// frame, [`crate::device::FRAME_MAX`]).
     pub request_max: u32,
-    /// Must be zero.
-    pub _pad: u32,
+    /// In: zero. Out: how many queues the device has (block 1, network
+    /// 2: receive and transmit).
+    pub queues: u32,
 }
 const _: () = assert!(size_of::<DeviceInfo>() == 32);
 impl Hypercall for DeviceInfo {
@@ -589,7 +593,7 @@ impl Hypercall for DeviceInfo {
 /// `size` descriptors at these guest-physical addresses, with the event
 /// index on, and raises event `event` when it has used buffers. Returns 0.
 ///
-/// `Invalid`: no such device, its queue is already set up, `size` not a
+/// `Invalid`: no such device or queue, the queue is already set up, `size` not a
 /// power of two up to `queue_max`, a part misaligned (descriptors 16
 /// bytes, available ring 2, used ring 4), parts overlapping, or `event`
 /// not below 64. `Fault`: a part outside guest-owned memory.
@@ -610,8 +614,9 @@ pub struct QueueSetup {
     pub used: u64,
     /// The event raised for used buffers.
     pub event: u32,
-    /// Must be zero.
-    pub _pad: u32,
+    /// Which of the device's queues (block: 0; network:
+    /// [`crate::device::NET_RX`] or [`crate::device::NET_TX`]).
+    pub queue: u32,
 }
 const _: () = assert!(size_of::<QueueSetup>() == 40);
 impl Hypercall for QueueSetup {

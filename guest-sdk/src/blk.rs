@@ -156,7 +156,7 @@ impl Disk {
         let meta = crate::mmu::take_low(
             (IN_FLIGHT_MAX * size_of::<Meta>()).div_ceil(PAGE_SIZE as usize) as u64,
         )? as *mut Meta;
-        let queue = Virtq::new(index, size, EVENT_BASE + index)?;
+        let queue = Virtq::new(index, 0, size, EVENT_BASE + index)?;
         Ok(Self {
             info,
             queue,

@@ -24,7 +24,8 @@
 //! a heap that grows by mapping frames serves `alloc` ([`heap`]).
 //!
 //! Disks the host gives the guest are driven through virtio rings with
-//! [`blk`] (built on [`virtq`]), without an exit per request.
+//! [`blk`] (built on [`virtq`]), without an exit per request; a virtual
+//! LAN's network device with [`net`], the same way.
 //!
 //! Everything privileged goes through hypercalls ([`hypercall`]), including
 //! a raw escape hatch ([`hypercall::raw`]) for ABI experiments.
@@ -37,6 +38,7 @@ pub mod event;
 pub mod heap;
 pub mod hypercall;
 pub mod mmu;
+pub mod net;
 pub mod time;
 pub mod trap;
 pub mod virtq;

@@ -55,10 +55,10 @@ pub struct Virtq {
 }
 
 impl Virtq {
-    /// Sets up a queue of `size` descriptors (a power of two up to the
-    /// device's `queue_max`) for `device`, whose used chains raise
+    /// Sets up queue `queue` of `device` with `size` descriptors (a power
+    /// of two up to the device's `queue_max`), whose used chains raise
     /// `event`.
-    pub fn new(device: u32, size: u16, event: u32) -> Result<Self, Error> {
+    pub fn new(device: u32, queue: u32, size: u16, event: u32) -> Result<Self, Error> {
         let n = u32::from(size);
         let desc_len = desc_table_len(n);
         let avail_at = desc_len;
@@ -83,7 +83,7 @@ impl Virtq {
             avail: base + avail_at,
             used: base + used_at,
             event,
-            _pad: 0,
+            queue,
         })?;
         Ok(Self {
             device,
@@ -187,6 +187,12 @@ impl Virtq {
         }
         self.free_head = head;
         Some((head, elem.len))
+    }
+
+    /// Whether the host used a chain [`Virtq::pop_used`] has not
+    /// returned yet.
+    pub fn has_used(&self) -> bool {
+        self.used_word(1) != self.last_used
     }
 
     /// Asks for the queue's event when the host uses the next chain.

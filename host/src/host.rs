@@ -44,6 +44,10 @@ pub struct GuestConfig {
     pub forget: Forget,
     /// The guest's disks: device `i` is `disks[i]`.
     pub disks: Vec<DiskSpec>,
+    /// The virtual LAN the guest's network device is on (the device after
+    /// the disks), if any. Guests of one host on LANs of the same name
+    /// share the LAN.
+    pub net: Option<String>,
 }
 
 impl Default for GuestConfig {
@@ -57,6 +61,7 @@ impl Default for GuestConfig {
             trapped_page_tables: false,
             forget: Forget::default(),
             disks: Vec::new(),
+            net: None,
         }
     }
 }
@@ -153,7 +158,7 @@ pub struct Host {
 
 #[derive(Debug)]
 enum Engine {
-    Local(Local),
+    Local(Box<Local>),
     Sharded(Shards),
 }
 
@@ -168,7 +173,7 @@ impl Host {
     /// supervisor that starts its first shard at the first spawn.
     pub fn with_config(config: HostConfig) -> Result<Self, HostError> {
         let engine = match config.shard_size {
-            None => Engine::Local(Local::start(&config)?),
+            None => Engine::Local(Box::new(Local::start(&config)?)),
             Some(size) => Engine::Sharded(Shards::new(config, size)),
         };
         Ok(Self {

@@ -55,4 +55,4 @@ pub use host::{
 };
 pub use limits::{Limit, Limits};
 pub use loader::{Image, LoadError};
-pub use stats::{ExitReason, StatsSnapshot};
+pub use stats::{ExitReason, FrameCounts, StatsSnapshot};

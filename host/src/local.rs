@@ -4,7 +4,7 @@
 
 use crate::console::Console;
 use crate::control::{EndHook, GuestControl};
-use crate::device::{DeviceError, DeviceParts, DiskSpec, Disks, IoThread, Owner};
+use crate::device::{DeviceError, DeviceParts, Disks, IoThread, Lans, Owner};
 use crate::guest::{Guest, GuestParts, SpawnError};
 use crate::host::{GuestConfig, HostConfig, HostError};
 use crate::kvm::GuestRam;
@@ -26,6 +26,8 @@ pub(crate) struct Local {
     sched: Scheduler,
     /// Disks open in this process (read-only ones shared).
     disks: Disks,
+    /// Virtual LANs with a guest of this process on them.
+    lans: Lans,
     /// The device thread, started with the first guest that has a device.
     io: Mutex<Option<Arc<IoThread>>>,
     /// Every guest not yet known to be over, for `drop`; ended ones are
@@ -53,6 +55,7 @@ impl Local {
             templates: Templates::default(),
             sched,
             disks: Disks::default(),
+            lans: Lans::default(),
             io: Mutex::default(),
             live: Mutex::default(),
         })
@@ -83,10 +86,10 @@ impl Local {
         &self,
         id: u64,
         image: &Image,
-        config: GuestConfig,
+        mut config: GuestConfig,
         relay_end: Option<EndHook>,
     ) -> Result<(Arc<GuestControl>, SchedulerRef), SpawnError> {
-        let console = Arc::new(match (&relay_end, config.console_sink) {
+        let console = Arc::new(match (&relay_end, config.console_sink.take()) {
             (Some(_), Some(sink)) => Console::streaming(id, config.console_limit, sink),
             (_, sink) => Console::new(id, config.console_limit, sink),
         });
@@ -103,7 +106,7 @@ impl Local {
             Arc::clone(&stats),
             config.limits,
         ));
-        let devices = self.devices(&config.disks, &control)?;
+        let devices = self.devices(&config, &control)?;
         let guest = Guest::create(
             shell,
             self.toolstack.scale(),
@@ -139,16 +142,18 @@ impl Local {
         Ok((control, self.sched.handle()))
     }
 
-    /// Opens the disks of a guest, with the device thread to serve them.
+    /// Opens the disks of a guest and finds its LAN, with the device
+    /// thread to serve them.
     fn devices(
         &self,
-        disks: &[DiskSpec],
+        config: &GuestConfig,
         control: &Arc<GuestControl>,
     ) -> Result<Option<DeviceParts>, SpawnError> {
-        if disks.is_empty() {
+        if config.disks.is_empty() && config.net.is_none() {
             return Ok(None);
         }
-        let disks = disks
+        let disks = config
+            .disks
             .iter()
             .map(|spec| self.disks.open(spec))
             .collect::<Result<Vec<_>, _>>()
@@ -160,8 +165,15 @@ impl Local {
                 None => Arc::clone(io.insert(IoThread::start().map_err(DeviceError::from)?)),
             }
         };
+        let net = config.net.as_ref().map(|name| {
+            (
+                self.lans.join(name),
+                shoal_abi::device::guest_mac(control.id),
+            )
+        });
         Ok(Some(DeviceParts {
             disks,
+            net,
             io,
             owner: Owner {
                 control: Arc::clone(control),

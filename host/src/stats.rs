@@ -78,6 +78,7 @@ pub struct GuestStats {
     slot_moves: AtomicU64,
     notifications: AtomicU64,
     device_requests: AtomicU64,
+    frames: [AtomicU64; 4],
     /// Host address and size of the guest's RAM while it exists (0: none).
     ram_addr: AtomicU64,
     ram_len: AtomicU64,
@@ -104,11 +105,41 @@ impl Default for GuestStats {
             slot_moves: AtomicU64::new(0),
             notifications: AtomicU64::new(0),
             device_requests: AtomicU64::new(0),
+            frames: Default::default(),
             ram_addr: AtomicU64::new(0),
             ram_len: AtomicU64::new(0),
             resident_at_end: AtomicU64::new(0),
         }
     }
+}
+
+/// A guest's frames on its virtual LAN.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FrameCounts {
+    /// Frames it sent that the LAN forwarded.
+    pub sent: u64,
+    /// Frames put in its receive buffers.
+    pub received: u64,
+    /// Frames it sent that the LAN dropped: not a frame (bad length,
+    /// offloads asked for, device-writable), another source address, over
+    /// its frame rate, or for a guest that is gone.
+    pub dropped: u64,
+    /// Frames for it that were dropped: its backlog was full, or a receive
+    /// buffer could not hold one.
+    pub missed: u64,
+}
+
+/// Which [`FrameCounts`] counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameCount {
+    /// [`FrameCounts::sent`].
+    Sent,
+    /// [`FrameCounts::received`].
+    Received,
+    /// [`FrameCounts::dropped`].
+    Dropped,
+    /// [`FrameCounts::missed`].
+    Missed,
 }
 
 /// A snapshot of [`GuestStats`].
@@ -158,6 +189,8 @@ pub struct StatsSnapshot {
     pub notifications: u64,
     /// Device requests (descriptor chains) the host completed.
     pub device_requests: u64,
+    /// Frames on the guest's virtual LAN.
+    pub frames: FrameCounts,
     /// Guest RAM size, in bytes.
     pub memory_bytes: u64,
     /// Bytes of guest RAM resident in host memory: pages the guest
@@ -272,6 +305,13 @@ impl GuestStats {
         }
     }
 
+    /// `n` frames of `kind`.
+    pub fn count_frames(&self, kind: FrameCount, n: u64) {
+        if n > 0 {
+            self.frames[kind as usize].fetch_add(n, Relaxed);
+        }
+    }
+
     /// Watches the guest's RAM for [`StatsSnapshot::resident_bytes`].
     pub fn watch_memory(&self, ram: &GuestRam) {
         self.ram_len.store(ram.size(), Relaxed);
@@ -306,6 +346,12 @@ impl GuestStats {
             slot_moves: self.slot_moves.load(Relaxed),
             notifications: self.notifications.load(Relaxed),
             device_requests: self.device_requests.load(Relaxed),
+            frames: FrameCounts {
+                sent: self.frames[FrameCount::Sent as usize].load(Relaxed),
+                received: self.frames[FrameCount::Received as usize].load(Relaxed),
+                dropped: self.frames[FrameCount::Dropped as usize].load(Relaxed),
+                missed: self.frames[FrameCount::Missed as usize].load(Relaxed),
+            },
             memory_bytes: self.ram_len.load(Relaxed),
             resident_bytes: match self.ram_addr.load(Acquire) {
                 0 => self.resident_at_end.load(Relaxed),

@@ -95,6 +95,12 @@ struct RunArgs {
     /// guest's index.
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     disks: Vec<DiskSpec>,
+    /// Put every guest on the virtual LAN NAME: each gets a network device
+    /// (after its disks) with its own MAC address (`02:73:68:..`) and, by
+    /// convention, IPv4 address (`10.x.y.z`). Guests on a LAN run in this
+    /// process (no shards).
+    #[arg(long, value_name = "NAME")]
+    net: Option<String>,
     /// A guest ELF file, or the name of a built-in guest (see `shoal list`).
     kernel: String,
     /// Arguments passed to the guest (after `--`).
@@ -135,6 +141,7 @@ impl RunArgs {
                     read_only: disk.read_only,
                 })
                 .collect(),
+            net: self.net.clone(),
         }
     }
 }

@@ -2,10 +2,10 @@
 //! thread of the host process, with notifications that stay in the kernel
 //! on the guest's side (see [`shoal_abi::device`] for the guest's view).
 //!
-//! Each device of a guest is a [`Slot`]: its disk, an eventfd that KVM
+//! Each device of a guest is a [`Slot`]: its disk or LAN port, an eventfd that KVM
 //! signals when the guest writes the device's index to the notification
 //! port (an ioeventfd: the vCPU's exit never leaves the kernel), and, once
-//! the guest called `queue_setup`, its [`Ring`]. The device thread
+//! the guest called `queue_setup`, its [`Ring`]s. The device thread
 //! ([`IoThread`]) waits on every slot's eventfd, serves a slot's ring a
 //! bounded turn at a time so that no guest holds it up for the others, and
 //! raises the queue's event when the guest asked to hear of used buffers.
@@ -15,10 +15,12 @@
 
 mod disk;
 mod io;
+pub mod net;
 pub mod ring;
 
 pub use disk::{Disk, DiskError, DiskSpec, Disks, FLUSH_COST, Served};
 pub use io::IoThread;
+pub use net::{Lan, Lans, Mac};
 
 use crate::control::GuestControl;
 use crate::end::Crash;
@@ -26,10 +28,15 @@ use crate::kvm::Vm;
 use crate::kvm::memory::GuestRam;
 use crate::limits::RateWindow;
 use crate::sched::SchedulerRef;
+use crate::stats::FrameCount;
 use ring::{Ring, RingError};
 use shoal_abi::HypercallError;
-use shoal_abi::device::{FLAG_READ_ONLY, KIND_BLOCK, NOTIFY_PORT, QUEUE_SIZE_MAX, REQUEST_MAX};
+use shoal_abi::device::{
+    FLAG_READ_ONLY, FRAME_MAX, KIND_BLOCK, KIND_NET, NET_RX, NET_TX, NOTIFY_PORT, QUEUE_SIZE_MAX,
+    REQUEST_MAX, mac_to_capacity,
+};
 use shoal_abi::hypercall::{DeviceInfo, QueueSetup};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -78,6 +85,8 @@ pub struct Owner {
 pub struct DeviceParts {
     /// Its disks, device `i` being `disks[i]`.
     pub disks: Vec<Arc<Disk>>,
+    /// Its network device (after the disks): the LAN and its address.
+    pub net: Option<(Arc<Lan>, Mac)>,
     /// The process's device thread.
     pub io: Arc<IoThread>,
     /// The guest.
@@ -98,7 +107,7 @@ pub struct Slot {
     /// The device thread's name for it.
     token: u64,
     index: u32,
-    disk: Arc<Disk>,
+    backend: Backend,
     notify: EventFd,
     owner: Owner,
     /// In the device thread's run queue.
@@ -109,20 +118,57 @@ pub struct Slot {
     state: Mutex<SlotState>,
 }
 
+/// What a device is.
+#[derive(Debug)]
+enum Backend {
+    /// A disk (one queue).
+    Disk(Arc<Disk>),
+    /// A port on a virtual LAN (receive and transmit queues).
+    Net(net::Port),
+}
+
+impl Backend {
+    fn queues(&self) -> u32 {
+        match self {
+            Backend::Disk(_) => 1,
+            Backend::Net(_) => 2,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct SlotState {
-    ring: Option<Ring>,
+    /// The device's queues, once set up (a disk uses the first).
+    rings: [Option<Ring>; 2],
     /// Detached, or the guest was stopped: serve nothing more.
     gone: bool,
     storm: RateWindow,
+    /// Network: frames waiting for receive buffers.
+    backlog: VecDeque<Vec<u8>>,
+    /// Network: frames sent in the current window.
+    sent: RateWindow,
 }
 
 impl SlotState {
     /// Serves nothing more.
     fn retire(&mut self) {
         self.gone = true;
-        self.ring = None;
+        self.rings = [None, None];
+        self.backlog.clear();
     }
+}
+
+/// What one turn did.
+#[derive(Debug, Default)]
+struct TurnDone {
+    /// Chains used.
+    used: u64,
+    /// More chains are waiting.
+    more: bool,
+    /// The events to raise.
+    raise: u64,
+    /// Network: frames to forward.
+    outbox: Vec<Vec<u8>>,
 }
 
 /// Whether a slot has more work after its turn.
@@ -156,18 +202,18 @@ impl Slot {
         if state.gone {
             return Turn::Done;
         }
-        let outcome = match state.ring.as_mut() {
-            Some(ring) => {
-                let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
-                // A host bug on a guest's request stops that guest, not
-                // the thread that serves every guest's devices.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.turn(ring)))
-                    .unwrap_or(Err(RingError::HostPanic))
-            }
-            None => Ok((0, Turn::Done, false)),
+        let outcome = {
+            let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
+            // A host bug on a guest's request stops that guest, not the
+            // thread that serves every guest's devices.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &self.backend {
+                Backend::Disk(disk) => self.disk_turn(disk, &mut state),
+                Backend::Net(port) => self.net_turn(port, &mut state),
+            }))
+            .unwrap_or(Err(RingError::HostPanic))
         };
-        let (used, turn, raise) = match outcome {
-            Ok(outcome) => outcome,
+        let done = match outcome {
+            Ok(done) => done,
             Err(error) => {
                 state.retire();
                 drop(state);
@@ -175,6 +221,7 @@ impl Slot {
                 return Turn::Done;
             }
         };
+        let used = done.used;
         if used == 0 && notifications > 0 && !state.storm.allow_n(notifications, now_ns()) {
             state.retire();
             drop(state);
@@ -184,45 +231,166 @@ impl Slot {
             ));
             return Turn::Done;
         }
-        let event = state.ring.as_ref().map_or(0, |ring| ring.event);
         drop(state);
         self.owner.control.stats.count_device_requests(used);
-        if raise {
-            self.owner
-                .sched
-                .raise_events(&self.owner.control, 1 << event);
+        self.raise(done.raise);
+        if let Backend::Net(port) = &self.backend {
+            self.forward(port, done.outbox);
         }
-        turn
+        if done.more { Turn::More } else { Turn::Done }
     }
 
-    /// One turn on `ring`: chains used, whether more are left, whether the
-    /// guest wants its event.
-    fn turn(&self, ring: &mut Ring) -> Result<(u64, Turn, bool), RingError> {
-        let mut used = 0;
+    fn raise(&self, events: u64) {
+        if events != 0 {
+            self.owner.sched.raise_events(&self.owner.control, events);
+        }
+    }
+
+    /// One turn of a disk: serves its queue.
+    fn disk_turn(&self, disk: &Disk, state: &mut SlotState) -> Result<TurnDone, RingError> {
+        let Some(ring) = state.rings[0].as_mut() else {
+            return Ok(TurnDone::default());
+        };
+        let mut done = TurnDone::default();
         let mut cost = 0;
         let spent = |used: u64, cost: u64| used as usize >= TURN_CHAINS || cost >= TURN_COST;
-        let turn = loop {
+        loop {
             while let Some(chain) = ring.pop()? {
-                let served = self
-                    .disk
+                let served = disk
                     .serve(ring.mem(), &chain)
                     .ok_or(RingError::Unanswerable(chain.head))?;
                 ring.complete(chain.head, served.written)?;
-                used += 1;
+                done.used += 1;
                 cost += served.cost;
-                if spent(used, cost) {
+                if spent(done.used, cost) {
                     break;
                 }
             }
-            if spent(used, cost) {
-                break Turn::More;
+            if spent(done.used, cost) {
+                done.more = true;
+                break;
             }
             if !ring.rearm()? {
-                break Turn::Done;
+                break;
             }
+        }
+        if done.used > 0 && ring.wants_event()? {
+            done.raise = 1 << ring.event;
+        }
+        Ok(done)
+    }
+
+    /// One turn of a network device: waiting frames into its receive
+    /// buffers, then up to [`TURN_CHAINS`] frames off its transmit queue
+    /// (checked and copied out, to forward once the slot is unlocked).
+    fn net_turn(&self, port: &net::Port, state: &mut SlotState) -> Result<TurnDone, RingError> {
+        let mut done = TurnDone::default();
+        let (received, missed, raise) = net::fill_rx(state)?;
+        self.count_received(received, missed);
+        done.used += received + missed;
+        if raise {
+            done.raise |= state.rings[NET_RX as usize]
+                .as_ref()
+                .map_or(0, |r| 1 << r.event);
+        }
+        let SlotState { rings, sent, .. } = state;
+        let Some(tx) = rings[NET_TX as usize].as_mut() else {
+            return Ok(done);
         };
-        let raise = used > 0 && ring.wants_event()?;
-        Ok((used, turn, raise))
+        let mut dropped = 0;
+        let mut taken = 0;
+        loop {
+            while let Some(chain) = tx.pop()? {
+                let frame = net::read_frame(tx.mem(), &chain, port.mac);
+                tx.complete(chain.head, 0)?;
+                taken += 1;
+                match frame {
+                    Ok(frame) if sent.allow(now_ns()) => done.outbox.push(frame),
+                    _ => dropped += 1,
+                }
+                if taken >= TURN_CHAINS {
+                    break;
+                }
+            }
+            if taken >= TURN_CHAINS {
+                done.more = true;
+                break;
+            }
+            if !tx.rearm()? {
+                break;
+            }
+        }
+        done.used += taken as u64;
+        if taken > 0 && tx.wants_event()? {
+            done.raise |= 1 << tx.event;
+        }
+        self.owner
+            .control
+            .stats
+            .count_frames(FrameCount::Dropped, dropped);
+        Ok(done)
+    }
+
+    fn count_received(&self, received: u64, missed: u64) {
+        let stats = &self.owner.control.stats;
+        stats.count_frames(FrameCount::Received, received);
+        stats.count_frames(FrameCount::Missed, missed);
+    }
+
+    /// Forwards the frames of a turn over the port's LAN.
+    fn forward(&self, port: &net::Port, outbox: Vec<Vec<u8>>) {
+        let (mut sent, mut dropped) = (0, 0);
+        for frame in outbox {
+            if port.lan.forward(self, &frame).undeliverable {
+                dropped += 1;
+            } else {
+                sent += 1;
+            }
+        }
+        let stats = &self.owner.control.stats;
+        stats.count_frames(FrameCount::Sent, sent);
+        stats.count_frames(FrameCount::Dropped, dropped);
+    }
+
+    /// A frame from the LAN: into a receive buffer, or the backlog until
+    /// there is one. Called by the device thread only.
+    fn receive(&self, frame: &[u8]) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.gone || state.rings[NET_RX as usize].is_none() {
+            drop(state);
+            self.count_received(0, 1);
+            return;
+        }
+        if state.backlog.len() >= net::BACKLOG_MAX {
+            drop(state);
+            self.count_received(0, 1);
+            return;
+        }
+        state.backlog.push_back(frame.to_vec());
+        let outcome = {
+            let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| net::fill_rx(&mut state)))
+                .unwrap_or(Err(RingError::HostPanic))
+        };
+        match outcome {
+            Ok((received, missed, raise)) => {
+                let event = state.rings[NET_RX as usize].as_ref().map_or(0, |r| r.event);
+                drop(state);
+                self.count_received(received, missed);
+                self.owner
+                    .control
+                    .stats
+                    .count_device_requests(received + missed);
+                if raise {
+                    self.raise(1 << event);
+                }
+            }
+            Err(error) => {
+                state.retire();
+                drop(state);
+                self.stop(error.to_string());
+            }
+        }
     }
 
     fn stop(&self, reason: String) {
@@ -236,6 +404,9 @@ impl Slot {
 
     /// Stops serving: the guest's RAM is about to go.
     fn detach(&self) {
+        if let Backend::Net(port) = &self.backend {
+            port.lan.detach(port.mac);
+        }
         self.state
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -263,29 +434,39 @@ impl Devices {
     /// watched by the device thread.
     pub fn attach(parts: DeviceParts, vm: &Vm) -> Result<Self, DeviceError> {
         let mut devices = Self {
-            slots: Vec::with_capacity(parts.disks.len()),
+            slots: Vec::with_capacity(parts.disks.len() + 1),
             io: Some(Arc::clone(&parts.io)),
             gate: Arc::default(),
         };
-        for (index, disk) in parts.disks.into_iter().enumerate() {
+        let backends = parts.disks.into_iter().map(Backend::Disk).chain(
+            parts
+                .net
+                .map(|(lan, mac)| Backend::Net(net::Port { mac, lan })),
+        );
+        for (index, backend) in backends.enumerate() {
             let index = index as u32;
             let notify = EventFd::new(EFD_NONBLOCK)?;
             vm.notify_on(&notify, NOTIFY_PORT, index)?;
             let slot = Arc::new(Slot {
                 token: parts.io.token(),
                 index,
-                disk,
+                backend,
                 notify,
                 owner: parts.owner.clone(),
                 queued: AtomicBool::new(false),
                 gate: Arc::clone(&devices.gate),
                 state: Mutex::new(SlotState {
-                    ring: None,
+                    rings: [None, None],
                     gone: false,
                     storm: RateWindow::per(STORM_LIMIT, STORM_WINDOW.as_nanos() as u64),
+                    backlog: VecDeque::new(),
+                    sent: RateWindow::per(net::FRAME_LIMIT, net::FRAME_WINDOW.as_nanos() as u64),
                 }),
             });
             parts.io.watch(&slot)?;
+            if let Backend::Net(port) = &slot.backend {
+                port.lan.attach(port.mac, &slot);
+            }
             devices.slots.push(slot);
         }
         Ok(devices)
@@ -300,18 +481,26 @@ impl Devices {
     /// `device_info` for device `index`.
     pub fn info(&self, index: u32) -> Option<DeviceInfo> {
         let slot = self.slots.get(index as usize)?;
-        Some(DeviceInfo {
-            index,
-            kind: KIND_BLOCK,
-            flags: if slot.disk.read_only() {
-                FLAG_READ_ONLY
-            } else {
-                0
+        let queues = slot.backend.queues();
+        Some(match &slot.backend {
+            Backend::Disk(disk) => DeviceInfo {
+                index,
+                kind: KIND_BLOCK,
+                flags: if disk.read_only() { FLAG_READ_ONLY } else { 0 },
+                queue_max: QUEUE_SIZE_MAX,
+                capacity: disk.sectors(),
+                request_max: REQUEST_MAX,
+                queues,
             },
-            queue_max: QUEUE_SIZE_MAX,
-            capacity: slot.disk.sectors(),
-            request_max: REQUEST_MAX,
-            _pad: 0,
+            Backend::Net(port) => DeviceInfo {
+                index,
+                kind: KIND_NET,
+                flags: 0,
+                queue_max: QUEUE_SIZE_MAX,
+                capacity: mac_to_capacity(port.mac),
+                request_max: FRAME_MAX,
+                queues,
+            },
         })
     }
 
@@ -321,11 +510,15 @@ impl Devices {
             .slots
             .get(setup.device as usize)
             .ok_or(HypercallError::Invalid)?;
-        let mut state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.ring.is_some() || state.gone {
+        if setup.queue >= slot.backend.queues() {
             return Err(HypercallError::Invalid);
         }
-        state.ring = Some(Ring::new(ram, setup)?);
+        let mut state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = setup.queue as usize;
+        if state.rings[queue].is_some() || state.gone {
+            return Err(HypercallError::Invalid);
+        }
+        state.rings[queue] = Some(Ring::new(ram, setup)?);
         Ok(())
     }
 

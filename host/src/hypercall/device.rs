@@ -7,7 +7,7 @@ use shoal_abi::hypercall::{DeviceInfo, QueueSetup};
 
 /// `device_info`.
 pub fn info(ctx: &Context<'_>, args: &mut DeviceInfo) -> Served {
-    if args._pad != 0 {
+    if args.queues != 0 {
         return Err(HypercallError::ReservedNotZero);
     }
     *args = ctx
@@ -19,9 +19,6 @@ pub fn info(ctx: &Context<'_>, args: &mut DeviceInfo) -> Served {
 
 /// `queue_setup`.
 pub fn setup(ctx: &Context<'_>, args: &mut QueueSetup) -> Served {
-    if args._pad != 0 {
-        return Err(HypercallError::ReservedNotZero);
-    }
     ctx.devices.setup(ctx.ram, args)?;
     Ok((0, Flow::Resume))
 }

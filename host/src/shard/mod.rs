@@ -99,6 +99,13 @@ impl Shards {
         config: GuestConfig,
     ) -> Result<Arc<Remote>, SpawnError> {
         GuestRam::check_size(config.mem_size)?;
+        if config.net.is_some() {
+            return Err(SpawnError::Shard(
+                "virtual LANs do not span shard processes yet: run guests on a LAN in one process \
+                 (shard_size None)"
+                    .into(),
+            ));
+        }
         // `place` reserves the guest's slot in the shard's live count.
         let link = self.place().map_err(|e| SpawnError::Shard(e.to_string()))?;
         if let Err(e) = link.send_image(image) {

@@ -205,6 +205,7 @@ impl Shard {
                         trapped_page_tables,
                         forget,
                         disks,
+                        net: None,
                     },
                 );
                 self.reply(tag, Reply::Done(result));

@@ -40,7 +40,7 @@ fn queue_at(base: u64) -> QueueSetup {
         avail: base + desc_table_len(SIZE),
         used: base + 2048,
         event: 0,
-        _pad: 0,
+        queue: 0,
     }
 }
 
@@ -148,9 +148,9 @@ fn setup_refusals() -> i32 {
             HypercallError::Fault,
         ),
         (
-            "padding",
-            QueueSetup { _pad: 1, ..good },
-            HypercallError::ReservedNotZero,
+            "no such queue",
+            QueueSetup { queue: 1, ..good },
+            HypercallError::Invalid,
         ),
     ];
     let mut failed = 0;

@@ -1,0 +1,254 @@
+//! Virtual LANs: each guest on a LAN (`shoal run --net NAME`) has a
+//! virtio-net device, and the LAN is a learning switch that the device
+//! thread runs.
+//!
+//! A frame a guest transmits is checked (a header with no offloads, 14 to
+//! [`FRAME_MAX`] bytes, the guest's own source address, under its frame
+//! rate), copied out of the guest's memory and forwarded: to the port that
+//! last sent from its destination address, to every other port if the
+//! destination is a group address or unknown, and nowhere if it is a
+//! host-given guest address that has no port (the guest is gone). Each
+//! port keeps up to [`BACKLOG_MAX`] frames waiting for receive buffers;
+//! past that, frames for it are dropped. Every drop is counted in the
+//! guest's statistics: the sender's `frames_dropped` (bad, spoofed, over
+//! the rate, for a guest gone), the receiver's `frames_missed` (no room).
+
+use super::ring::{Chain, Ring, RingError};
+use super::{Slot, SlotState};
+use shoal_abi::device::{DESC_WRITE, FRAME_MAX, FRAME_MIN, MAC_PREFIX, NET_HEADER_LEN, NetHeader};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zerocopy::IntoBytes;
+
+/// An Ethernet address.
+pub type Mac = [u8; 6];
+
+/// Frames a port keeps waiting for receive buffers; more are dropped.
+pub const BACKLOG_MAX: usize = 256;
+
+/// Frames a guest may send in one [`FRAME_WINDOW`] (250,000 a second);
+/// more are dropped.
+pub const FRAME_LIMIT: u64 = 25_000;
+
+/// The window [`FRAME_LIMIT`] counts over.
+pub const FRAME_WINDOW: Duration = Duration::from_millis(100);
+
+/// The virtual LANs of this process, by name.
+#[derive(Debug, Default)]
+pub struct Lans {
+    lans: Mutex<HashMap<String, Weak<Lan>>>,
+}
+
+impl Lans {
+    /// The LAN `name`, made when its first guest joins.
+    pub fn join(&self, name: &str) -> Arc<Lan> {
+        let mut lans = self.lans.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(lan) = lans.get(name).and_then(Weak::upgrade) {
+            return lan;
+        }
+        lans.retain(|_, lan| lan.strong_count() > 0);
+        let lan = Arc::new(Lan {
+            name: name.to_string(),
+            table: Mutex::default(),
+        });
+        lans.insert(name.to_string(), Arc::downgrade(&lan));
+        lan
+    }
+}
+
+/// One virtual LAN: which port each address was last sent from.
+#[derive(Debug)]
+pub struct Lan {
+    name: String,
+    table: Mutex<HashMap<Mac, Weak<Slot>>>,
+}
+
+/// Where one frame went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Forwarded {
+    /// Ports it was given to (a port whose backlog was full counts its
+    /// own drop).
+    pub delivered: u64,
+    /// Dropped: its destination is a guest that is gone.
+    pub undeliverable: bool,
+}
+
+impl Lan {
+    /// The LAN's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Puts `slot` on the LAN at `mac`.
+    pub fn attach(&self, mac: Mac, slot: &Arc<Slot>) {
+        self.lock().insert(mac, Arc::downgrade(slot));
+    }
+
+    /// Takes `mac` off the LAN: frames to it are dropped from now on.
+    pub fn detach(&self, mac: Mac) {
+        self.lock().remove(&mac);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Mac, Weak<Slot>>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forwards `frame` (checked: at least [`FRAME_MIN`] bytes) that
+    /// `from` sent.
+    pub fn forward(&self, from: &Slot, frame: &[u8]) -> Forwarded {
+        let mut dst = [0u8; 6];
+        dst.copy_from_slice(&frame[..6]);
+        let targets: Vec<Arc<Slot>> = {
+            let table = self.lock();
+            let everyone = || {
+                table
+                    .values()
+                    .filter_map(Weak::upgrade)
+                    .filter(|slot| !std::ptr::eq(&**slot, from))
+                    .collect()
+            };
+            if dst[0] & 1 != 0 {
+                everyone()
+            } else {
+                match table.get(&dst).map(Weak::upgrade) {
+                    Some(Some(slot)) if !std::ptr::eq(&*slot, from) => vec![slot],
+                    Some(Some(_)) => Vec::new(),
+                    Some(None) => {
+                        return Forwarded {
+                            delivered: 0,
+                            undeliverable: true,
+                        };
+                    }
+                    None if dst[..3] == MAC_PREFIX => {
+                        return Forwarded {
+                            delivered: 0,
+                            undeliverable: true,
+                        };
+                    }
+                    None => everyone(),
+                }
+            }
+        };
+        for target in &targets {
+            target.receive(frame);
+        }
+        Forwarded {
+            delivered: targets.len() as u64,
+            undeliverable: false,
+        }
+    }
+}
+
+/// A network device's own part: its address and LAN.
+#[derive(Debug)]
+pub struct Port {
+    /// The guest's address.
+    pub mac: Mac,
+    /// The LAN it is on.
+    pub lan: Arc<Lan>,
+}
+
+/// Why a transmitted chain is not forwarded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Not a frame: a device-writable buffer, a header with offloads, or
+    /// a length outside 14..=1514.
+    Bad,
+    /// Its source is not the guest's address.
+    Spoofed,
+}
+
+/// Reads the frame of a transmit chain (header and frame, device-readable,
+/// already checked to lie in `mem`).
+pub fn read_frame(mem: &GuestMemoryMmap<()>, chain: &Chain, mac: Mac) -> Result<Vec<u8>, Refused> {
+    let total: u64 = chain.descs.iter().map(|d| u64::from(d.len)).sum();
+    let header = u64::from(NET_HEADER_LEN);
+    let writable = chain.descs.iter().any(|d| d.flags & DESC_WRITE != 0);
+    if writable || total < header + u64::from(FRAME_MIN) || total > header + u64::from(FRAME_MAX) {
+        return Err(Refused::Bad);
+    }
+    let mut bytes = vec![0u8; total as usize];
+    let mut at = 0;
+    for d in &chain.descs {
+        let end = at + d.len as usize;
+        mem.read_slice(&mut bytes[at..end], GuestAddress(d.addr))
+            .map_err(|_| Refused::Bad)?;
+        at = end;
+    }
+    if bytes[..NET_HEADER_LEN as usize].iter().any(|&b| b != 0) {
+        return Err(Refused::Bad);
+    }
+    bytes.drain(..NET_HEADER_LEN as usize);
+    if bytes[6..12] != mac {
+        return Err(Refused::Spoofed);
+    }
+    Ok(bytes)
+}
+
+/// Writes a receive header and `frame` into a receive chain. The bytes
+/// written, or `None` if the chain is not all device-writable or too short
+/// (the frame is then dropped).
+fn write_frame(mem: &GuestMemoryMmap<()>, chain: &Chain, frame: &[u8]) -> Option<u32> {
+    let header = NetHeader {
+        num_buffers: 1,
+        ..NetHeader::default()
+    };
+    let room: u64 = chain.descs.iter().map(|d| u64::from(d.len)).sum();
+    let need = NET_HEADER_LEN as usize + frame.len();
+    if chain.descs.iter().any(|d| d.flags & DESC_WRITE == 0) || room < need as u64 {
+        return None;
+    }
+    let mut source = header.as_bytes().iter().chain(frame).copied();
+    let mut piece = Vec::with_capacity(need);
+    let mut left = need;
+    for d in &chain.descs {
+        if left == 0 {
+            break;
+        }
+        let n = left.min(d.len as usize);
+        piece.clear();
+        piece.extend(source.by_ref().take(n));
+        mem.write_slice(&piece, GuestAddress(d.addr)).ok()?;
+        left -= n;
+    }
+    Some(need as u32)
+}
+
+/// Moves waiting frames into the guest's receive buffers. Frames it must
+/// drop (a receive chain that cannot hold one) count as missed. Returns
+/// the frames delivered, the frames missed and whether the guest wants its
+/// event.
+pub(super) fn fill_rx(state: &mut SlotState) -> Result<(u64, u64, bool), RingError> {
+    let SlotState { rings, backlog, .. } = state;
+    let Some(rx) = rings[0].as_mut() else {
+        return Ok((0, 0, false));
+    };
+    let (mut delivered, mut missed) = (0, 0);
+    while let Some(frame) = backlog.front() {
+        let Some(chain) = next_chain(rx)? else { break };
+        match write_frame(rx.mem(), &chain, frame) {
+            Some(written) => {
+                rx.complete(chain.head, written)?;
+                delivered += 1;
+            }
+            None => {
+                rx.complete(chain.head, 0)?;
+                missed += 1;
+            }
+        }
+        backlog.pop_front();
+    }
+    let raise = delivered + missed > 0 && rx.wants_event()?;
+    Ok((delivered, missed, raise))
+}
+
+/// The next receive chain; with none, asks for a notification when the
+/// guest adds one (and takes it if one came meanwhile).
+fn next_chain(rx: &mut Ring) -> Result<Option<Chain>, RingError> {
+    if let Some(chain) = rx.pop()? {
+        return Ok(Some(chain));
+    }
+    if rx.rearm()? { rx.pop() } else { Ok(None) }
+}
