@@ -7,6 +7,7 @@
 //! same way; the median round is reported.
 
 mod blk;
+mod net;
 mod sched;
 pub use sched::mem_available_kib;
 
@@ -224,10 +225,11 @@ fn builtin_image(name: &'static str) -> Result<crate::Image, BenchError> {
 }
 
 /// Benchmark groups, in the order they run.
-pub const GROUPS: [&str; 8] = [
+pub const GROUPS: [&str; 9] = [
     "hypercall",
     "mmu",
     "blk",
+    "net",
     "spawn",
     "memory",
     "wakeup",
@@ -251,6 +253,9 @@ pub fn run_all(host: &Host, sizes: Sizes, only: &[String]) -> Result<Vec<Figure>
     }
     if wanted("blk") {
         figures.extend(blk::blk_figures(host, sizes.rounds)?);
+    }
+    if wanted("net") {
+        figures.extend(net::net_figures(host, sizes.rounds)?);
     }
     if wanted("spawn") {
         figures.extend(sched::spawn_figures(
