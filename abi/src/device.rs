@@ -166,6 +166,19 @@ pub struct Descriptor {
 }
 const _: () = assert!(size_of::<Descriptor>() == 16);
 
+impl Descriptor {
+    /// A descriptor of the buffer `addr..+len` with `flags`, going on at
+    /// `next` if `flags` has [`DESC_NEXT`].
+    pub const fn new(addr: u64, len: u32, flags: u16, next: u16) -> Self {
+        Self {
+            addr,
+            len,
+            flags,
+            next,
+        }
+    }
+}
+
 /// One entry of the used ring.
 #[repr(C)]
 #[derive(

@@ -317,24 +317,15 @@ mod tests {
         (mem, parts)
     }
 
-    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
-        Descriptor {
-            addr,
-            len,
-            flags,
-            next,
-        }
-    }
-
     const DATA: u64 = BASE + 0x2000;
 
     #[test]
     fn a_well_formed_chain_is_walked_in_order() {
         let (mem, parts) = table(&[
-            desc(DATA, 16, DESC_NEXT, 2),
-            desc(0, 0, 0, 0),
-            desc(DATA + 16, 512, DESC_NEXT | 2, 3),
-            desc(DATA + 528, 1, 2, 0),
+            Descriptor::new(DATA, 16, DESC_NEXT, 2),
+            Descriptor::new(0, 0, 0, 0),
+            Descriptor::new(DATA + 16, 512, DESC_NEXT | 2, 3),
+            Descriptor::new(DATA + 528, 1, 2, 0),
         ]);
         let chain = walk(&mem, BASE, SIZE, 0, &parts).expect("accepted");
         assert_eq!(chain.len(), 3);
@@ -345,19 +336,30 @@ mod tests {
     fn hostile_chains_are_refused_with_their_reason() {
         let cases: [(&[Descriptor], u16, RingError); 7] = [
             (
-                &[desc(DATA, 16, DESC_NEXT, 1), desc(DATA, 16, DESC_NEXT, 0)],
+                &[
+                    Descriptor::new(DATA, 16, DESC_NEXT, 1),
+                    Descriptor::new(DATA, 16, DESC_NEXT, 0),
+                ],
                 0,
                 RingError::Loop(0),
             ),
-            (&[desc(DATA, 16, 0, 0)], 9, RingError::BadIndex(9)),
-            (&[desc(DATA, 16, DESC_NEXT, 8)], 0, RingError::BadIndex(8)),
             (
-                &[desc(DATA, 64, DESC_INDIRECT, 0)],
+                &[Descriptor::new(DATA, 16, 0, 0)],
+                9,
+                RingError::BadIndex(9),
+            ),
+            (
+                &[Descriptor::new(DATA, 16, DESC_NEXT, 8)],
+                0,
+                RingError::BadIndex(8),
+            ),
+            (
+                &[Descriptor::new(DATA, 64, DESC_INDIRECT, 0)],
                 0,
                 RingError::Indirect(0),
             ),
             (
-                &[desc(0x1000, 16, 0, 0)],
+                &[Descriptor::new(0x1000, 16, 0, 0)],
                 0,
                 RingError::OutOfMemory {
                     index: 0,
@@ -366,7 +368,7 @@ mod tests {
                 },
             ),
             (
-                &[desc(BASE + 0x1010, 8, 2, 0)],
+                &[Descriptor::new(BASE + 0x1010, 8, 2, 0)],
                 0,
                 RingError::AtRings {
                     index: 0,
@@ -376,9 +378,9 @@ mod tests {
             ),
             (
                 &[
-                    desc(DATA, 1 << 19, DESC_NEXT, 1),
-                    desc(DATA, 1 << 19, DESC_NEXT, 2),
-                    desc(DATA, 8192, 0, 0),
+                    Descriptor::new(DATA, 1 << 19, DESC_NEXT, 1),
+                    Descriptor::new(DATA, 1 << 19, DESC_NEXT, 2),
+                    Descriptor::new(DATA, 8192, 0, 0),
                 ],
                 0,
                 RingError::TooLong(0),

@@ -81,15 +81,6 @@ impl Raw {
     }
 }
 
-fn desc(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
-    Descriptor {
-        addr,
-        len,
-        flags,
-        next,
-    }
-}
-
 fn setup_refusals() -> i32 {
     let base = mmu::take_low(2).expect("boot heap");
     let mem = boot::info().mem_size;
@@ -176,44 +167,47 @@ fn setup_refusals() -> i32 {
 fn attack(mode: &str) -> bool {
     let raw = Raw::new();
     let buf = raw.buffer();
-    let status = desc(buf + 512, 1, DESC_WRITE, 0);
+    let status = Descriptor::new(buf + 512, 1, DESC_WRITE, 0);
     match mode {
         "loop" => {
-            raw.desc(0, desc(buf, 16, DESC_NEXT, 1));
-            raw.desc(1, desc(buf, 16, DESC_NEXT, 0));
+            raw.desc(0, Descriptor::new(buf, 16, DESC_NEXT, 1));
+            raw.desc(1, Descriptor::new(buf, 16, DESC_NEXT, 0));
             raw.offer(0);
         }
         "index" => raw.offer(1000),
         "next" => {
-            raw.desc(0, desc(buf, 16, DESC_NEXT, 999));
+            raw.desc(0, Descriptor::new(buf, 16, DESC_NEXT, 999));
             raw.offer(0);
         }
         "outside" => {
-            raw.desc(0, desc(0x1000, 16, DESC_NEXT, 1));
+            raw.desc(0, Descriptor::new(0x1000, 16, DESC_NEXT, 1));
             raw.desc(1, status);
             raw.offer(0);
         }
         "past-end" => {
-            raw.desc(0, desc(boot::info().mem_size - 8, 4096, DESC_NEXT, 1));
+            raw.desc(
+                0,
+                Descriptor::new(boot::info().mem_size - 8, 4096, DESC_NEXT, 1),
+            );
             raw.desc(1, status);
             raw.offer(0);
         }
         "rings" => {
-            raw.desc(0, desc(buf, 16, DESC_NEXT, 1));
-            raw.desc(1, desc(raw.base + 2048, 64, DESC_WRITE, 0));
+            raw.desc(0, Descriptor::new(buf, 16, DESC_NEXT, 1));
+            raw.desc(1, Descriptor::new(raw.base + 2048, 64, DESC_WRITE, 0));
             raw.offer(0);
         }
         "huge" => {
             // The top MiB of RAM (the stack), twice: in guest memory, off
             // the rings, 2 MiB in all.
             let start = boot::info().mem_size - (1 << 20);
-            raw.desc(0, desc(start, 1 << 20, DESC_NEXT, 1));
-            raw.desc(1, desc(start, 1 << 20, DESC_NEXT, 2));
+            raw.desc(0, Descriptor::new(start, 1 << 20, DESC_NEXT, 1));
+            raw.desc(1, Descriptor::new(start, 1 << 20, DESC_NEXT, 2));
             raw.desc(2, status);
             raw.offer(0);
         }
         "indirect" => {
-            raw.desc(0, desc(buf, 64, DESC_INDIRECT, 0));
+            raw.desc(0, Descriptor::new(buf, 64, DESC_INDIRECT, 0));
             raw.offer(0);
         }
         "ahead" => {
@@ -221,7 +215,7 @@ fn attack(mode: &str) -> bool {
             virtq::notify(0);
         }
         "cut" => {
-            raw.desc(0, desc(buf, 16, 0, 0));
+            raw.desc(0, Descriptor::new(buf, 16, 0, 0));
             raw.offer(0);
         }
         "storm" => loop {
