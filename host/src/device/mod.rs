@@ -143,7 +143,8 @@ struct SlotState {
     /// Detached, or the guest was stopped: serve nothing more.
     gone: bool,
     storm: RateWindow,
-    /// Network: frames waiting for receive buffers.
+    /// Network: frames waiting for receive buffers, each with its receive
+    /// header.
     backlog: VecDeque<Vec<u8>>,
     /// Network: frames sent in the current window.
     sent: RateWindow,
@@ -167,7 +168,7 @@ struct TurnDone {
     more: bool,
     /// The events to raise.
     raise: u64,
-    /// Network: frames to forward.
+    /// Network: frames to forward (with their receive headers).
     outbox: Vec<Vec<u8>>,
 }
 
@@ -341,10 +342,10 @@ impl Slot {
     fn forward(&self, port: &net::Port, outbox: Vec<Vec<u8>>) {
         let (mut sent, mut dropped) = (0, 0);
         for frame in outbox {
-            if port.lan.forward(self, &frame).undeliverable {
-                dropped += 1;
-            } else {
+            if port.lan.forward(self, frame) {
                 sent += 1;
+            } else {
+                dropped += 1;
             }
         }
         let stats = &self.owner.control.stats;
@@ -354,7 +355,7 @@ impl Slot {
 
     /// A frame from the LAN: into a receive buffer, or the backlog until
     /// there is one. Called by the device thread only.
-    fn receive(&self, frame: &[u8]) {
+    fn receive(&self, frame: Vec<u8>) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.gone || state.rings[NET_RX as usize].is_none() {
             drop(state);
@@ -366,7 +367,7 @@ impl Slot {
             self.count_received(0, 1);
             return;
         }
-        state.backlog.push_back(frame.to_vec());
+        state.backlog.push_back(frame);
         let outcome = {
             let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| net::fill_rx(&mut state)))

@@ -65,16 +65,6 @@ pub struct Lan {
     table: Mutex<HashMap<Mac, Weak<Slot>>>,
 }
 
-/// Where one frame went.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Forwarded {
-    /// Ports it was given to (a port whose backlog was full counts its
-    /// own drop).
-    pub delivered: u64,
-    /// Dropped: its destination is a guest that is gone.
-    pub undeliverable: bool,
-}
-
 impl Lan {
     /// The LAN's name.
     pub fn name(&self) -> &str {
@@ -95,49 +85,41 @@ impl Lan {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Forwards `frame` (checked: at least [`FRAME_MIN`] bytes) that
-    /// `from` sent.
-    pub fn forward(&self, from: &Slot, frame: &[u8]) -> Forwarded {
+    /// Forwards `frame` (a receive header and a checked frame, from
+    /// [`read_frame`]) that `from` sent. False if it was for a guest that is
+    /// gone (and dropped).
+    pub fn forward(&self, from: &Slot, frame: Vec<u8>) -> bool {
         let mut dst = [0u8; 6];
-        dst.copy_from_slice(&frame[..6]);
-        let targets: Vec<Arc<Slot>> = {
-            let table = self.lock();
-            let everyone = || {
-                table
-                    .values()
-                    .filter_map(Weak::upgrade)
-                    .filter(|slot| !std::ptr::eq(&**slot, from))
-                    .collect()
-            };
-            if dst[0] & 1 != 0 {
-                everyone()
-            } else {
-                match table.get(&dst).map(Weak::upgrade) {
-                    Some(Some(slot)) if !std::ptr::eq(&*slot, from) => vec![slot],
-                    Some(Some(_)) => Vec::new(),
-                    Some(None) => {
-                        return Forwarded {
-                            delivered: 0,
-                            undeliverable: true,
-                        };
+        dst.copy_from_slice(&frame[HEADER..HEADER + 6]);
+        // Targets take the frame with the table locked: nothing locks the
+        // table while it holds a slot.
+        let table = self.lock();
+        if dst[0] & 1 == 0 {
+            match table.get(&dst).map(Weak::upgrade) {
+                Some(Some(slot)) => {
+                    if !std::ptr::eq(&*slot, from) {
+                        slot.receive(frame);
                     }
-                    None if dst[..3] == MAC_PREFIX => {
-                        return Forwarded {
-                            delivered: 0,
-                            undeliverable: true,
-                        };
-                    }
-                    None => everyone(),
+                    return true;
                 }
+                Some(None) => return false,
+                None if dst[..3] == MAC_PREFIX => return false,
+                None => {}
             }
-        };
-        for target in &targets {
-            target.receive(frame);
         }
-        Forwarded {
-            delivered: targets.len() as u64,
-            undeliverable: false,
+        let mut targets = table
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|slot| !std::ptr::eq(&**slot, from))
+            .peekable();
+        while let Some(target) = targets.next() {
+            if targets.peek().is_none() {
+                target.receive(frame);
+                break;
+            }
+            target.receive(frame.clone());
         }
+        true
     }
 }
 
@@ -160,13 +142,18 @@ pub enum Refused {
     Spoofed,
 }
 
-/// Reads the frame of a transmit chain (header and frame, device-readable,
-/// already checked to lie in `mem`).
+/// Bytes of the virtio-net header before each frame.
+const HEADER: usize = NET_HEADER_LEN as usize;
+
+/// Reads a transmit chain (already checked to lie in `mem`): its header,
+/// which must ask for nothing, and a frame from `mac`. Returns them with
+/// the header made the receive header, ready to go into a receive chain
+/// as it is.
 pub fn read_frame(mem: &GuestMemoryMmap<()>, chain: &Chain, mac: Mac) -> Result<Vec<u8>, Refused> {
     let total: u64 = chain.descs.iter().map(|d| u64::from(d.len)).sum();
-    let header = u64::from(NET_HEADER_LEN);
     let writable = chain.descs.iter().any(|d| d.flags & DESC_WRITE != 0);
-    if writable || total < header + u64::from(FRAME_MIN) || total > header + u64::from(FRAME_MAX) {
+    let lengths = (HEADER as u64 + u64::from(FRAME_MIN))..=(HEADER as u64 + u64::from(FRAME_MAX));
+    if writable || !lengths.contains(&total) {
         return Err(Refused::Bad);
     }
     let mut bytes = vec![0u8; total as usize];
@@ -177,43 +164,36 @@ pub fn read_frame(mem: &GuestMemoryMmap<()>, chain: &Chain, mac: Mac) -> Result<
             .map_err(|_| Refused::Bad)?;
         at = end;
     }
-    if bytes[..NET_HEADER_LEN as usize].iter().any(|&b| b != 0) {
+    if bytes[..HEADER].iter().any(|&b| b != 0) {
         return Err(Refused::Bad);
     }
-    bytes.drain(..NET_HEADER_LEN as usize);
-    if bytes[6..12] != mac {
+    if bytes[HEADER + 6..HEADER + 12] != mac {
         return Err(Refused::Spoofed);
     }
-    Ok(bytes)
-}
-
-/// Writes a receive header and `frame` into a receive chain. The bytes
-/// written, or `None` if the chain is not all device-writable or too short
-/// (the frame is then dropped).
-fn write_frame(mem: &GuestMemoryMmap<()>, chain: &Chain, frame: &[u8]) -> Option<u32> {
-    let header = NetHeader {
+    let receive = NetHeader {
         num_buffers: 1,
         ..NetHeader::default()
     };
+    bytes[..HEADER].copy_from_slice(receive.as_bytes());
+    Ok(bytes)
+}
+
+/// Writes `frame` (receive header included) into a receive chain. The
+/// bytes written, or `None` if the chain is not all device-writable or too
+/// short (the frame is then dropped).
+fn write_frame(mem: &GuestMemoryMmap<()>, chain: &Chain, frame: &[u8]) -> Option<u32> {
     let room: u64 = chain.descs.iter().map(|d| u64::from(d.len)).sum();
-    let need = NET_HEADER_LEN as usize + frame.len();
-    if chain.descs.iter().any(|d| d.flags & DESC_WRITE == 0) || room < need as u64 {
+    if chain.descs.iter().any(|d| d.flags & DESC_WRITE == 0) || room < frame.len() as u64 {
         return None;
     }
-    let mut source = header.as_bytes().iter().chain(frame).copied();
-    let mut piece = Vec::with_capacity(need);
-    let mut left = need;
+    let mut at = 0;
     for d in &chain.descs {
-        if left == 0 {
-            break;
-        }
-        let n = left.min(d.len as usize);
-        piece.clear();
-        piece.extend(source.by_ref().take(n));
-        mem.write_slice(&piece, GuestAddress(d.addr)).ok()?;
-        left -= n;
+        let n = (frame.len() - at).min(d.len as usize);
+        mem.write_slice(&frame[at..at + n], GuestAddress(d.addr))
+            .ok()?;
+        at += n;
     }
-    Some(need as u32)
+    Some(frame.len() as u32)
 }
 
 /// Moves waiting frames into the guest's receive buffers. Frames it must
