@@ -261,13 +261,22 @@ fn neighbour(
     let args = ["bench", "read", "4096", "32", &(512u64 << 20).to_string()]
         .map(String::from)
         .to_vec();
+    // The attackers share one read-only disk; the neighbour's is its own.
+    let shared = tempfile::NamedTempFile::new().map_err(BenchError::Io)?;
+    shared.as_file().set_len(1 << 20).map_err(BenchError::Io)?;
+    let company = Images {
+        attack: builtin_image("ring-attack")?,
+        spin: builtin_image("spin")?,
+        shared: shared.path(),
+    };
     let mut alone = Vec::new();
     let mut hostile = Vec::new();
     let mut spinners = Vec::new();
     for _ in 0..rounds {
         alone.push(guest_run(host, image, disk, &args)?.mib_s);
-        hostile.push(beside(host, image, disk, &args, Company::Hostile)?);
-        spinners.push(beside(host, image, disk, &args, Company::Spinners)?);
+        let run = |who| beside(host, image, disk, &args, &company, who);
+        hostile.push(run(Company::Hostile)?);
+        spinners.push(run(Company::Spinners)?);
     }
     let alone = median(alone);
     Ok(vec![
@@ -286,6 +295,14 @@ fn neighbour(
     ])
 }
 
+/// What the company beside the neighbour is made from.
+struct Images<'a> {
+    attack: crate::Image,
+    spin: crate::Image,
+    /// The read-only disk the attackers share.
+    shared: &'a std::path::Path,
+}
+
 /// One run of the neighbour (`blk` with `args` on `disk`) beside `company`:
 /// its MiB/s. An error if an attacker was not stopped for its ring, or a
 /// noisy guest was.
@@ -294,22 +311,20 @@ fn beside(
     image: &crate::Image,
     disk: &std::path::Path,
     args: &[String],
+    images: &Images<'_>,
     company: Company,
 ) -> Result<f64, BenchError> {
-    // The attackers share one read-only disk; the neighbour's is its own.
-    let shared = tempfile::NamedTempFile::new().map_err(BenchError::Io)?;
-    shared.as_file().set_len(1 << 20).map_err(BenchError::Io)?;
-    let attack = builtin_image("ring-attack")?;
     let attacker = |args: &[&str]| {
         let config = GuestConfig {
             args: args.iter().map(|a| a.to_string()).collect(),
             disks: vec![DiskSpec {
-                path: shared.path().to_path_buf(),
+                path: images.shared.to_path_buf(),
                 read_only: true,
             }],
             ..Default::default()
         };
-        host.spawn(&attack, config).map_err(BenchError::Spawn)
+        host.spawn(&images.attack, config)
+            .map_err(BenchError::Spawn)
     };
     let unexpected = |mode: &str, report: crate::GuestReport| BenchError::NoResult {
         mode: mode.into(),
@@ -327,14 +342,16 @@ fn beside(
                 .collect::<Result<Vec<_>, _>>()?,
         ),
         Company::Spinners => {
-            let spin = builtin_image("spin")?;
             let config = || GuestConfig {
                 args: vec!["forever".into()],
                 ..Default::default()
             };
             (
                 (0..COMPANY)
-                    .map(|_| host.spawn(&spin, config()).map_err(BenchError::Spawn))
+                    .map(|_| {
+                        host.spawn(&images.spin, config())
+                            .map_err(BenchError::Spawn)
+                    })
                     .collect::<Result<Vec<_>, _>>()?,
                 Vec::new(),
             )
