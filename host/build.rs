@@ -82,6 +82,18 @@ const GUESTS: &[(&str, &str)] = &[
         "ping",
         "two guests on a virtual LAN exchange frames (reply; send N SIZE WINDOW) and measure round trips",
     ),
+    (
+        "echo",
+        "UDP and TCP echo server on port 7 of a virtual LAN (DURATION CONNECTIONS)",
+    ),
+    (
+        "echo-client",
+        "checks an echo server: A.B.C.D DATAGRAMS BYTES over UDP and TCP",
+    ),
+    (
+        "http",
+        "HTTP/1.1 server on port 80: GET / answers the guest id and uptime (DURATION CONNECTIONS)",
+    ),
 ];
 
 fn watch(path: &Path) {
@@ -95,6 +107,8 @@ fn watch_sources(root: &Path) {
         "abi/src",
         "guest-sdk/Cargo.toml",
         "guest-sdk/src",
+        "guest-sdk/net/Cargo.toml",
+        "guest-sdk/net/src",
     ] {
         watch(&root.join(file));
     }

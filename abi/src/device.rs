@@ -91,6 +91,27 @@ pub const fn ipv4_of(mac: [u8; 6]) -> [u8; 4] {
     [10, mac[3], mac[4], mac[5]]
 }
 
+/// The host-given MAC address that goes with IPv4 address `ip` on a
+/// virtual LAN (the inverse of [`ipv4_of`]); `None` outside `10.0.0.0/8`.
+pub const fn mac_of_ipv4(ip: [u8; 4]) -> Option<[u8; 6]> {
+    if ip[0] != 10 {
+        return None;
+    }
+    Some([
+        MAC_PREFIX[0],
+        MAC_PREFIX[1],
+        MAC_PREFIX[2],
+        ip[1],
+        ip[2],
+        ip[3],
+    ])
+}
+
+/// The IPv4 address of guest `id` on a virtual LAN.
+pub const fn guest_ipv4(id: u64) -> [u8; 4] {
+    ipv4_of(guest_mac(id))
+}
+
 /// The MAC address in `DeviceInfo::capacity` of a network device.
 pub const fn mac_from_capacity(capacity: u64) -> [u8; 6] {
     let b = capacity.to_le_bytes();

@@ -25,7 +25,8 @@
 //!
 //! Disks the host gives the guest are driven through virtio rings with
 //! [`blk`] (built on [`virtq`]), without an exit per request; a virtual
-//! LAN's network device with [`net`], the same way.
+//! LAN's network device with [`net`], the same way; the crate
+//! `shoal-guest-net` runs TCP and UDP sockets over it.
 //!
 //! Everything privileged goes through hypercalls ([`hypercall`]), including
 //! a raw escape hatch ([`hypercall::raw`]) for ABI experiments.
@@ -43,7 +44,7 @@ pub mod time;
 pub mod trap;
 pub mod virtq;
 
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "hosted")))]
 mod rt;
 
 pub use shoal_abi as abi;

@@ -56,19 +56,34 @@ impl From<Error> for NetError {
 /// A network device this guest drives.
 pub struct Nic {
     mac: [u8; 6],
-    rx: Virtq,
-    tx: Virtq,
-    /// `RX_BUFFERS` buffers, then `TX_BUFFERS`, identity-mapped.
+    rx: RxQueue,
+    tx: TxQueue,
+}
+
+/// The receive queue and its buffers.
+struct RxQueue {
+    q: Virtq,
+    /// `RX_BUFFERS` buffers, identity-mapped.
     buffers: u64,
     /// The receive buffer of each chain the host holds, by head.
-    rx_buffer: [u8; QUEUE_SIZE as usize],
+    buffer_of: [u8; QUEUE_SIZE as usize],
+}
+
+/// The transmit queue and its buffers.
+struct TxQueue {
+    q: Virtq,
+    /// `TX_BUFFERS` buffers, identity-mapped.
+    buffers: u64,
     /// The transmit buffer of each chain the host holds, by head.
-    tx_buffer: [u8; QUEUE_SIZE as usize],
+    buffer_of: [u8; QUEUE_SIZE as usize],
     /// Bit `i` set: transmit buffer `i` is free.
-    tx_free: u128,
+    free: u128,
 }
 
 const _: () = assert!(TX_BUFFERS <= 128 && RX_BUFFERS <= QUEUE_SIZE as usize);
+
+/// Every transmit buffer free.
+const TX_ALL: u128 = u128::MAX >> (128 - TX_BUFFERS);
 
 impl Nic {
     /// The guest's first network device.
@@ -88,20 +103,25 @@ impl Nic {
         }
         let size = QUEUE_SIZE.min(info.queue_max as u16);
         let event = EVENT_BASE + index;
-        let pages = ((RX_BUFFERS + TX_BUFFERS) * BUF_LEN) as u64 / PAGE_SIZE;
+        let pages = |buffers: usize| (buffers * BUF_LEN) as u64 / PAGE_SIZE;
         let mut nic = Self {
             mac: mac_from_capacity(info.capacity),
-            rx: Virtq::new(index, NET_RX, size, event)?,
-            tx: Virtq::new(index, NET_TX, size, event)?,
-            buffers: crate::mmu::take_low(pages)?,
-            rx_buffer: [0; QUEUE_SIZE as usize],
-            tx_buffer: [0; QUEUE_SIZE as usize],
-            tx_free: u128::MAX >> (128 - TX_BUFFERS),
+            rx: RxQueue {
+                q: Virtq::new(index, NET_RX, size, event)?,
+                buffers: crate::mmu::take_low(pages(RX_BUFFERS))?,
+                buffer_of: [0; QUEUE_SIZE as usize],
+            },
+            tx: TxQueue {
+                q: Virtq::new(index, NET_TX, size, event)?,
+                buffers: crate::mmu::take_low(pages(TX_BUFFERS))?,
+                buffer_of: [0; QUEUE_SIZE as usize],
+                free: TX_ALL,
+            },
         };
         for i in 0..RX_BUFFERS {
-            nic.post_rx(i);
+            nic.rx.post(i);
         }
-        nic.rx.kick();
+        nic.rx.q.kick();
         Ok(nic)
     }
 
@@ -118,23 +138,7 @@ impl Nic {
 
     /// The event the device raises.
     pub fn event(&self) -> u32 {
-        self.rx.event()
-    }
-
-    fn buffer(&self, i: usize) -> u64 {
-        self.buffers + (i * BUF_LEN) as u64
-    }
-
-    /// Gives receive buffer `i` to the host.
-    fn post_rx(&mut self, i: usize) {
-        let buf = Buf {
-            addr: self.buffer(i),
-            len: BUF_LEN as u32,
-            device_writes: true,
-        };
-        if let Some(head) = self.rx.push(&[buf]) {
-            self.rx_buffer[usize::from(head)] = i as u8;
-        }
+        self.rx.q.event()
     }
 
     /// Sends `frame`, waiting for a free transmit buffer if all are with
@@ -144,7 +148,7 @@ impl Nic {
             if self.try_send(frame)? {
                 return Ok(());
             }
-            self.wait_tx();
+            self.tx.wait();
         }
     }
 
@@ -153,29 +157,11 @@ impl Nic {
         if frame.len() < FRAME_MIN as usize || frame.len() > FRAME_MAX as usize {
             return Err(NetError::BadFrame);
         }
-        self.reclaim_tx();
-        if self.tx_free == 0 {
-            return Ok(false);
-        }
-        let i = self.tx_free.trailing_zeros() as usize;
-        let addr = self.buffer(RX_BUFFERS + i);
-        let header = NET_HEADER_LEN as usize;
-        // SAFETY: transmit buffer `i` is free (not with the host) and
-        // `BUF_LEN` bytes of identity-mapped memory this driver owns.
-        let buf = unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, BUF_LEN) };
-        buf[..header].fill(0);
-        buf[header..header + frame.len()].copy_from_slice(frame);
-        let chain = Buf {
-            addr,
-            len: (header + frame.len()) as u32,
-            device_writes: false,
-        };
-        let Some(head) = self.tx.push(&[chain]) else {
+        let Some(mut out) = Sender(&mut self.tx).frame(frame.len()) else {
             return Ok(false);
         };
-        self.tx_free &= !(1 << i);
-        self.tx_buffer[usize::from(head)] = i as u8;
-        self.tx.kick();
+        out.copy_from_slice(frame);
+        out.send();
         Ok(true)
     }
 
@@ -183,67 +169,276 @@ impl Nic {
     /// transmit queue: call it before exiting, or the last frames may go
     /// with the guest.
     pub fn flush(&mut self) {
-        let all = u128::MAX >> (128 - TX_BUFFERS);
         loop {
-            self.reclaim_tx();
-            if self.tx_free == all {
+            self.tx.reclaim();
+            if self.tx.free == TX_ALL {
                 return;
             }
-            self.wait_tx();
+            self.tx.wait();
         }
     }
 
-    /// Frees the transmit buffers the host is done with.
-    fn reclaim_tx(&mut self) {
-        while let Some((head, _)) = self.tx.pop_used() {
-            self.tx_free |= 1 << self.tx_buffer[usize::from(head)];
-        }
-    }
-
-    /// Blocks until the host is done with a transmit buffer.
-    fn wait_tx(&mut self) {
-        let bit = 1 << self.tx.event();
-        event::take(bit);
-        if !self.tx.arm() {
-            event::wait_any(bit, u64::MAX);
-        }
+    /// The two halves of the device, to receive and send at once without
+    /// copying (as a TCP/IP stack does).
+    pub fn split(&mut self) -> (Receiver<'_>, Sender<'_>) {
+        (Receiver(&mut self.rx), Sender(&mut self.tx))
     }
 
     /// Hands the next received frame to `f` and gives its buffer back to
     /// the host; `None` if no frame is in.
     pub fn recv<R>(&mut self, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
-        let (head, len) = self.rx.pop_used()?;
-        let i = usize::from(self.rx_buffer[usize::from(head)]);
-        let header = NET_HEADER_LEN as usize;
-        let len = (len as usize).clamp(header, BUF_LEN);
-        // SAFETY: the host is done with receive buffer `i` (its chain is
-        // used) and wrote `len` bytes of it.
-        let frame = unsafe {
-            core::slice::from_raw_parts((self.buffer(i) + header as u64) as *const u8, len - header)
-        };
-        let result = f(frame);
-        self.post_rx(i);
-        self.rx.kick();
-        Some(result)
+        self.rx.recv(f)
     }
 
     /// Whether a received frame is waiting.
     pub fn has_frame(&mut self) -> bool {
-        self.rx.has_used()
+        self.rx.q.has_used()
     }
 
     /// Blocks until a frame is in or the monotonic clock reaches
     /// `deadline_ns` (`u64::MAX`: no deadline); true if a frame is in.
     pub fn wait(&mut self, deadline_ns: u64) -> bool {
-        let bit = 1 << self.rx.event();
+        self.wait_io(deadline_ns, false)
+    }
+
+    /// Blocks until a frame is in, or (with `tx`) the host is done with a
+    /// transmit buffer, or the clock reaches `deadline_ns`; true if a
+    /// frame is in.
+    pub fn wait_io(&mut self, deadline_ns: u64, tx: bool) -> bool {
+        let bit = 1 << self.rx.q.event();
         loop {
             event::take(bit);
-            if self.rx.arm() {
-                return true;
+            if self.rx.q.arm() || (tx && self.tx.q.arm()) {
+                return self.rx.q.has_used();
             }
             if event::wait_any(bit, deadline_ns) == 0 {
-                return self.rx.has_used();
+                return self.rx.q.has_used();
             }
+        }
+    }
+}
+
+/// The receiving half of a [`Nic`].
+pub struct Receiver<'a>(&'a mut RxQueue);
+
+impl<'a> Receiver<'a> {
+    /// Whether a received frame is waiting.
+    pub fn has_frame(&self) -> bool {
+        self.0.q.has_used()
+    }
+
+    /// The next received frame, in place in its receive buffer; `None` if
+    /// none is in.
+    pub fn take(self) -> Option<RxFrame<'a>> {
+        let (buffer, len) = self.0.take()?;
+        Some(RxFrame {
+            rx: self.0,
+            buffer,
+            len,
+        })
+    }
+}
+
+/// A received Ethernet frame in its receive buffer, which goes back to the
+/// host when the frame is dropped.
+pub struct RxFrame<'a> {
+    rx: &'a mut RxQueue,
+    buffer: usize,
+    len: usize,
+}
+
+impl core::ops::Deref for RxFrame<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.rx.frame(self.buffer, self.len)
+    }
+}
+
+impl Drop for RxFrame<'_> {
+    fn drop(&mut self) {
+        self.rx.give_back(self.buffer);
+    }
+}
+
+/// The sending half of a [`Nic`].
+pub struct Sender<'a>(&'a mut TxQueue);
+
+impl<'a> Sender<'a> {
+    /// Whether a transmit buffer is free (after taking back those the
+    /// host is done with).
+    pub fn ready(&mut self) -> bool {
+        self.0.ready()
+    }
+
+    /// Blocks until the host is done with a transmit buffer.
+    pub fn wait(&mut self) {
+        self.0.wait();
+    }
+
+    /// A free transmit buffer as a frame of `len` bytes (clamped to 14 to
+    /// [`FRAME_MAX`]) to fill and [`TxFrame::send`]; `None` if every
+    /// transmit buffer is with the host.
+    pub fn frame(self, len: usize) -> Option<TxFrame<'a>> {
+        let buffer = self.0.free_buffer()?;
+        let len = len.clamp(FRAME_MIN as usize, FRAME_MAX as usize);
+        Some(TxFrame {
+            tx: self.0,
+            buffer,
+            len,
+        })
+    }
+}
+
+/// A frame being written in a free transmit buffer; dropped unsent, the
+/// buffer stays free.
+pub struct TxFrame<'a> {
+    tx: &'a mut TxQueue,
+    buffer: usize,
+    len: usize,
+}
+
+impl TxFrame<'_> {
+    /// Gives the frame to the host.
+    pub fn send(self) {
+        self.tx.push(self.buffer, self.len);
+    }
+}
+
+impl core::ops::Deref for TxFrame<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.tx.frame(self.buffer, self.len)
+    }
+}
+
+impl core::ops::DerefMut for TxFrame<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.tx.frame_mut(self.buffer, self.len)
+    }
+}
+
+impl RxQueue {
+    fn buffer(&self, i: usize) -> u64 {
+        self.buffers + (i * BUF_LEN) as u64
+    }
+
+    /// Gives receive buffer `i` to the host.
+    fn post(&mut self, i: usize) {
+        let buf = Buf {
+            addr: self.buffer(i),
+            len: BUF_LEN as u32,
+            device_writes: true,
+        };
+        if let Some(head) = self.q.push(&[buf]) {
+            self.buffer_of[usize::from(head)] = i as u8;
+        }
+    }
+
+    /// Hands the next received frame to `f` and gives its buffer back.
+    fn recv<R>(&mut self, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let (i, len) = self.take()?;
+        let result = f(self.frame(i, len));
+        self.give_back(i);
+        Some(result)
+    }
+
+    /// The next received frame: its buffer and length.
+    fn take(&mut self) -> Option<(usize, usize)> {
+        let (head, len) = self.q.pop_used()?;
+        let i = usize::from(self.buffer_of[usize::from(head)]);
+        let header = NET_HEADER_LEN as usize;
+        Some((i, (len as usize).clamp(header, BUF_LEN) - header))
+    }
+
+    /// The frame of `len` bytes in receive buffer `i`, taken from the
+    /// host.
+    fn frame(&self, i: usize, len: usize) -> &[u8] {
+        let header = NET_HEADER_LEN as u64;
+        // SAFETY: the host is done with receive buffer `i` (its chain was
+        // used, `take`) and wrote the header and `len` bytes of it
+        // (`take` keeps the length within the buffer).
+        unsafe { core::slice::from_raw_parts((self.buffer(i) + header) as *const u8, len) }
+    }
+
+    /// Gives receive buffer `i` back to the host.
+    fn give_back(&mut self, i: usize) {
+        self.post(i);
+        self.q.kick();
+    }
+}
+
+impl TxQueue {
+    /// Frees the transmit buffers the host is done with.
+    fn reclaim(&mut self) {
+        while let Some((head, _)) = self.q.pop_used() {
+            self.free |= 1 << self.buffer_of[usize::from(head)];
+        }
+    }
+
+    /// A free transmit buffer, after taking back those the host is done
+    /// with; `None` if all are with the host.
+    fn free_buffer(&mut self) -> Option<usize> {
+        self.reclaim();
+        (self.free != 0).then(|| self.free.trailing_zeros() as usize)
+    }
+
+    /// Whether a transmit buffer is free.
+    fn ready(&mut self) -> bool {
+        self.free_buffer().is_some()
+    }
+
+    /// The address of transmit buffer `i`.
+    fn buffer(&self, i: usize) -> u64 {
+        self.buffers + (i * BUF_LEN) as u64
+    }
+
+    /// The frame part (`len` bytes, at most [`FRAME_MAX`]) of free
+    /// transmit buffer `i`.
+    fn frame(&self, i: usize, len: usize) -> &[u8] {
+        let header = u64::from(NET_HEADER_LEN);
+        // SAFETY: transmit buffer `i` is free (not with the host), and
+        // the header and `len` bytes lie in its `BUF_LEN` bytes of
+        // identity-mapped memory this driver owns.
+        unsafe { core::slice::from_raw_parts((self.buffer(i) + header) as *const u8, len) }
+    }
+
+    /// The frame part of free transmit buffer `i`, to write.
+    fn frame_mut(&mut self, i: usize, len: usize) -> &mut [u8] {
+        let header = u64::from(NET_HEADER_LEN);
+        // SAFETY: as in `frame`; `&mut self` keeps the slice the only
+        // reference to the buffer.
+        unsafe { core::slice::from_raw_parts_mut((self.buffer(i) + header) as *mut u8, len) }
+    }
+
+    /// Gives the frame of `len` bytes in free transmit buffer `i` to the
+    /// host, behind a header that asks for nothing.
+    fn push(&mut self, i: usize, len: usize) {
+        let addr = self.buffer(i);
+        // SAFETY: the header is the first bytes of free transmit buffer
+        // `i` (see `frame`).
+        unsafe { core::ptr::write_bytes(addr as *mut u8, 0, NET_HEADER_LEN as usize) };
+        let chain = Buf {
+            addr,
+            len: NET_HEADER_LEN + len as u32,
+            device_writes: false,
+        };
+        // A free buffer means fewer than `TX_BUFFERS` chains are out, so
+        // the queue has room.
+        if let Some(head) = self.q.push(&[chain]) {
+            self.free &= !(1 << i);
+            self.buffer_of[usize::from(head)] = i as u8;
+            self.q.kick();
+        }
+    }
+
+    /// Blocks until the host is done with a transmit buffer.
+    fn wait(&mut self) {
+        let bit = 1 << self.q.event();
+        event::take(bit);
+        if !self.q.arm() {
+            event::wait_any(bit, u64::MAX);
         }
     }
 }

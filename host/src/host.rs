@@ -4,7 +4,7 @@
 use crate::console::{ConsoleSink, DEFAULT_CONSOLE_LIMIT};
 use crate::control::GuestControl;
 pub use crate::control::GuestState;
-use crate::device::DiskSpec;
+use crate::device::{DiskSpec, Forward};
 use crate::end::GuestEnd;
 use crate::guest::SpawnError;
 use crate::kvm::vm::VmError;
@@ -17,6 +17,7 @@ use crate::sched::{DEFAULT_SLICE, SchedulerRef};
 use crate::shard::{Remote, Shards};
 use crate::stats::StatsSnapshot;
 use shoal_abi::layout::DEFAULT_MEMORY;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -95,6 +96,19 @@ pub enum HostError {
     /// The scheduler's threads could not be started.
     #[error("cannot start the scheduler's threads")]
     Threads(#[source] std::io::Error),
+}
+
+/// Why a port forward could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The host address could not be bound, or the gateway not started.
+    #[error("cannot forward: {0}")]
+    Io(#[from] std::io::Error),
+    /// The host runs its guests in shard processes.
+    #[error(
+        "port forwards need the guests in this process; virtual LANs do not span shard processes yet"
+    )]
+    Sharded,
 }
 
 /// How a host runs its guests.
@@ -205,6 +219,23 @@ impl Host {
         match &self.engine {
             Engine::Local(local) => local.pool(),
             Engine::Sharded(shards) => shards.pool(),
+        }
+    }
+
+    /// Forwards connections to the host TCP address `listen` (port 0:
+    /// any free port; see [`Forward::local_addr`]) to `to` on virtual LAN
+    /// `lan`, through the host's end of the LAN at `10.0.0.1`. Guest `id`
+    /// is at [`shoal_abi::device::guest_ipv4`]`(id)`. The forward lasts
+    /// until the returned handle is dropped.
+    pub fn forward(
+        &self,
+        lan: &str,
+        listen: SocketAddr,
+        to: SocketAddrV4,
+    ) -> Result<Forward, ForwardError> {
+        match &self.engine {
+            Engine::Local(local) => Ok(local.gateway(lan)?.forward(listen, to)?),
+            Engine::Sharded(_) => Err(ForwardError::Sharded),
         }
     }
 

@@ -47,11 +47,11 @@ pub mod shard;
 pub mod stats;
 pub mod trap;
 
-pub use device::DiskSpec;
+pub use device::{DiskSpec, Forward, GatewayStats};
 pub use end::{Crash, GuestEnd, PanicReport};
 pub use host::{
-    DEFAULT_SHARD_SIZE, GuestConfig, GuestHandle, GuestReport, GuestState, Host, HostConfig,
-    HostError,
+    DEFAULT_SHARD_SIZE, ForwardError, GuestConfig, GuestHandle, GuestReport, GuestState, Host,
+    HostConfig, HostError,
 };
 pub use limits::{Limit, Limits};
 pub use loader::{Image, LoadError};

@@ -65,6 +65,11 @@ impl Local {
         self.sched.workers()
     }
 
+    /// The host's end of LAN `name`, for port forwards.
+    pub(crate) fn gateway(&self, name: &str) -> std::io::Result<Arc<crate::device::Gateway>> {
+        self.lans.gateway(name)
+    }
+
     pub(crate) fn pool(&self) -> PoolStatus {
         self.pool.status()
     }

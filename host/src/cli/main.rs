@@ -2,10 +2,12 @@
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use shoal_abi::device::guest_ipv4;
 use shoal_host::console::ConsoleSink;
 use shoal_host::mmu::Forget;
-use shoal_host::{DiskSpec, GuestConfig, Host, Image, Limits, builtin};
+use shoal_host::{DiskSpec, Forward, GuestConfig, Host, Image, Limits, builtin};
 use std::io::{IsTerminal, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -101,6 +103,13 @@ struct RunArgs {
     /// process (no shards).
     #[arg(long, value_name = "NAME")]
     net: Option<String>,
+    /// With --net: forward a host TCP port to a guest's port through the
+    /// host's end of the LAN (10.0.0.1): `PORT:GUEST:GUEST_PORT` or
+    /// `ADDR:PORT:GUEST:GUEST_PORT` (ADDR defaults to 127.0.0.1). GUEST
+    /// is a guest's index in this run (0 for the first), or `*` for every
+    /// guest, guest `i` at host port `PORT + i`. Repeat for more.
+    #[arg(long = "forward", value_name = "[ADDR:]PORT:GUEST:GUEST_PORT", value_parser = parse_forward)]
+    forwards: Vec<ForwardSpec>,
     /// A guest ELF file, or the name of a built-in guest (see `shoal list`).
     kernel: String,
     /// Arguments passed to the guest (after `--`).
@@ -144,6 +153,74 @@ impl RunArgs {
             net: self.net.clone(),
         }
     }
+}
+
+/// A `--forward` argument.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ForwardSpec {
+    listen: SocketAddr,
+    /// The guest's index in the run; `None`: every guest.
+    guest: Option<usize>,
+    port: u16,
+}
+
+fn parse_forward(text: &str) -> Result<ForwardSpec, String> {
+    let bad = || format!("not a forward ([ADDR:]PORT:GUEST:GUEST_PORT): {text:?}");
+    let mut parts = text.rsplitn(3, ':');
+    let port = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let guest = match parts.next().ok_or_else(bad)? {
+        "*" => None,
+        index => Some(index.parse().map_err(|_| bad())?),
+    };
+    let listen = parts.next().ok_or_else(bad)?;
+    let listen = match listen.parse::<u16>() {
+        Ok(port) => SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        Err(_) => listen.parse().map_err(|_| bad())?,
+    };
+    Ok(ForwardSpec {
+        listen,
+        guest,
+        port,
+    })
+}
+
+/// Sets up the run's port forwards to its guests (`ids[i]` is guest
+/// `i`'s id) and says each on stderr.
+fn forward(host: &Host, run: &RunArgs, ids: &[u64]) -> anyhow::Result<Vec<Forward>> {
+    let mut forwards = Vec::new();
+    if run.forwards.is_empty() {
+        return Ok(forwards);
+    }
+    let Some(lan) = &run.net else {
+        bail!("--forward needs --net");
+    };
+    for spec in &run.forwards {
+        let targets: Vec<(usize, u64)> = match spec.guest {
+            Some(index) => match ids.get(index) {
+                Some(&id) => vec![(0, id)],
+                None => bail!("--forward: no guest {index} (the run has {})", ids.len()),
+            },
+            None => ids.iter().copied().enumerate().collect(),
+        };
+        for (offset, id) in targets {
+            let mut listen = spec.listen;
+            let port = u16::try_from(offset)
+                .ok()
+                .and_then(|offset| listen.port().checked_add(offset))
+                .context("--forward: host ports run past 65535")?;
+            listen.set_port(port);
+            let to = SocketAddrV4::new(guest_ipv4(id).into(), spec.port);
+            let forward = host
+                .forward(lan, listen, to)
+                .with_context(|| format!("cannot forward {listen}"))?;
+            eprintln!(
+                "shoal: forwarding {} to guest {id} at {to}",
+                forward.local_addr()
+            );
+            forwards.push(forward);
+        }
+    }
+    Ok(forwards)
 }
 
 #[derive(clap::Args)]
@@ -251,6 +328,7 @@ fn run(run: RunArgs) -> anyhow::Result<ExitCode> {
     let guest = host
         .spawn(&image, run.config(0, sink))
         .context("cannot start the guest")?;
+    let _forwards = forward(&host, &run, &[guest.id()])?;
     let report = guest.wait();
     let status = report.end.exit_status();
     if status != 0 {
@@ -376,5 +454,29 @@ mod tests {
         assert_eq!(parse_size("2k"), Ok(2048));
         assert!(parse_size("lots").is_err());
         assert!(parse_size("99999999999G").is_err());
+    }
+
+    #[test]
+    fn forwards_parse_with_and_without_an_address() {
+        let local = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        assert_eq!(
+            parse_forward("8080:0:80"),
+            Ok(ForwardSpec {
+                listen: local(8080),
+                guest: Some(0),
+                port: 80
+            })
+        );
+        assert_eq!(
+            parse_forward("0.0.0.0:18000:*:80"),
+            Ok(ForwardSpec {
+                listen: "0.0.0.0:18000".parse().unwrap(),
+                guest: None,
+                port: 80
+            })
+        );
+        assert!(parse_forward("8080:80").is_err());
+        assert!(parse_forward("8080:x:80").is_err());
+        assert!(parse_forward("8080:0:99999").is_err());
     }
 }

@@ -133,6 +133,8 @@ pub fn run(image: &Image, run: &RunArgs) -> anyhow::Result<ExitCode> {
         guests.push(guest);
         progress.show(i + 1, 0, count);
     }
+    let ids: Vec<u64> = guests.iter().map(|guest| guest.id()).collect();
+    let _forwards = super::forward(&host, run, &ids)?;
     let mut reports: Vec<GuestReport> = Vec::with_capacity(count);
     for guest in guests {
         reports.push(guest.wait());

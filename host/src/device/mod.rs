@@ -14,11 +14,13 @@
 //! of notifications with nothing to do.
 
 mod disk;
+mod gateway;
 mod io;
 pub mod net;
 pub mod ring;
 
 pub use disk::{Disk, DiskError, DiskSpec, Disks, FLUSH_COST, Served};
+pub use gateway::{Forward, Gateway, GatewayStats};
 pub use io::IoThread;
 pub use net::{Lan, Lans, Mac};
 
@@ -352,9 +354,11 @@ impl Slot {
         stats.count_frames(FrameCount::Sent, sent);
         stats.count_frames(FrameCount::Dropped, dropped);
     }
+}
 
+impl net::Endpoint for Slot {
     /// A frame from the LAN: into a receive buffer, or the backlog until
-    /// there is one. Called by the device thread only.
+    /// there is one.
     fn receive(&self, frame: Vec<u8>) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.gone || state.rings[NET_RX as usize].is_none() {
@@ -393,7 +397,9 @@ impl Slot {
             }
         }
     }
+}
 
+impl Slot {
     fn stop(&self, reason: String) {
         tracing::debug!(guest = self.owner.control.id, device = self.index, %reason, "device stops its guest");
         self.owner.control.set_stop_reason(Crash::Device {
@@ -466,7 +472,7 @@ impl Devices {
             });
             parts.io.watch(&slot)?;
             if let Backend::Net(port) = &slot.backend {
-                port.lan.attach(port.mac, &slot);
+                port.lan.attach(port.mac, Arc::downgrade(&slot) as _);
             }
             devices.slots.push(slot);
         }

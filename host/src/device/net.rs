@@ -13,8 +13,9 @@
 //! guest's statistics: the sender's `frames_dropped` (bad, spoofed, over
 //! the rate, for a guest gone), the receiver's `frames_missed` (no room).
 
+use super::SlotState;
+use super::gateway::Gateway;
 use super::ring::{Chain, Ring, RingError};
-use super::{Slot, SlotState};
 use shoal_abi::device::{DESC_WRITE, FRAME_MAX, FRAME_MIN, MAC_PREFIX, NET_HEADER_LEN, NetHeader};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -35,10 +36,12 @@ pub const FRAME_LIMIT: u64 = 25_000;
 /// The window [`FRAME_LIMIT`] counts over.
 pub const FRAME_WINDOW: Duration = Duration::from_millis(100);
 
-/// The virtual LANs of this process, by name.
+/// The virtual LANs of this process, by name, and the host's end of each
+/// that has one.
 #[derive(Debug, Default)]
 pub struct Lans {
     lans: Mutex<HashMap<String, Weak<Lan>>>,
+    gateways: Mutex<HashMap<String, Weak<Gateway>>>,
 }
 
 impl Lans {
@@ -56,13 +59,34 @@ impl Lans {
         lans.insert(name.to_string(), Arc::downgrade(&lan));
         lan
     }
+
+    /// The host's end of LAN `name` (which it keeps), started with the
+    /// first port forward to the LAN.
+    pub fn gateway(&self, name: &str) -> std::io::Result<Arc<Gateway>> {
+        let mut gateways = self.gateways.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(gateway) = gateways.get(name).and_then(Weak::upgrade) {
+            return Ok(gateway);
+        }
+        gateways.retain(|_, gateway| gateway.strong_count() > 0);
+        let gateway = Arc::new(Gateway::start(self.join(name))?);
+        gateways.insert(name.to_string(), Arc::downgrade(&gateway));
+        Ok(gateway)
+    }
+}
+
+/// Something on a LAN that takes frames: a guest's network device, or
+/// the host's own end ([`super::gateway`]).
+pub trait Endpoint: Send + Sync + std::fmt::Debug {
+    /// Takes `frame`: a receive header, then the frame. Called with the
+    /// LAN's table locked; must not lock it again.
+    fn receive(&self, frame: Vec<u8>);
 }
 
 /// One virtual LAN: which port each address was last sent from.
 #[derive(Debug)]
 pub struct Lan {
     name: String,
-    table: Mutex<HashMap<Mac, Weak<Slot>>>,
+    table: Mutex<HashMap<Mac, Weak<dyn Endpoint>>>,
 }
 
 impl Lan {
@@ -71,9 +95,9 @@ impl Lan {
         &self.name
     }
 
-    /// Puts `slot` on the LAN at `mac`.
-    pub fn attach(&self, mac: Mac, slot: &Arc<Slot>) {
-        self.lock().insert(mac, Arc::downgrade(slot));
+    /// Puts `endpoint` on the LAN at `mac`.
+    pub fn attach(&self, mac: Mac, endpoint: Weak<dyn Endpoint>) {
+        self.lock().insert(mac, endpoint);
     }
 
     /// Takes `mac` off the LAN: frames to it are dropped from now on.
@@ -81,14 +105,14 @@ impl Lan {
         self.lock().remove(&mac);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Mac, Weak<Slot>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Mac, Weak<dyn Endpoint>>> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Forwards `frame` (a receive header and a checked frame, from
     /// [`read_frame`]) that `from` sent. False if it was for a guest that is
     /// gone (and dropped).
-    pub fn forward(&self, from: &Slot, frame: Vec<u8>) -> bool {
+    pub fn forward(&self, from: &dyn Endpoint, frame: Vec<u8>) -> bool {
         let mut dst = [0u8; 6];
         dst.copy_from_slice(&frame[HEADER..HEADER + 6]);
         // Targets take the frame with the table locked: nothing locks the
@@ -96,9 +120,9 @@ impl Lan {
         let table = self.lock();
         if dst[0] & 1 == 0 {
             match table.get(&dst).map(Weak::upgrade) {
-                Some(Some(slot)) => {
-                    if !std::ptr::eq(&*slot, from) {
-                        slot.receive(frame);
+                Some(Some(target)) => {
+                    if !std::ptr::addr_eq(&*target, from) {
+                        target.receive(frame);
                     }
                     return true;
                 }
@@ -110,7 +134,7 @@ impl Lan {
         let mut targets = table
             .values()
             .filter_map(Weak::upgrade)
-            .filter(|slot| !std::ptr::eq(&**slot, from))
+            .filter(|target| !std::ptr::addr_eq(&**target, from))
             .peekable();
         while let Some(target) = targets.next() {
             if targets.peek().is_none() {
@@ -143,7 +167,7 @@ pub enum Refused {
 }
 
 /// Bytes of the virtio-net header before each frame.
-const HEADER: usize = NET_HEADER_LEN as usize;
+pub const HEADER: usize = NET_HEADER_LEN as usize;
 
 /// Reads a transmit chain (already checked to lie in `mem`): its header,
 /// which must ask for nothing, and a frame from `mac`. Returns them with
@@ -170,12 +194,17 @@ pub fn read_frame(mem: &GuestMemoryMmap<()>, chain: &Chain, mac: Mac) -> Result<
     if bytes[HEADER + 6..HEADER + 12] != mac {
         return Err(Refused::Spoofed);
     }
-    let receive = NetHeader {
+    bytes[..HEADER].copy_from_slice(receive_header().as_bytes());
+    Ok(bytes)
+}
+
+/// The header before every frame the LAN delivers: one buffer, nothing
+/// asked.
+pub fn receive_header() -> NetHeader {
+    NetHeader {
         num_buffers: 1,
         ..NetHeader::default()
-    };
-    bytes[..HEADER].copy_from_slice(receive.as_bytes());
-    Ok(bytes)
+    }
 }
 
 /// Writes `frame` (receive header included) into a receive chain. The

@@ -1,0 +1,109 @@
+//! echo: a UDP and TCP echo server (port 7) on a virtual LAN. `shoal run
+//! --net lan echo -- [DURATION] [CONNECTIONS]` serves for DURATION (`30s`;
+//! default: until stopped), with CONNECTIONS TCP connections at once
+//! (default 4).
+//!
+//! Every UDP datagram to port 7 goes back to its sender as it is; every
+//! byte on a TCP connection to port 7 goes back on it, and the server
+//! closes its side when the client closed its own and every byte went
+//! back. The guest prints `echo: serving on A.B.C.D port 7 (udp, tcp)`
+//! once its stack is up, and at the end the datagrams and bytes it
+//! echoed.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use shoal_guest::{boot, println, time};
+use shoal_guest_net::Stack;
+use shoal_guest_net::smoltcp::socket::tcp::State;
+
+shoal_guest::entry!(main);
+
+#[global_allocator]
+static HEAP: shoal_guest::heap::Heap = shoal_guest::heap::Heap::new();
+
+const PORT: u16 = 7;
+/// Bytes each way in a TCP connection's buffers.
+const TCP_BUFFER: usize = 64 << 10;
+/// Bytes of datagrams kept each way.
+const UDP_BUFFER: usize = 32 << 10;
+
+fn main() -> i32 {
+    let mut args = boot::args();
+    let deadline = match args.next() {
+        Some(text) => match time::parse_duration_ns(text) {
+            Some(ns) => time::monotonic_ns().saturating_add(ns),
+            None => {
+                println!("echo: not a duration: {text}");
+                return 2;
+            }
+        },
+        None => u64::MAX,
+    };
+    let connections = match args.next().map(str::parse::<usize>) {
+        None => 4,
+        Some(Ok(n)) if (1..=64).contains(&n) => n,
+        Some(_) => {
+            println!("echo: CONNECTIONS is 1 to 64");
+            return 2;
+        }
+    };
+    let mut stack = match Stack::open() {
+        Ok(stack) => stack,
+        Err(e) => {
+            println!("echo: no network device ({e:?}); run with --net NAME");
+            return 1;
+        }
+    };
+    let Ok(udp) = stack.udp_bind(PORT, UDP_BUFFER) else {
+        println!("echo: cannot bind udp port {PORT}");
+        return 1;
+    };
+    let tcp: alloc::vec::Vec<_> = (0..connections)
+        .map(|_| stack.tcp_listen(PORT, TCP_BUFFER))
+        .collect();
+    let [a, b, c, d] = stack.ipv4();
+    println!("echo: serving on {a}.{b}.{c}.{d} port {PORT} (udp, tcp)");
+    let (mut datagrams, mut bytes) = (0u64, 0u64);
+    let mut chunk = [0u8; 2048];
+    while time::monotonic_ns() < deadline {
+        stack.poll();
+        let socket = stack.udp(udp);
+        while socket.can_send() {
+            let Ok((n, meta)) = socket.recv_slice(&mut chunk) else {
+                break;
+            };
+            // The send buffer has room (`can_send`); a datagram too large
+            // for it is dropped, as on any echo server.
+            let _ = socket.send_slice(&chunk[..n], meta.endpoint);
+            datagrams += 1;
+        }
+        for &handle in &tcp {
+            let socket = stack.tcp(handle);
+            while socket.can_recv() && socket.can_send() {
+                let room = socket.send_capacity() - socket.send_queue();
+                let want = room.min(chunk.len());
+                let Ok(n) = socket.recv_slice(&mut chunk[..want]) else {
+                    break;
+                };
+                // `room` bytes fit in the send buffer.
+                let _ = socket.send_slice(&chunk[..n]);
+                bytes += n as u64;
+            }
+            match socket.state() {
+                State::CloseWait if socket.recv_queue() == 0 => socket.close(),
+                State::Closed | State::TimeWait => {
+                    // Ready for the next client (no TIME-WAIT here: the LAN
+                    // loses nothing to send again).
+                    socket.abort();
+                    let _ = socket.listen(PORT);
+                }
+                _ => {}
+            }
+        }
+        stack.wait(deadline);
+    }
+    println!("echo: done, {datagrams} datagrams and {bytes} tcp bytes echoed");
+    0
+}
