@@ -71,6 +71,10 @@ const GUESTS: &[(&str, &str)] = &[
         "sends frames the LAN must drop (short, long, writable, offloads, spoofed, to a guest gone) and one good one",
     ),
     (
+        "net-flood",
+        "hostile: floods its LAN for DURATION with broadcast frames and frames to guests ID...",
+    ),
+    (
         "ring-attack",
         "hostile: breaks its disk's ring (loop, index, next, outside, past-end, rings, huge, indirect, ahead, cut, storm; setup: bad queue_setup calls)",
     ),

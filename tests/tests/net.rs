@@ -1,7 +1,8 @@
 //! Virtual LANs with real guests: two guests exchange 10,000 frames with
 //! none lost or reordered; frames the LAN must drop are dropped and
 //! counted, without stopping the sender or disturbing a conversation
-//! beside it; a LAN does not span shard processes (yet) and says so.
+//! beside it; a guest flooding the LAN does not stop two others talking;
+//! a LAN does not span shard processes (yet) and says so.
 
 mod common;
 
@@ -95,6 +96,37 @@ fn frames_the_lan_must_drop_are_counted_and_a_conversation_beside_goes_on() {
         common::assert_exited_0(&report);
         assert!(report.stats.frames.missed <= EARLY);
     }
+}
+
+#[test]
+fn a_flooding_guest_does_not_stop_the_others() {
+    let host = common::host();
+    let lan = "flooded";
+    let pair = [
+        on_lan(&host, "ping", lan, &["20000", "64", "8"]),
+        on_lan(&host, "ping", lan, &["20000", "64", "8"]),
+    ];
+    let victims = pair.each_ref().map(|g| g.id().to_string());
+    let flood = on_lan(&host, "net-flood", lan, &["30s", &victims[0], &victims[1]]);
+    for report in pair.map(GuestHandle::wait) {
+        common::assert_exited_0(&report);
+        let text = report.console_text();
+        assert!(
+            text.contains("ping ok: 20000 frames")
+                || text.contains("reply ok: 20000 frames in order"),
+            "{text}"
+        );
+    }
+    // The pair finished while the flood went on.
+    assert!(flood.try_end().is_none(), "the flood ended first");
+    flood.kill();
+    let flood = flood.wait();
+    let counts = flood.stats.frames;
+    assert!(counts.sent > 20_000, "a flood: {counts:?}");
+    assert!(
+        counts.dropped > 0,
+        "its broadcasts over the limit: {counts:?}"
+    );
 }
 
 #[test]

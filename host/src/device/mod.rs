@@ -150,6 +150,8 @@ struct SlotState {
     backlog: VecDeque<Vec<u8>>,
     /// Network: frames sent in the current window.
     sent: RateWindow,
+    /// Network: broadcast and multicast frames sent in the current window.
+    broadcasts: RateWindow,
 }
 
 impl SlotState {
@@ -296,7 +298,12 @@ impl Slot {
                 .as_ref()
                 .map_or(0, |r| 1 << r.event);
         }
-        let SlotState { rings, sent, .. } = state;
+        let SlotState {
+            rings,
+            sent,
+            broadcasts,
+            ..
+        } = state;
         let Some(tx) = rings[NET_TX as usize].as_mut() else {
             return Ok(done);
         };
@@ -307,8 +314,13 @@ impl Slot {
                 let frame = net::read_frame(tx.mem(), &chain, port.mac);
                 tx.complete(chain.head, 0)?;
                 taken += 1;
+                let now = now_ns();
                 match frame {
-                    Ok(frame) if sent.allow(now_ns()) => done.outbox.push(frame),
+                    Ok(frame)
+                        if sent.allow(now) && (!net::is_group(&frame) || broadcasts.allow(now)) =>
+                    {
+                        done.outbox.push(frame)
+                    }
                     _ => dropped += 1,
                 }
                 if taken >= TURN_CHAINS {
@@ -367,6 +379,12 @@ impl net::Endpoint for Slot {
             return;
         }
         if state.backlog.len() >= net::BACKLOG_MAX {
+            // Full: the frame takes the place of the newest of the sender
+            // with the most frames waiting, if that is another; one frame
+            // is missed either way.
+            if net::make_room(&mut state.backlog, &frame) {
+                state.backlog.push_back(frame);
+            }
             drop(state);
             self.count_received(0, 1);
             return;
@@ -468,6 +486,10 @@ impl Devices {
                     storm: RateWindow::per(STORM_LIMIT, STORM_WINDOW.as_nanos() as u64),
                     backlog: VecDeque::new(),
                     sent: RateWindow::per(net::FRAME_LIMIT, net::FRAME_WINDOW.as_nanos() as u64),
+                    broadcasts: RateWindow::per(
+                        net::BROADCAST_LIMIT,
+                        net::FRAME_WINDOW.as_nanos() as u64,
+                    ),
                 }),
             });
             parts.io.watch(&slot)?;

@@ -17,7 +17,7 @@ use super::SlotState;
 use super::gateway::Gateway;
 use super::ring::{Chain, Ring, RingError};
 use shoal_abi::device::{DESC_WRITE, FRAME_MAX, FRAME_MIN, MAC_PREFIX, NET_HEADER_LEN, NetHeader};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -33,7 +33,13 @@ pub const BACKLOG_MAX: usize = 256;
 /// more are dropped.
 pub const FRAME_LIMIT: u64 = 25_000;
 
-/// The window [`FRAME_LIMIT`] counts over.
+/// Broadcast and multicast frames a guest may send in one
+/// [`FRAME_WINDOW`] (10,000 a second); more are dropped. Each is copied to
+/// every port, so a guest's share of group frames is kept lower than its
+/// share of frames.
+pub const BROADCAST_LIMIT: u64 = 1_000;
+
+/// The window [`FRAME_LIMIT`] and [`BROADCAST_LIMIT`] count over.
 pub const FRAME_WINDOW: Duration = Duration::from_millis(100);
 
 /// The virtual LANs of this process, by name, and the host's end of each
@@ -169,6 +175,41 @@ pub enum Refused {
 /// Bytes of the virtio-net header before each frame.
 pub const HEADER: usize = NET_HEADER_LEN as usize;
 
+/// Whether `frame` (receive header in place) goes to a group address
+/// (broadcast or multicast).
+pub fn is_group(frame: &[u8]) -> bool {
+    frame.get(HEADER).is_some_and(|b| b & 1 == 1)
+}
+
+/// The sender of `frame` (receive header in place).
+fn source(frame: &[u8]) -> &[u8] {
+    &frame[HEADER + 6..HEADER + 12]
+}
+
+/// Makes room in a full backlog for `frame`, fairly: if another sender has
+/// more frames waiting than `frame`'s sender, its newest one goes, and
+/// `frame` may be queued (true). Else nothing changes and `frame` is to be
+/// dropped (false). A flooding sender thus fills a receiver's backlog only
+/// with what others leave free.
+pub fn make_room(backlog: &mut VecDeque<Vec<u8>>, frame: &[u8]) -> bool {
+    let mut counts: HashMap<&[u8], usize> = HashMap::new();
+    for queued in backlog.iter() {
+        *counts.entry(source(queued)).or_default() += 1;
+    }
+    let own = counts.get(source(frame)).copied().unwrap_or(0);
+    let Some((hog, most)) = counts.into_iter().max_by_key(|&(_, n)| n) else {
+        return false;
+    };
+    if most <= own + 1 {
+        return false;
+    }
+    let hog: Mac = hog.try_into().unwrap_or_default();
+    match backlog.iter().rposition(|queued| source(queued) == hog) {
+        Some(at) => backlog.remove(at).is_some(),
+        None => false,
+    }
+}
+
 /// Reads a transmit chain (already checked to lie in `mem`): its header,
 /// which must ask for nothing, and a frame from `mac`. Returns them with
 /// the header made the receive header, ready to go into a receive chain
@@ -260,4 +301,48 @@ fn next_chain(rx: &mut Ring) -> Result<Option<Chain>, RingError> {
         return Ok(Some(chain));
     }
     if rx.rearm()? { rx.pop() } else { Ok(None) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame_from(sender: u8) -> Vec<u8> {
+        let mut frame = vec![0; HEADER + 14];
+        frame[HEADER + 6..HEADER + 12].copy_from_slice(&[2, 0, 0, 0, 0, sender]);
+        frame
+    }
+
+    fn waiting(backlog: &VecDeque<Vec<u8>>, sender: u8) -> usize {
+        let from = frame_from(sender);
+        backlog
+            .iter()
+            .filter(|f| source(f) == source(&from))
+            .count()
+    }
+
+    #[test]
+    fn a_full_backlog_makes_room_for_a_sender_with_fewer_frames_waiting() {
+        let mut backlog: VecDeque<Vec<u8>> = (0..10).map(|_| frame_from(1)).collect();
+        backlog.push_back(frame_from(2));
+        assert!(make_room(&mut backlog, &frame_from(2)));
+        assert_eq!(waiting(&backlog, 1), 9);
+        assert_eq!(backlog.len(), 10, "one frame went to make room");
+        assert!(
+            !make_room(&mut backlog, &frame_from(1)),
+            "the flooder gets none"
+        );
+        assert!(
+            make_room(&mut backlog, &frame_from(3)),
+            "a newcomer gets some"
+        );
+        assert_eq!(waiting(&backlog, 1), 8);
+    }
+
+    #[test]
+    fn senders_with_equal_shares_keep_them() {
+        let mut backlog: VecDeque<Vec<u8>> = [1, 2, 1, 2].map(frame_from).into();
+        assert!(!make_room(&mut backlog, &frame_from(2)));
+        assert_eq!(backlog.len(), 4);
+    }
 }

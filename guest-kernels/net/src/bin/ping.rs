@@ -88,6 +88,7 @@ fn parse(frame: &[u8]) -> Parsed {
 fn reply(nic: &mut Nic, out: &mut [u8; 1514], first: usize) -> i32 {
     let mac = nic.mac();
     let mut next = 1u64;
+    let mut skipped = 0u64;
     let mut pending = Some(first);
     loop {
         let got = match pending.take() {
@@ -103,8 +104,8 @@ fn reply(nic: &mut Nic, out: &mut [u8; 1514], first: usize) -> i32 {
                 nic.wait(u64::MAX);
                 continue;
             }
-            Some((Parsed::Other, len)) => {
-                println!("reply: skipped a frame of {len} bytes that is not a ping");
+            Some((Parsed::Other, _)) => {
+                skipped += 1;
                 continue;
             }
             Some((Parsed::Damaged, _)) => {
@@ -129,6 +130,9 @@ fn reply(nic: &mut Nic, out: &mut [u8; 1514], first: usize) -> i32 {
         if kind == BYE {
             nic.flush();
             println!("reply ok: {} frames in order", next - 1);
+            if skipped > 0 {
+                println!("reply: skipped {skipped} frames that were not pings");
+            }
             return 0;
         }
     }
