@@ -88,7 +88,7 @@ const GUESTS: &[(&str, &str)] = &[
     ),
     (
         "echo",
-        "UDP and TCP echo server on port 7 of a virtual LAN (DURATION CONNECTIONS)",
+        "UDP and TCP echo server on port 7, TCP discard on 9, on a virtual LAN (DURATION CONNECTIONS)",
     ),
     (
         "echo-client",

@@ -99,6 +99,9 @@ pub enum BenchError {
     /// A scratch file could not be made.
     #[error("cannot make a scratch disk")]
     Io(#[source] std::io::Error),
+    /// A port forward could not be set up.
+    #[error("cannot forward a port to a bench guest")]
+    Forward(#[source] crate::host::ForwardError),
     /// A second host for comparison could not start.
     #[error("cannot start a host for comparison")]
     Host(#[source] crate::host::HostError),
@@ -256,6 +259,7 @@ pub fn run_all(host: &Host, sizes: Sizes, only: &[String]) -> Result<Vec<Figure>
     }
     if wanted("net") {
         figures.extend(net::net_figures(host, sizes.rounds)?);
+        figures.extend(net::forward_figures(host, sizes.rounds)?);
     }
     if wanted("spawn") {
         figures.extend(sched::spawn_figures(

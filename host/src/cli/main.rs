@@ -393,7 +393,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         } else {
             let comparison = match (figure.floor, figure.ratio) {
                 (Some(floor), Some(ratio)) => {
-                    format!("  (floor {floor:.3} {}, ratio {ratio:.3})", figure.unit)
+                    format!("  (against {floor:.3} {}, ratio {ratio:.3})", figure.unit)
                 }
                 _ => String::new(),
             };

@@ -81,7 +81,7 @@ impl Lans {
 }
 
 /// Something on a LAN that takes frames: a guest's network device, or
-/// the host's own end ([`super::gateway`]).
+/// the host's own end ([`super::Gateway`]).
 pub trait Endpoint: Send + Sync + std::fmt::Debug {
     /// Takes `frame`: a receive header, then the frame. Called with the
     /// LAN's table locked; must not lock it again.

@@ -141,7 +141,18 @@ fn check_tcp(stack: &mut Stack, server: [u8; 4], bytes: u64) -> Result<(), &'sta
     };
     let (mut sent, mut received) = (0u64, 0u64);
     let mut chunk = [0u8; 4096];
+    let mut progress_at = time::monotonic_ns();
     while received < bytes {
+        if time::monotonic_ns() - progress_at > PATIENCE_NS {
+            let socket = stack.tcp(tcp);
+            println!(
+                "echo-client: tcp: stalled at {sent} bytes sent, {received} received ({:?}, {} queued to send, {} to read)",
+                socket.state(),
+                socket.send_queue(),
+                socket.recv_queue()
+            );
+            return Err("no progress in five seconds");
+        }
         stack.poll();
         let socket = stack.tcp(tcp);
         while sent < bytes && socket.can_send() {
@@ -154,6 +165,7 @@ fn check_tcp(stack: &mut Stack, server: [u8; 4], bytes: u64) -> Result<(), &'sta
                 return Err("connection lost while sending");
             };
             sent += taken as u64;
+            progress_at = time::monotonic_ns();
         }
         while socket.can_recv() {
             let Ok(n) = socket.recv_slice(&mut chunk) else {
@@ -166,11 +178,15 @@ fn check_tcp(stack: &mut Stack, server: [u8; 4], bytes: u64) -> Result<(), &'sta
                 }
             }
             received += n as u64;
+            progress_at = time::monotonic_ns();
+        }
+        if received == bytes {
+            break;
         }
         if !socket.is_open() {
             return Err("the server closed the connection early");
         }
-        stack.wait(u64::MAX);
+        stack.wait(progress_at + PATIENCE_NS);
     }
     stack.tcp(tcp).close();
     // Let the close go out, and the server's close come in.
