@@ -6,22 +6,7 @@
 
 mod common;
 
-use shoal_host::{GuestConfig, GuestHandle, Host, HostConfig, Limits};
-use std::time::Duration;
-
-/// The built-in guest `name` on LAN `lan` with `args`.
-fn on_lan(host: &Host, name: &str, lan: &str, args: &[&str]) -> GuestHandle {
-    let config = GuestConfig {
-        net: Some(lan.into()),
-        limits: Limits {
-            run_time: Some(Duration::from_secs(120)),
-            ..Default::default()
-        },
-        ..common::config(args)
-    };
-    host.spawn(&common::image(name), config)
-        .unwrap_or_else(|e| panic!("cannot spawn {name}: {e}"))
-}
+use shoal_host::{GuestConfig, GuestHandle, Host, HostConfig};
 
 /// Frames a guest may miss because they came before it opened its
 /// network device (probes, a frame from a neighbour).
@@ -31,8 +16,8 @@ const EARLY: u64 = 10;
 /// frame was dropped or missed. Returns the sender's console.
 fn ping_pair(host: &Host, lan: &str, args: &[&str], frames: u64) -> String {
     let pair = [
-        on_lan(host, "ping", lan, args),
-        on_lan(host, "ping", lan, args),
+        common::on_lan(host, "ping", lan, args),
+        common::on_lan(host, "ping", lan, args),
     ];
     let reports = pair.map(GuestHandle::wait);
     for report in &reports {
@@ -79,10 +64,10 @@ fn two_guests_exchange_10000_frames_none_lost_or_reordered() {
 fn frames_the_lan_must_drop_are_counted_and_a_conversation_beside_goes_on() {
     let host = common::host();
     let pair = [
-        on_lan(&host, "ping", "shared", &["3000", "64", "8"]),
-        on_lan(&host, "ping", "shared", &["3000", "64", "8"]),
+        common::on_lan(&host, "ping", "shared", &["3000", "64", "8"]),
+        common::on_lan(&host, "ping", "shared", &["3000", "64", "8"]),
     ];
-    let attacker = on_lan(&host, "net-attack", "shared", &[]).wait();
+    let attacker = common::on_lan(&host, "net-attack", "shared", &[]).wait();
     common::assert_exited_0(&attacker);
     assert!(
         attacker
@@ -103,11 +88,11 @@ fn a_flooding_guest_does_not_stop_the_others() {
     let host = common::host();
     let lan = "flooded";
     let pair = [
-        on_lan(&host, "ping", lan, &["20000", "64", "8"]),
-        on_lan(&host, "ping", lan, &["20000", "64", "8"]),
+        common::on_lan(&host, "ping", lan, &["20000", "64", "8"]),
+        common::on_lan(&host, "ping", lan, &["20000", "64", "8"]),
     ];
     let victims = pair.each_ref().map(|g| g.id().to_string());
-    let flood = on_lan(&host, "net-flood", lan, &["30s", &victims[0], &victims[1]]);
+    let flood = common::on_lan(&host, "net-flood", lan, &["30s", &victims[0], &victims[1]]);
     for report in pair.map(GuestHandle::wait) {
         common::assert_exited_0(&report);
         let text = report.console_text();

@@ -7,25 +7,11 @@
 mod common;
 
 use shoal_abi::device::guest_ipv4;
-use shoal_host::{Forward, GuestConfig, GuestHandle, Host, Limits};
+use shoal_host::{Forward, GuestHandle, Host};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// The built-in guest `name` on LAN `lan` with `args`.
-fn on_lan(host: &Host, name: &str, lan: &str, args: &[&str]) -> GuestHandle {
-    let config = GuestConfig {
-        net: Some(lan.into()),
-        limits: Limits {
-            run_time: Some(Duration::from_secs(120)),
-            ..Default::default()
-        },
-        ..common::config(args)
-    };
-    host.spawn(&common::image(name), config)
-        .unwrap_or_else(|e| panic!("cannot spawn {name}: {e}"))
-}
 
 /// Forwards a free loopback port to `port` of `guest` on `lan`.
 fn forward(host: &Host, lan: &str, guest: &GuestHandle, port: u16) -> Forward {
@@ -91,10 +77,10 @@ fn get(addr: SocketAddr, path: &str) -> Result<(String, String), String> {
 #[test]
 fn echo_answers_udp_and_tcp_from_a_guest_and_tcp_from_the_host() {
     let host = common::host();
-    let server = on_lan(&host, "echo", "echo", &["60s"]);
+    let server = common::on_lan(&host, "echo", "echo", &["60s"]);
     let ip = guest_ipv4(server.id());
     let address = format!("{}.{}.{}.{}", ip[0], ip[1], ip[2], ip[3]);
-    let client = on_lan(&host, "echo-client", "echo", &[&address, "200", "1048576"]).wait();
+    let client = common::on_lan(&host, "echo-client", "echo", &[&address, "200", "1048576"]).wait();
     common::assert_exited_0(&client);
     assert!(
         client
@@ -141,7 +127,7 @@ fn echo_answers_udp_and_tcp_from_a_guest_and_tcp_from_the_host() {
 #[test]
 fn curl_and_a_rust_client_fetch_the_http_guests_page_through_a_port_forward() {
     let host = common::host();
-    let server = on_lan(&host, "http", "web", &["60s"]);
+    let server = common::on_lan(&host, "http", "web", &["60s"]);
     let port = forward(&host, "web", &server, 80);
     let url = format!("http://{}/", port.local_addr());
     let page = retry("curl", || {
@@ -179,7 +165,7 @@ fn curl_and_a_rust_client_fetch_the_http_guests_page_through_a_port_forward() {
 fn a_hundred_http_guests_on_one_lan_each_answer_with_their_own_id() {
     let host = common::host();
     let guests: Vec<GuestHandle> = (0..100)
-        .map(|_| on_lan(&host, "http", "hundred", &["100s", "2"]))
+        .map(|_| common::on_lan(&host, "http", "hundred", &["100s", "2"]))
         .collect();
     let forwards: Vec<Forward> = guests
         .iter()

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use shoal_host::console::ConsoleSink;
-use shoal_host::{GuestConfig, GuestReport, Host, Image, builtin};
+use shoal_host::{GuestConfig, GuestHandle, GuestReport, Host, Image, Limits, builtin};
 use std::sync::mpsc::{Receiver, channel};
 
 /// A host on `/dev/kvm`; fails the test with a clear message without one.
@@ -121,4 +121,19 @@ pub fn line_sink() -> (ConsoleSink, Receiver<String>) {
         }
     });
     (sink, rx)
+}
+
+/// The built-in guest `name` on virtual LAN `lan` with `args`, stopped
+/// after two minutes at most.
+pub fn on_lan(host: &Host, name: &str, lan: &str, args: &[&str]) -> GuestHandle {
+    let config = GuestConfig {
+        net: Some(lan.into()),
+        limits: Limits {
+            run_time: Some(std::time::Duration::from_secs(120)),
+            ..Default::default()
+        },
+        ..config(args)
+    };
+    host.spawn(&image(name), config)
+        .unwrap_or_else(|e| panic!("cannot spawn {name}: {e}"))
 }

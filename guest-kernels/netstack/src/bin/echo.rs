@@ -15,11 +15,13 @@
 
 extern crate alloc;
 
-use shoal_guest::{boot, println, time};
-use shoal_guest_net::Stack;
+use shoal_guest::{println, time};
 use shoal_guest_net::smoltcp::socket::tcp::{self, State};
 
 shoal_guest::entry!(main);
+
+#[path = "../server.rs"]
+mod server;
 
 #[global_allocator]
 static HEAP: shoal_guest::heap::Heap = shoal_guest::heap::Heap::new();
@@ -32,31 +34,13 @@ const TCP_BUFFER: usize = 64 << 10;
 const UDP_BUFFER: usize = 32 << 10;
 
 fn main() -> i32 {
-    let mut args = boot::args();
-    let deadline = match args.next() {
-        Some(text) => match time::parse_duration_ns(text) {
-            Some(ns) => time::monotonic_ns().saturating_add(ns),
-            None => {
-                println!("echo: not a duration: {text}");
-                return 2;
-            }
-        },
-        None => u64::MAX,
-    };
-    let connections = match args.next().map(str::parse::<usize>) {
-        None => 4,
-        Some(Ok(n)) if (1..=64).contains(&n) => n,
-        Some(_) => {
-            println!("echo: CONNECTIONS is 1 to 64");
-            return 2;
-        }
-    };
-    let mut stack = match Stack::open() {
-        Ok(stack) => stack,
-        Err(e) => {
-            println!("echo: no network device ({e:?}); run with --net NAME");
-            return 1;
-        }
+    let server::Server {
+        deadline,
+        connections,
+        mut stack,
+    } = match server::start("echo", 4) {
+        Ok(server) => server,
+        Err(code) => return code,
     };
     let Ok(udp) = stack.udp_bind(PORT, UDP_BUFFER) else {
         println!("echo: cannot bind udp port {PORT}");

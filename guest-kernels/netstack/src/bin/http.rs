@@ -18,11 +18,13 @@ extern crate alloc;
 use alloc::vec::Vec;
 use core::fmt::Write;
 use shoal_guest::{boot, println, time};
-use shoal_guest_net::Stack;
 use shoal_guest_net::smoltcp::iface::SocketHandle;
 use shoal_guest_net::smoltcp::socket::tcp::{self, State};
 
 shoal_guest::entry!(main);
+
+#[path = "../server.rs"]
+mod server;
 
 #[global_allocator]
 static HEAP: shoal_guest::heap::Heap = shoal_guest::heap::Heap::new();
@@ -43,31 +45,13 @@ struct Conn {
 
 fn main() -> i32 {
     let started = time::monotonic_ns();
-    let mut args = boot::args();
-    let deadline = match args.next() {
-        Some(text) => match time::parse_duration_ns(text) {
-            Some(ns) => started.saturating_add(ns),
-            None => {
-                println!("http: not a duration: {text}");
-                return 2;
-            }
-        },
-        None => u64::MAX,
-    };
-    let connections = match args.next().map(str::parse::<usize>) {
-        None => 8,
-        Some(Ok(n)) if (1..=64).contains(&n) => n,
-        Some(_) => {
-            println!("http: CONNECTIONS is 1 to 64");
-            return 2;
-        }
-    };
-    let mut stack = match Stack::open() {
-        Ok(stack) => stack,
-        Err(e) => {
-            println!("http: no network device ({e:?}); run with --net NAME");
-            return 1;
-        }
+    let server::Server {
+        deadline,
+        connections,
+        mut stack,
+    } = match server::start("http", 8) {
+        Ok(server) => server,
+        Err(code) => return code,
     };
     let mut conns: Vec<Conn> = (0..connections)
         .map(|_| Conn {
