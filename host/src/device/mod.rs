@@ -207,33 +207,26 @@ impl Slot {
         if state.gone {
             return Turn::Done;
         }
-        let outcome = {
-            let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
-            // A host bug on a guest's request stops that guest, not the
-            // thread that serves every guest's devices.
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &self.backend {
-                Backend::Disk(disk) => self.disk_turn(disk, &mut state),
-                Backend::Net(port) => self.net_turn(port, &mut state),
-            }))
-            .unwrap_or(Err(RingError::HostPanic))
-        };
+        let outcome = self.guarded(&mut state, |state| match &self.backend {
+            Backend::Disk(disk) => self.disk_turn(disk, state),
+            Backend::Net(port) => self.net_turn(port, state),
+        });
         let done = match outcome {
             Ok(done) => done,
             Err(error) => {
-                state.retire();
-                drop(state);
-                self.stop(error.to_string());
+                self.fail(state, error.to_string());
                 return Turn::Done;
             }
         };
         let used = done.used;
         if used == 0 && notifications > 0 && !state.storm.allow_n(notifications, now_ns()) {
-            state.retire();
-            drop(state);
-            self.stop(format!(
-                "notification storm: more than {STORM_LIMIT} notifications with nothing to do in {} ms",
+            self.fail(
+                state,
+                format!(
+                    "notification storm: more than {STORM_LIMIT} notifications with nothing to do in {} ms",
                     STORM_WINDOW.as_millis()
-            ));
+                ),
+            );
             return Turn::Done;
         }
         drop(state);
@@ -390,12 +383,7 @@ impl net::Endpoint for Slot {
             return;
         }
         state.backlog.push_back(frame);
-        let outcome = {
-            let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| net::fill_rx(&mut state)))
-                .unwrap_or(Err(RingError::HostPanic))
-        };
-        match outcome {
+        match self.guarded(&mut state, net::fill_rx) {
             Ok((received, missed, raise)) => {
                 let event = state.rings[NET_RX as usize].as_ref().map_or(0, |r| r.event);
                 drop(state);
@@ -408,16 +396,34 @@ impl net::Endpoint for Slot {
                     self.raise(1 << event);
                 }
             }
-            Err(error) => {
-                state.retire();
-                drop(state);
-                self.stop(error.to_string());
-            }
+            Err(error) => self.fail(state, error.to_string()),
         }
     }
 }
 
 impl Slot {
+    /// Does `work` on the slot's state, which may write guest memory: with
+    /// the guest's device gate held (the MMU never has the guest's RAM
+    /// read-only meanwhile) and a host panic caught, so that a host bug on
+    /// a guest's request stops that guest, not the thread serving every
+    /// guest's devices. Every device write goes through here.
+    fn guarded<T>(
+        &self,
+        state: &mut SlotState,
+        work: impl FnOnce(&mut SlotState) -> Result<T, RingError>,
+    ) -> Result<T, RingError> {
+        let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(state)))
+            .unwrap_or(Err(RingError::HostPanic))
+    }
+
+    /// Serves nothing more and stops the guest for `reason`.
+    fn fail(&self, mut state: std::sync::MutexGuard<'_, SlotState>, reason: String) {
+        state.retire();
+        drop(state);
+        self.stop(reason);
+    }
+
     fn stop(&self, reason: String) {
         tracing::debug!(guest = self.owner.control.id, device = self.index, %reason, "device stops its guest");
         self.owner.control.set_stop_reason(Crash::Device {
