@@ -32,6 +32,7 @@ use crate::boot::paging::{
 };
 use crate::kvm::memory::{GuestRam, MemoryError};
 use crate::kvm::vm::{Vm, VmError};
+use crate::limits::RateWindow;
 use crate::stats::GuestStats;
 use shoal_abi::HypercallError;
 use shoal_abi::hypercall::{
@@ -125,31 +126,10 @@ pub struct Translations<'a> {
     pub device_gate: Option<&'a std::sync::RwLock<()>>,
 }
 
-/// Notifier calls made in the current budget window.
-#[derive(Clone, Copy, Debug, Default)]
-struct Budget {
-    window_start_ns: u64,
-    used: u32,
-}
-
-impl Budget {
-    /// Whether `runs` more notifier calls fit at `now_ns`; counts them if so.
-    fn take(&mut self, runs: usize, now_ns: u64) -> bool {
-        if now_ns.saturating_sub(self.window_start_ns) >= BUDGET_WINDOW_NS {
-            *self = Self {
-                window_start_ns: now_ns,
-                used: 0,
-            };
-        }
-        let runs = u32::try_from(runs).unwrap_or(u32::MAX);
-        match self.used.checked_add(runs) {
-            Some(used) if used <= NOTIFIER_BUDGET => {
-                self.used = used;
-                true
-            }
-            _ => false,
-        }
-    }
+/// A guest's notifier budget: [`NOTIFIER_BUDGET`] calls per
+/// [`BUDGET_WINDOW_NS`].
+fn notifier_budget() -> RateWindow {
+    RateWindow::per(u64::from(NOTIFIER_BUDGET), BUDGET_WINDOW_NS)
 }
 
 /// A guest's MMU state: the template's tables until the guest first asks
@@ -211,7 +191,7 @@ pub struct Mmu {
     /// again when a trapped write names a table not seen yet).
     leaf_tables: HashMap<u64, u64>,
     forget: Forget,
-    budget: Budget,
+    budget: RateWindow,
 }
 
 /// What one checked request does.
@@ -238,7 +218,7 @@ impl Mmu {
             window: false,
             leaf_tables: HashMap::new(),
             forget: Forget::default(),
-            budget: Budget::default(),
+            budget: notifier_budget(),
         };
         for (_, entry) in mmu.tables.leaves() {
             if let Some(slot) = mmu.slot(entry & ADDR_MASK) {
@@ -335,7 +315,7 @@ impl Mmu {
         match self.forget {
             Forget::Notifier => true,
             Forget::SlotMove => false,
-            Forget::Auto => runs <= NOTIFIER_RUNS_MAX && self.budget.take(runs, now_ns),
+            Forget::Auto => runs <= NOTIFIER_RUNS_MAX && self.budget.allow_n(runs as u64, now_ns),
         }
     }
 
@@ -630,13 +610,13 @@ mod tests {
 
     #[test]
     fn the_notifier_budget_refills_each_window() {
-        let mut budget = Budget::default();
-        assert!(budget.take(NOTIFIER_BUDGET as usize - 1, 0));
-        assert!(budget.take(1, 10));
-        assert!(!budget.take(1, BUDGET_WINDOW_NS - 1));
-        assert!(budget.take(3, BUDGET_WINDOW_NS));
-        assert!(!budget.take(NOTIFIER_BUDGET as usize, BUDGET_WINDOW_NS + 1));
-        assert!(!budget.take(usize::MAX, 5 * BUDGET_WINDOW_NS));
+        let mut budget = notifier_budget();
+        assert!(budget.allow_n(u64::from(NOTIFIER_BUDGET) - 1, 0));
+        assert!(budget.allow_n(1, 10));
+        assert!(!budget.allow_n(1, BUDGET_WINDOW_NS - 1));
+        assert!(budget.allow_n(3, BUDGET_WINDOW_NS));
+        assert!(!budget.allow_n(u64::from(NOTIFIER_BUDGET), BUDGET_WINDOW_NS + 1));
+        assert!(!budget.allow_n(u64::MAX, 5 * BUDGET_WINDOW_NS));
     }
 
     #[test]
