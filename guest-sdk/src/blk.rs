@@ -15,7 +15,6 @@
 //! address: the stack, statics, the boot heap, or [`buffer`]; not the
 //! `alloc` heap.
 
-use crate::event;
 use crate::hypercall::{self, Error};
 use crate::virtq::{Buf, Virtq};
 use shoal_abi::device::{
@@ -255,11 +254,7 @@ impl Disk {
 
     /// Blocks until the host used a chain (or already has).
     fn wait(&mut self) {
-        let bit = 1 << self.queue.event();
-        event::take(bit);
-        if !self.queue.arm() {
-            event::wait_any(bit, u64::MAX);
-        }
+        self.queue.wait(u64::MAX);
     }
 
     /// Puts request `index` on the queue.

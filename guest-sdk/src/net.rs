@@ -22,6 +22,7 @@ use crate::virtq::{Buf, Virtq};
 use shoal_abi::device::{
     FRAME_MAX, FRAME_MIN, KIND_NET, NET_HEADER_LEN, NET_RX, NET_TX, ipv4_of, mac_from_capacity,
 };
+use shoal_abi::hypercall::DeviceInfo;
 use shoal_abi::layout::PAGE_SIZE;
 
 /// Descriptors in each of the two queues.
@@ -88,16 +89,23 @@ const TX_ALL: u128 = u128::MAX >> (128 - TX_BUFFERS);
 impl Nic {
     /// The guest's first network device.
     pub fn find() -> Result<Self, NetError> {
-        let index = (0..crate::blk::devices())
-            .find(|&i| crate::blk::info(i).is_ok_and(|info| info.kind == KIND_NET))
+        let (index, info) = (0..)
+            .map_while(|i| crate::blk::info(i).ok().map(|info| (i, info)))
+            .find(|(_, info)| info.kind == KIND_NET)
             .ok_or(NetError::NoNic)?;
-        Self::open(index)
+        Self::with_info(index, info)
     }
 
     /// Sets up network device `index`: both queues, every receive buffer
     /// given to the host.
     pub fn open(index: u32) -> Result<Self, NetError> {
         let info = crate::blk::info(index).map_err(|_| NetError::NoNic)?;
+        Self::with_info(index, info)
+    }
+
+    /// Sets up network device `index`, which `device_info` described as
+    /// `info`.
+    fn with_info(index: u32, info: DeviceInfo) -> Result<Self, NetError> {
         if info.kind != KIND_NET || index >= 64 - EVENT_BASE {
             return Err(NetError::NoNic);
         }
@@ -198,7 +206,7 @@ impl Nic {
     /// Blocks until a frame is in or the monotonic clock reaches
     /// `deadline_ns` (`u64::MAX`: no deadline); true if a frame is in.
     pub fn wait(&mut self, deadline_ns: u64) -> bool {
-        self.wait_io(deadline_ns, false)
+        self.rx.q.wait(deadline_ns)
     }
 
     /// Blocks until a frame is in, or (with `tx`) the host is done with a
@@ -435,10 +443,6 @@ impl TxQueue {
 
     /// Blocks until the host is done with a transmit buffer.
     fn wait(&mut self) {
-        let bit = 1 << self.q.event();
-        event::take(bit);
-        if !self.q.arm() {
-            event::wait_any(bit, u64::MAX);
-        }
+        self.q.wait(u64::MAX);
     }
 }

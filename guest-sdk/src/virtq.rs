@@ -205,6 +205,22 @@ impl Virtq {
         self.used_word(1) != self.last_used
     }
 
+    /// Blocks until the host used a chain not yet popped, or the monotonic
+    /// clock reaches `deadline_ns` (`u64::MAX`: no deadline); true if one
+    /// is there.
+    pub fn wait(&mut self, deadline_ns: u64) -> bool {
+        let bit = 1 << self.event;
+        loop {
+            crate::event::take(bit);
+            if self.arm() {
+                return true;
+            }
+            if crate::event::wait_any(bit, deadline_ns) == 0 {
+                return self.has_used();
+            }
+        }
+    }
+
     /// The `u16` at `index` (in `u16`s) of the used ring.
     fn used_word(&self, index: usize) -> u16 {
         // SAFETY: callers pass `idx` (1) or `avail_event`, both inside the
