@@ -4,7 +4,7 @@
 use crate::console::{ConsoleSink, DEFAULT_CONSOLE_LIMIT};
 use crate::control::GuestControl;
 pub use crate::control::GuestState;
-use crate::device::{DiskSpec, Forward};
+use crate::device::{DiskSpec, Forward, Lans};
 use crate::end::GuestEnd;
 use crate::guest::SpawnError;
 use crate::kvm::vm::VmError;
@@ -104,11 +104,6 @@ pub enum ForwardError {
     /// The host address could not be bound, or the gateway not started.
     #[error("cannot forward: {0}")]
     Io(#[from] std::io::Error),
-    /// The host runs its guests in shard processes.
-    #[error(
-        "port forwards need the guests in this process; virtual LANs do not span shard processes yet"
-    )]
-    Sharded,
 }
 
 /// How a host runs its guests.
@@ -233,9 +228,23 @@ impl Host {
         listen: SocketAddr,
         to: SocketAddrV4,
     ) -> Result<Forward, ForwardError> {
+        Ok(self.lans().gateway(lan)?.forward(listen, to)?)
+    }
+
+    /// Frames to one guest that the host's side of LAN `lan` dropped:
+    /// the guest was gone, or there was no room on the way. Their senders
+    /// count them too, except those that crossed from one shard process
+    /// to another (the sender's shard saw them leave, not dropped).
+    pub fn lan_lost(&self, lan: &str) -> u64 {
+        self.lans().get(lan).map_or(0, |lan| lan.lost())
+    }
+
+    /// Where the host's own ends of its LANs go: this process's LANs, or
+    /// the supervisor's when guests run in shards.
+    fn lans(&self) -> &Lans {
         match &self.engine {
-            Engine::Local(local) => Ok(local.gateway(lan)?.forward(listen, to)?),
-            Engine::Sharded(_) => Err(ForwardError::Sharded),
+            Engine::Local(local) => local.lans(),
+            Engine::Sharded(shards) => shards.lans(),
         }
     }
 

@@ -65,9 +65,9 @@ impl Local {
         self.sched.workers()
     }
 
-    /// The host's end of LAN `name`, for port forwards.
-    pub(crate) fn gateway(&self, name: &str) -> std::io::Result<Arc<crate::device::Gateway>> {
-        self.lans.gateway(name)
+    /// This process's virtual LANs.
+    pub(crate) fn lans(&self) -> &Lans {
+        &self.lans
     }
 
     pub(crate) fn pool(&self) -> PoolStatus {

@@ -2,11 +2,11 @@
 //! none lost or reordered; frames the LAN must drop are dropped and
 //! counted, without stopping the sender or disturbing a conversation
 //! beside it; a guest flooding the LAN does not stop two others talking;
-//! a LAN does not span shard processes (yet) and says so.
+//! and all of it holds with the guests in different shard processes.
 
 mod common;
 
-use shoal_host::{GuestConfig, GuestHandle, Host, HostConfig};
+use shoal_host::{GuestHandle, Host};
 
 /// Frames a guest may miss because they came before it opened its
 /// network device (probes, a frame from a neighbour).
@@ -84,15 +84,24 @@ fn frames_the_lan_must_drop_are_counted_and_a_conversation_beside_goes_on() {
 }
 
 #[test]
-fn a_flooding_guest_does_not_stop_the_others() {
-    let host = common::host();
-    let lan = "flooded";
+fn guests_in_different_shard_processes_exchange_frames_none_lost_or_reordered() {
+    let host = common::sharded_host(1);
+    ping_pair(&host, "across", &["10000", "64", "32"], 10_000);
+    assert_eq!(host.processes(), 2, "one guest in each shard");
+    let big = ping_pair(&host, "across", &["2000", "1514", "16"], 2_000);
+    assert!(big.contains("of 1514 bytes"), "{big}");
+}
+
+/// Floods LAN `lan` of `host` while a `ping` pair on it exchanges 20,000
+/// frames; asserts that the pair finished first and that the flooder's
+/// broadcasts over its limit were dropped.
+fn flood_beside_a_pair(host: &Host, lan: &str) {
     let pair = [
-        common::on_lan(&host, "ping", lan, &["20000", "64", "8"]),
-        common::on_lan(&host, "ping", lan, &["20000", "64", "8"]),
+        common::on_lan(host, "ping", lan, &["20000", "64", "8"]),
+        common::on_lan(host, "ping", lan, &["20000", "64", "8"]),
     ];
     let victims = pair.each_ref().map(|g| g.id().to_string());
-    let flood = common::on_lan(&host, "net-flood", lan, &["30s", &victims[0], &victims[1]]);
+    let flood = common::on_lan(host, "net-flood", lan, &["30s", &victims[0], &victims[1]]);
     for report in pair.map(GuestHandle::wait) {
         common::assert_exited_0(&report);
         let text = report.console_text();
@@ -115,22 +124,30 @@ fn a_flooding_guest_does_not_stop_the_others() {
 }
 
 #[test]
-fn a_lan_does_not_span_shard_processes_yet() {
-    let host = Host::with_config(HostConfig {
-        shard_size: Some(1),
-        ..Default::default()
-    })
-    .expect("a sharded host");
-    let error = host
-        .spawn(
-            &common::image("ping"),
-            GuestConfig {
-                net: Some("lan".into()),
-                ..Default::default()
-            },
-        )
-        .expect_err("refused");
-    assert!(error.to_string().contains("do not span shard"), "{error}");
+fn a_flooding_guest_does_not_stop_the_others() {
+    flood_beside_a_pair(&common::host(), "flooded");
+}
+
+#[test]
+fn a_flooding_guest_in_another_shard_does_not_stop_the_others() {
+    let host = common::sharded_host(1);
+    flood_beside_a_pair(&host, "flooded");
+    assert_eq!(host.processes(), 3, "each guest in its own shard");
+}
+
+#[test]
+fn frames_across_shards_to_a_guest_that_is_gone_are_dropped_and_counted() {
+    let host = common::sharded_host(1);
+    let lan = "gone";
+    let report = common::on_lan(&host, "net-flood", lan, &["200ms", "999"]).wait();
+    common::assert_exited_0(&report);
+    // The guest's shard sent them on; the supervisor found no guest 999.
+    assert!(
+        report.stats.frames.sent > 1_000,
+        "{:?}",
+        report.stats.frames
+    );
+    assert!(host.lan_lost(lan) > 1_000, "{}", host.lan_lost(lan));
 }
 
 #[test]

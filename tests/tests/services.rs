@@ -1,8 +1,8 @@
 //! Network services in guests, over smoltcp in the guest SDK: an `echo`
 //! server answers UDP and TCP from another guest and TCP from the host
 //! through a port forward; `curl` and a Rust client fetch the `http`
-//! guest's page through a port forward; a hundred `http` guests on one LAN
-//! each answer with their own id.
+//! guest's page through a port forward; a hundred `http` guests on one LAN,
+//! spread over three shard processes, each answer with their own id.
 
 mod common;
 
@@ -162,8 +162,8 @@ fn curl_and_a_rust_client_fetch_the_http_guests_page_through_a_port_forward() {
 }
 
 #[test]
-fn a_hundred_http_guests_on_one_lan_each_answer_with_their_own_id() {
-    let host = common::host();
+fn a_hundred_http_guests_on_one_lan_over_three_shards_each_answer_with_their_own_id() {
+    let host = common::sharded_host(34);
     let guests: Vec<GuestHandle> = (0..100)
         .map(|_| common::on_lan(&host, "http", "hundred", &["100s", "2"]))
         .collect();

@@ -111,8 +111,6 @@ pub fn run(image: &Image, run: &RunArgs) -> anyhow::Result<ExitCode> {
     let shard_size = match run.shard_size {
         Some(0) => None,
         Some(size) => Some(size),
-        // A virtual LAN does not span shard processes yet.
-        None if run.net.is_some() => None,
         None => (count > DEFAULT_SHARD_SIZE).then_some(DEFAULT_SHARD_SIZE),
     };
     let host = Host::with_config(HostConfig {

@@ -69,11 +69,11 @@ struct Shared {
 }
 
 impl Endpoint for Shared {
-    fn receive(&self, frame: Vec<u8>) {
+    fn receive(&self, frame: Vec<u8>) -> bool {
         let mut inbox = self.inbox.lock().unwrap_or_else(|e| e.into_inner());
         if inbox.len() >= INBOX_MAX {
             self.missed.fetch_add(1, Ordering::Relaxed);
-            return;
+            return true;
         }
         let was_empty = inbox.is_empty();
         inbox.push_back(frame);
@@ -81,6 +81,7 @@ impl Endpoint for Shared {
         if was_empty {
             let _ = self.wake.write(1);
         }
+        true
     }
 }
 

@@ -22,7 +22,7 @@ pub mod ring;
 pub use disk::{Disk, DiskError, DiskSpec, Disks, FLUSH_COST, Served};
 pub use gateway::{Forward, Gateway, GatewayStats};
 pub use io::IoThread;
-pub use net::{Lan, Lans, Mac};
+pub use net::{Endpoint, Lan, Lans, Mac, make_room};
 
 use crate::control::GuestControl;
 use crate::end::Crash;
@@ -364,12 +364,12 @@ impl Slot {
 impl net::Endpoint for Slot {
     /// A frame from the LAN: into a receive buffer, or the backlog until
     /// there is one.
-    fn receive(&self, frame: Vec<u8>) {
+    fn receive(&self, frame: Vec<u8>) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.gone || state.rings[NET_RX as usize].is_none() {
             drop(state);
             self.count_received(0, 1);
-            return;
+            return true;
         }
         if state.backlog.len() >= net::BACKLOG_MAX {
             // Full: the frame takes the place of the newest of the sender
@@ -380,7 +380,7 @@ impl net::Endpoint for Slot {
             }
             drop(state);
             self.count_received(0, 1);
-            return;
+            return true;
         }
         state.backlog.push_back(frame);
         match self.guarded(&mut state, net::fill_rx) {
@@ -398,6 +398,7 @@ impl net::Endpoint for Slot {
             }
             Err(error) => self.fail(state, error.to_string()),
         }
+        true
     }
 }
 

@@ -17,7 +17,8 @@ use super::SlotState;
 use super::gateway::Gateway;
 use super::ring::{Chain, Ring, RingError};
 use shoal_abi::device::{DESC_WRITE, FRAME_MAX, FRAME_MIN, MAC_PREFIX, NET_HEADER_LEN, NetHeader};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -58,12 +59,15 @@ impl Lans {
             return lan;
         }
         lans.retain(|_, lan| lan.strong_count() > 0);
-        let lan = Arc::new(Lan {
-            name: name.to_string(),
-            table: Mutex::default(),
-        });
+        let lan = Arc::new(Lan::new(name));
         lans.insert(name.to_string(), Arc::downgrade(&lan));
         lan
+    }
+
+    /// LAN `name`, if it has anything on it.
+    pub fn get(&self, name: &str) -> Option<Arc<Lan>> {
+        let lans = self.lans.lock().unwrap_or_else(|e| e.into_inner());
+        lans.get(name).and_then(Weak::upgrade)
     }
 
     /// The host's end of LAN `name` (which it keeps), started with the
@@ -83,73 +87,122 @@ impl Lans {
 /// Something on a LAN that takes frames: a guest's network device, or
 /// the host's own end ([`super::Gateway`]).
 pub trait Endpoint: Send + Sync + std::fmt::Debug {
-    /// Takes `frame`: a receive header, then the frame. Called with the
+    /// Takes `frame`: a receive header, then the frame. False if it was
+    /// dropped on the way for want of room (a receiver that misses it for
+    /// want of buffers counts it itself and says true). Called with the
     /// LAN's table locked; must not lock it again.
-    fn receive(&self, frame: Vec<u8>);
+    fn receive(&self, frame: Vec<u8>) -> bool;
 }
 
-/// One virtual LAN: which port each address was last sent from.
+/// One virtual LAN: which endpoint has each address, and the way to the
+/// rest of the LAN if part of it is in other processes.
 #[derive(Debug)]
 pub struct Lan {
     name: String,
-    table: Mutex<HashMap<Mac, Weak<dyn Endpoint>>>,
+    table: Mutex<Table>,
+    lost: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    ports: HashMap<Mac, Weak<dyn Endpoint>>,
+    /// Where frames go whose destination is not here: a shard's trunk to
+    /// the supervisor. The supervisor's own LANs have none.
+    uplink: Option<Weak<dyn Endpoint>>,
 }
 
 impl Lan {
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            table: Mutex::default(),
+            lost: AtomicU64::new(0),
+        }
+    }
+
     /// The LAN's name.
     pub fn name(&self) -> &str {
         &self.name
     }
 
-    /// Puts `endpoint` on the LAN at `mac`.
+    /// Puts `endpoint` on the LAN at `mac`. One endpoint may have many
+    /// addresses (the supervisor's port to a shard has one per guest in
+    /// it); it still gets one copy of each flooded frame.
     pub fn attach(&self, mac: Mac, endpoint: Weak<dyn Endpoint>) {
-        self.lock().insert(mac, endpoint);
+        self.lock().ports.insert(mac, endpoint);
     }
 
     /// Takes `mac` off the LAN: frames to it are dropped from now on.
     pub fn detach(&self, mac: Mac) {
-        self.lock().remove(&mac);
+        self.lock().ports.remove(&mac);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Mac, Weak<dyn Endpoint>>> {
+    /// Sends frames for addresses not on this LAN, and a copy of every
+    /// flooded frame, to `uplink`.
+    pub fn set_uplink(&self, uplink: Weak<dyn Endpoint>) {
+        self.lock().uplink = Some(uplink);
+    }
+
+    /// Frames to one guest that this LAN dropped: the guest is gone, or
+    /// there was no room on the way. (Their senders count them too.)
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Forwards `frame` (a receive header and a checked frame, from
-    /// [`read_frame`]) that `from` sent. False if it was for a guest that is
-    /// gone (and dropped).
+    /// [`read_frame`]) that `from` sent. False if it was for one guest and
+    /// dropped: the guest is gone, or there was no room on the way.
     pub fn forward(&self, from: &dyn Endpoint, frame: Vec<u8>) -> bool {
+        if frame.len() < HEADER + FRAME_MIN as usize {
+            return self.lose();
+        }
         let mut dst = [0u8; 6];
         dst.copy_from_slice(&frame[HEADER..HEADER + 6]);
+        let is_from = |target: &Arc<dyn Endpoint>| std::ptr::addr_eq(&**target, from);
         // Targets take the frame with the table locked: nothing locks the
         // table while it holds a slot.
         let table = self.lock();
         if dst[0] & 1 == 0 {
-            match table.get(&dst).map(Weak::upgrade) {
+            match table.ports.get(&dst).map(Weak::upgrade) {
                 Some(Some(target)) => {
-                    if !std::ptr::addr_eq(&*target, from) {
-                        target.receive(frame);
-                    }
-                    return true;
+                    return is_from(&target) || target.receive(frame) || self.lose();
                 }
-                Some(None) => return false,
-                None if dst[..3] == MAC_PREFIX => return false,
-                None => {}
+                Some(None) => return self.lose(),
+                None => {
+                    let uplink = table.uplink.as_ref().and_then(Weak::upgrade);
+                    if let Some(uplink) = uplink.filter(|u| !is_from(u)) {
+                        return uplink.receive(frame) || self.lose();
+                    }
+                    if dst[..3] == MAC_PREFIX {
+                        return self.lose();
+                    }
+                }
             }
         }
-        let mut targets = table
+        let mut seen = HashSet::new();
+        let targets: Vec<Arc<dyn Endpoint>> = table
+            .ports
             .values()
+            .chain(&table.uplink)
             .filter_map(Weak::upgrade)
-            .filter(|target| !std::ptr::addr_eq(&**target, from))
-            .peekable();
-        while let Some(target) = targets.next() {
-            if targets.peek().is_none() {
-                target.receive(frame);
-                break;
+            .filter(|target| !is_from(target) && seen.insert(Arc::as_ptr(target).cast::<()>()))
+            .collect();
+        if let Some((last, rest)) = targets.split_last() {
+            for target in rest {
+                target.receive(frame.clone());
             }
-            target.receive(frame.clone());
+            last.receive(frame);
         }
         true
+    }
+
+    fn lose(&self) -> bool {
+        self.lost.fetch_add(1, Ordering::Relaxed);
+        false
     }
 }
 
@@ -191,10 +244,10 @@ fn source(frame: &[u8]) -> &[u8] {
 /// `frame` may be queued (true). Else nothing changes and `frame` is to be
 /// dropped (false). A flooding sender thus fills a receiver's backlog only
 /// with what others leave free.
-pub fn make_room(backlog: &mut VecDeque<Vec<u8>>, frame: &[u8]) -> bool {
+pub fn make_room<T: AsRef<[u8]>>(backlog: &mut VecDeque<T>, frame: &[u8]) -> bool {
     let mut counts: HashMap<&[u8], usize> = HashMap::new();
     for queued in backlog.iter() {
-        *counts.entry(source(queued)).or_default() += 1;
+        *counts.entry(source(queued.as_ref())).or_default() += 1;
     }
     let own = counts.get(source(frame)).copied().unwrap_or(0);
     let Some((hog, most)) = counts.into_iter().max_by_key(|&(_, n)| n) else {
@@ -204,7 +257,10 @@ pub fn make_room(backlog: &mut VecDeque<Vec<u8>>, frame: &[u8]) -> bool {
         return false;
     }
     let hog: Mac = hog.try_into().unwrap_or_default();
-    match backlog.iter().rposition(|queued| source(queued) == hog) {
+    match backlog
+        .iter()
+        .rposition(|queued| source(queued.as_ref()) == hog)
+    {
         Some(at) => backlog.remove(at).is_some(),
         None => false,
     }

@@ -10,12 +10,21 @@
 //! console output and ends over one socket per shard (length-prefixed
 //! postcard frames, `shard/wire.rs`). The embedder still sees one host and
 //! one kind of [`crate::GuestHandle`].
+//!
+//! A virtual LAN spans shards as a two-level switch. Each shard's LAN
+//! sends frames for addresses it does not have, and copies of flooded
+//! frames, up a trunk (`shard/trunk.rs`) to the supervisor's LAN of the
+//! same name. There each shard is one endpoint, holding the addresses of
+//! its guests on that LAN from their spawn to their end; the host's own
+//! ends of the LAN (port forwards) are endpoints there too.
 
 mod serve;
+mod trunk;
 mod wire;
 
 use crate::console::Console;
 use crate::control::{GuestControl, GuestState};
+use crate::device::{Endpoint, Lan, Lans};
 use crate::end::{Crash, GuestEnd};
 use crate::guest::SpawnError;
 use crate::host::{GuestConfig, HostConfig};
@@ -24,6 +33,7 @@ use crate::loader::Image;
 use crate::pool::PoolStatus;
 use crate::stats::StatsSnapshot;
 use crossbeam_channel::Sender;
+use shoal_abi::device::guest_mac;
 use std::collections::{HashMap, HashSet};
 use std::io::{self, BufReader};
 use std::os::fd::AsRawFd;
@@ -34,7 +44,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use wire::{Event, Reply, Request};
+use trunk::Trunk;
+use wire::{Event, GuestSpec, Reply, Request};
 
 /// Longest a shard may take to answer a request before the supervisor
 /// takes it for hung and kills it.
@@ -53,6 +64,7 @@ pub(crate) struct Shards {
     config: HostConfig,
     shard_size: usize,
     links: Mutex<Vec<Arc<Link>>>,
+    switch: Arc<Switch>,
 }
 
 impl Shards {
@@ -61,7 +73,13 @@ impl Shards {
             config,
             shard_size: shard_size.max(1),
             links: Mutex::new(Vec::new()),
+            switch: Arc::default(),
         }
+    }
+
+    /// The supervisor's LANs, where the host's own ends of them go.
+    pub(crate) fn lans(&self) -> &Lans {
+        &self.switch.lans
     }
 
     pub(crate) fn workers(&self) -> usize {
@@ -99,30 +117,27 @@ impl Shards {
         config: GuestConfig,
     ) -> Result<Arc<Remote>, SpawnError> {
         GuestRam::check_size(config.mem_size)?;
-        if config.net.is_some() {
-            return Err(SpawnError::Shard(
-                "virtual LANs do not span shard processes yet: run guests on a LAN in one process \
-                 (shard_size None)"
-                    .into(),
-            ));
-        }
         // `place` reserves the guest's slot in the shard's live count.
         let link = self.place().map_err(|e| SpawnError::Shard(e.to_string()))?;
         if let Err(e) = link.send_image(image) {
             link.live.fetch_sub(1, Ordering::SeqCst);
             return Err(e);
         }
-        let console = Arc::new(Console::new(id, config.console_limit, config.console_sink));
-        let control = Arc::new(GuestControl::new(
-            id,
-            console,
-            Arc::default(),
-            config.limits,
-        ));
+        let lan = config.net.as_deref().map(|name| self.switch.number(name));
+        let (console_limit, limits) = (config.console_limit, config.limits);
+        let (spec, sink) = GuestSpec::new(config, lan.as_ref().map_or(0, |(number, _)| *number));
+        let console = Arc::new(Console::new(id, console_limit, sink));
+        let control = Arc::new(GuestControl::new(id, console, Arc::default(), limits));
         let remote = Arc::new(Remote {
             control,
             last: OnceLock::new(),
             link: Arc::clone(&link),
+            lan: lan.map(|(number, lan)| {
+                // Frames for the guest go to its shard from now until its end.
+                let port = link.port(number);
+                lan.attach(guest_mac(id), Arc::downgrade(&port) as _);
+                lan
+            }),
         });
         // Known before the shard hears of it: its console and end may
         // come before the reply.
@@ -131,13 +146,7 @@ impl Shards {
             tag,
             id,
             image: image.fingerprint(),
-            mem_size: config.mem_size,
-            args: config.args,
-            console_limit: config.console_limit,
-            limits: config.limits,
-            trapped_page_tables: config.trapped_page_tables,
-            forget: config.forget,
-            disks: config.disks,
+            guest: spec,
         });
         match reply {
             Some(Reply::Done(Ok(()))) => Ok(remote),
@@ -145,6 +154,7 @@ impl Shards {
                 if lock(&link.guests).remove(&id).is_some() {
                     link.live.fetch_sub(1, Ordering::SeqCst);
                 }
+                remote.forget();
                 Err(SpawnError::Shard(match other {
                     Some(Reply::Done(Err(why))) => why,
                     _ => "the shard process exited".into(),
@@ -165,7 +175,7 @@ impl Shards {
             link.live.fetch_add(1, Ordering::SeqCst);
             return Ok(Arc::clone(link));
         }
-        let link = Link::start(links.len(), &self.config, self.shard_size)?;
+        let link = Link::start(links.len(), &self.config, self.shard_size, &self.switch)?;
         link.live.fetch_add(1, Ordering::SeqCst);
         links.push(Arc::clone(&link));
         Ok(link)
@@ -206,33 +216,48 @@ pub(crate) struct Link {
     next_tag: AtomicU64,
     images: Mutex<HashSet<u64>>,
     dead: AtomicBool,
+    /// Frames to and from the shard's LANs.
+    trunk: Arc<Trunk>,
+    /// The shard's endpoint on each LAN it has guests on, by number.
+    ports: Mutex<HashMap<u32, Arc<ShardPort>>>,
+    trunk_reader: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Link {
     /// Starts shard `index`: this program again, told by the environment
     /// to serve the socket it inherits.
-    fn start(index: usize, config: &HostConfig, shard_size: usize) -> io::Result<Arc<Self>> {
+    fn start(
+        index: usize,
+        config: &HostConfig,
+        shard_size: usize,
+        switch: &Arc<Switch>,
+    ) -> io::Result<Arc<Self>> {
         let (ours, theirs) = UnixStream::pair()?;
-        let fd = theirs.as_raw_fd();
+        let (trunk, their_trunk) = Trunk::pair()?;
+        let fds = [theirs.as_raw_fd(), their_trunk.raw_fd()];
         let mut command = Command::new("/proc/self/exe");
         command
             .arg0(format!("shoal-shard-{index}"))
-            .env(serve::FD_ENV, fd.to_string())
+            .env(serve::FD_ENV, fds[0].to_string())
+            .env(serve::TRUNK_ENV, fds[1].to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         // SAFETY: between fork and exec the closure only calls `fcntl`,
         // which is async-signal-safe.
         unsafe {
             command.pre_exec(move || {
-                // The shard's end must survive exec (it is close-on-exec).
-                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                    return Err(io::Error::last_os_error());
+                // The shard's ends must survive exec (they are
+                // close-on-exec).
+                for fd in fds {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
         }
         let child = command.spawn()?;
-        drop(theirs);
+        drop((theirs, their_trunk));
         let input = ours.try_clone()?;
         let link = Arc::new(Self {
             index,
@@ -245,12 +270,20 @@ impl Link {
             next_tag: AtomicU64::new(1),
             images: Mutex::new(HashSet::new()),
             dead: AtomicBool::new(false),
+            trunk: Arc::new(trunk),
+            ports: Mutex::default(),
+            trunk_reader: Mutex::new(None),
         });
         let reader_link = Arc::clone(&link);
         let reader = std::thread::Builder::new()
             .name(format!("shoal-shard-{index}"))
             .spawn(move || reader_link.read_events(input))?;
         *lock(&link.reader) = Some(reader);
+        let (frames_link, switch) = (Arc::clone(&link), Arc::clone(switch));
+        let frames = std::thread::Builder::new()
+            .name(format!("shoal-trunk-{index}"))
+            .spawn(move || frames_link.read_frames(&switch))?;
+        *lock(&link.trunk_reader) = Some(frames);
         let started = link.request(|tag| Request::Start {
             tag,
             workers: config.workers,
@@ -328,6 +361,31 @@ impl Link {
         Ok(())
     }
 
+    /// The shard's endpoint on LAN `number`.
+    fn port(&self, number: u32) -> Arc<ShardPort> {
+        let mut ports = lock(&self.ports);
+        let port = ports.entry(number).or_insert_with(|| {
+            Arc::new(ShardPort {
+                number,
+                trunk: Arc::clone(&self.trunk),
+            })
+        });
+        Arc::clone(port)
+    }
+
+    /// The trunk's thread: forwards each frame the shard's guests send
+    /// beyond their shard over the supervisor's LAN, and sends the frames
+    /// waiting for the shard, until the trunk closes.
+    fn read_frames(&self, switch: &Switch) {
+        self.trunk.serve(|number, frame| {
+            let from = lock(&self.ports).get(&number).cloned();
+            // A LAN this shard was never given is not its to send on.
+            if let (Some(lan), Some(from)) = (switch.lan(number), from) {
+                lan.forward(&*from, frame.to_vec());
+            }
+        });
+    }
+
     /// The reader thread: routes every event, then fails what is left
     /// when the shard's socket closes.
     fn read_events(&self, socket: UnixStream) {
@@ -345,12 +403,10 @@ impl Link {
         self.live.store(0, Ordering::SeqCst);
         for remote in orphans {
             tracing::warn!(id = remote.control.id, shard = self.index, "shard lost");
-            remote
-                .control
-                .finish(GuestEnd::Crashed(Crash::Internal(format!(
-                    "shard process {} running this guest exited",
-                    self.index
-                ))));
+            remote.finish(GuestEnd::Crashed(Crash::Internal(format!(
+                "shard process {} running this guest exited",
+                self.index
+            ))));
         }
     }
 
@@ -372,7 +428,7 @@ impl Link {
                 if written.is_err() && lock(&self.guests).remove(&id).is_some() {
                     self.live.fetch_sub(1, Ordering::SeqCst);
                     remote.kill();
-                    remote.control.finish(GuestEnd::Crashed(Crash::Internal(
+                    remote.finish(GuestEnd::Crashed(Crash::Internal(
                         "the host panicked while serving this guest".into(),
                     )));
                 }
@@ -382,7 +438,7 @@ impl Link {
                 if let Some(remote) = remote {
                     self.live.fetch_sub(1, Ordering::SeqCst);
                     let _ = remote.last.set(stats);
-                    remote.control.finish(end);
+                    remote.finish(end);
                 }
             }
         }
@@ -400,8 +456,19 @@ impl Link {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if let Some(reader) = lock(&self.reader).take() {
-            let _ = reader.join();
+        self.trunk.shut_down();
+        let dropped = self.trunk.dropped();
+        if dropped > 0 {
+            tracing::info!(
+                shard = self.index,
+                dropped,
+                "frames the trunk to the shard dropped"
+            );
+        }
+        for reader in [&self.reader, &self.trunk_reader] {
+            if let Some(reader) = lock(reader).take() {
+                let _ = reader.join();
+            }
         }
     }
 }
@@ -414,9 +481,24 @@ pub(crate) struct Remote {
     /// The counters the shard sent with the end.
     last: OnceLock<StatsSnapshot>,
     link: Arc<Link>,
+    /// The supervisor's LAN that holds the guest's address, if on one.
+    lan: Option<Arc<Lan>>,
 }
 
 impl Remote {
+    /// Takes the guest's address off the supervisor's LAN.
+    fn forget(&self) {
+        if let Some(lan) = &self.lan {
+            lan.detach(guest_mac(self.control.id));
+        }
+    }
+
+    /// Records that the guest ended.
+    fn finish(&self, end: GuestEnd) {
+        self.forget();
+        self.control.finish(end);
+    }
+
     pub(crate) fn kill(&self) {
         let _ = self.link.send(&Request::Kill {
             id: self.control.id,
@@ -454,5 +536,45 @@ impl Remote {
             // arrived before any reply that found the guest gone.
             None => self.last.get().cloned().unwrap_or_default(),
         }
+    }
+}
+
+/// The supervisor's side of the LANs that span shards: its own LAN of
+/// each name, each numbered for the trunks.
+#[derive(Debug, Default)]
+struct Switch {
+    lans: Lans,
+    /// LAN `n` on the trunks is `numbered[n]`; kept for the host's life.
+    numbered: Mutex<Vec<Arc<Lan>>>,
+}
+
+impl Switch {
+    /// The number and the LAN of `name`.
+    fn number(&self, name: &str) -> (u32, Arc<Lan>) {
+        let mut numbered = lock(&self.numbered);
+        let found = numbered.iter().position(|lan| lan.name() == name);
+        let number = found.unwrap_or_else(|| {
+            numbered.push(self.lans.join(name));
+            numbered.len() - 1
+        });
+        (number as u32, Arc::clone(&numbered[number]))
+    }
+
+    fn lan(&self, number: u32) -> Option<Arc<Lan>> {
+        lock(&self.numbered).get(number as usize).cloned()
+    }
+}
+
+/// A shard on one of the supervisor's LANs: frames for the guests it runs
+/// go down its trunk.
+#[derive(Debug)]
+struct ShardPort {
+    number: u32,
+    trunk: Arc<Trunk>,
+}
+
+impl Endpoint for ShardPort {
+    fn receive(&self, frame: Vec<u8>) -> bool {
+        self.trunk.send(self.number, frame)
     }
 }

@@ -10,9 +10,11 @@
 //! binaries and embedders' programs can all be shards without code of
 //! their own.
 
-use super::wire::{self, Event, Reply, Request};
+use super::trunk::Trunk;
+use super::wire::{self, Event, GuestSpec, Reply, Request};
 use crate::control::GuestControl;
-use crate::host::{GuestConfig, HostConfig};
+use crate::device::{Endpoint, Lan};
+use crate::host::HostConfig;
 use crate::loader::Image;
 use crate::local::Local;
 use crossbeam_channel::{Receiver, Sender};
@@ -25,28 +27,37 @@ use std::sync::{Arc, Mutex};
 /// Names the socket a shard process talks to its supervisor on.
 pub(crate) const FD_ENV: &str = "SHOAL_SHARD_FD";
 
+/// Names the shard's end of its trunk (`super::trunk`).
+pub(crate) const TRUNK_ENV: &str = "SHOAL_SHARD_TRUNK_FD";
+
 #[ctor::ctor(unsafe)]
 fn enter_if_shard() {
     let Some(fd) = std::env::var_os(FD_ENV) else {
         return;
     };
-    let code = match fd.to_str().and_then(|fd| fd.parse::<RawFd>().ok()) {
-        Some(fd) => {
+    let fd_of = |value: Option<std::ffi::OsString>| {
+        value.and_then(|fd| fd.to_str().and_then(|fd| fd.parse::<RawFd>().ok()))
+    };
+    let code = match (fd_of(Some(fd)), fd_of(std::env::var_os(TRUNK_ENV))) {
+        (Some(fd), Some(trunk)) => {
             // SAFETY: ignoring SIGPIPE only turns writes to a closed
             // socket into errors, which `serve` handles. Removing the
-            // variable and marking the socket close-on-exec again keep
-            // both from anything this process might start; no other
+            // variables and marking the sockets close-on-exec again keep
+            // them from anything this process might start; no other
             // thread exists yet to read the environment meanwhile.
             unsafe {
                 libc::signal(libc::SIGPIPE, libc::SIG_IGN);
                 std::env::remove_var(FD_ENV);
+                std::env::remove_var(TRUNK_ENV);
                 libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                libc::fcntl(trunk, libc::F_SETFD, libc::FD_CLOEXEC);
             }
-            // SAFETY: the supervisor started this process with `fd` open
-            // for us alone (see `super::Link::start`), and nothing else in
-            // it has run yet.
-            let socket = unsafe { UnixStream::from_raw_fd(fd) };
-            match serve(socket) {
+            // SAFETY: the supervisor started this process with `fd` and
+            // `trunk` open for us alone (see `super::Link::start`), and
+            // nothing else in it has run yet.
+            let (socket, trunk) =
+                unsafe { (UnixStream::from_raw_fd(fd), Trunk::from_raw_fd(trunk)) };
+            match trunk.and_then(|trunk| serve(socket, trunk)) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("shoal shard: {e}");
@@ -54,7 +65,7 @@ fn enter_if_shard() {
                 }
             }
         }
-        None => 2,
+        _ => 2,
     };
     // SAFETY: ends the process without returning into a `main` that is
     // not ours to run; every guest was freed in `serve`.
@@ -64,12 +75,47 @@ fn enter_if_shard() {
 /// Live guests of this shard, by id.
 type Guests = Arc<Mutex<HashMap<u64, Arc<GuestControl>>>>;
 
+/// This shard's LANs that have guests, by their number on the trunk, with
+/// each one's way up to the supervisor.
+type Uplinks = Arc<Mutex<HashMap<u32, (Arc<Lan>, Arc<Uplink>)>>>;
+
 struct Shard {
     local: Option<Local>,
     shard_size: usize,
     images: HashMap<u64, Image>,
     guests: Guests,
     out: Arc<Outbox>,
+    trunk: Arc<Trunk>,
+    uplinks: Uplinks,
+}
+
+/// A shard's LAN's way to the rest of the LAN: frames for addresses not
+/// in this shard go up the trunk.
+#[derive(Debug)]
+struct Uplink {
+    number: u32,
+    trunk: Arc<Trunk>,
+}
+
+impl Endpoint for Uplink {
+    fn receive(&self, frame: Vec<u8>) -> bool {
+        self.trunk.send(self.number, frame)
+    }
+}
+
+/// Forwards each frame from the trunk over this shard's LAN, and sends
+/// what waits to go up, until the trunk closes.
+fn read_frames(trunk: &Trunk, uplinks: &Uplinks) {
+    trunk.serve(|number, frame| {
+        let lan = uplinks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&number)
+            .cloned();
+        if let Some((lan, uplink)) = lan {
+            lan.forward(&*uplink, frame.to_vec());
+        }
+    });
 }
 
 /// Events for the supervisor, encoded where they happen into one buffer
@@ -96,8 +142,9 @@ impl Outbox {
     }
 }
 
-/// Serves requests from `socket` until it closes.
-fn serve(socket: UnixStream) -> io::Result<()> {
+/// Serves requests from `socket`, and frames from `trunk`, until the
+/// socket closes.
+fn serve(socket: UnixStream, trunk: Trunk) -> io::Result<()> {
     let mut input = BufReader::new(socket.try_clone()?);
     let (wake, woken) = crossbeam_channel::bounded(1);
     let frames = Arc::new(Mutex::new(Vec::new()));
@@ -108,12 +155,22 @@ fn serve(socket: UnixStream) -> io::Result<()> {
             move || write_events(socket, &frames, &woken)
         })?;
     let out = Arc::new(Outbox { frames, wake });
+    let trunk = Arc::new(trunk);
+    let uplinks = Uplinks::default();
+    let frames = std::thread::Builder::new()
+        .name("shoal-shard-trunk".into())
+        .spawn({
+            let (trunk, uplinks) = (Arc::clone(&trunk), Arc::clone(&uplinks));
+            move || read_frames(&trunk, &uplinks)
+        })?;
     let mut shard = Shard {
         local: None,
         shard_size: 0,
         images: HashMap::new(),
         guests: Arc::default(),
         out,
+        trunk: Arc::clone(&trunk),
+        uplinks,
     };
     let mut body = Vec::new();
     let served = loop {
@@ -126,6 +183,8 @@ fn serve(socket: UnixStream) -> io::Result<()> {
     // The supervisor is done or gone: the engine kills what is left and
     // waits for it (their ends go out before the writer stops).
     drop(shard);
+    trunk.shut_down();
+    let _ = frames.join();
     let _ = writer.join();
     served
 }
@@ -185,29 +244,9 @@ impl Shard {
                 tag,
                 id,
                 image,
-                mem_size,
-                args,
-                console_limit,
-                limits,
-                trapped_page_tables,
-                forget,
-                disks,
+                guest,
             } => {
-                let result = self.spawn(
-                    id,
-                    image,
-                    GuestConfig {
-                        mem_size,
-                        args,
-                        console_limit,
-                        console_sink: None,
-                        limits,
-                        trapped_page_tables,
-                        forget,
-                        disks,
-                        net: None,
-                    },
-                );
+                let result = self.spawn(id, image, guest);
                 self.reply(tag, Reply::Done(result));
             }
             Request::Kill { id } => {
@@ -238,16 +277,33 @@ impl Shard {
         self.guests.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn spawn(&self, id: u64, image: u64, mut config: GuestConfig) -> Result<(), String> {
+    /// Puts this shard's LAN `name` on the trunk as `number`, once.
+    fn uplink(&self, local: &Local, number: u32, name: &str) {
+        let mut uplinks = self.uplinks.lock().unwrap_or_else(|e| e.into_inner());
+        uplinks.entry(number).or_insert_with(|| {
+            let lan = local.lans().join(name);
+            let uplink = Arc::new(Uplink {
+                number,
+                trunk: Arc::clone(&self.trunk),
+            });
+            lan.set_uplink(Arc::downgrade(&uplink) as _);
+            (lan, uplink)
+        });
+    }
+
+    fn spawn(&self, id: u64, image: u64, guest: GuestSpec) -> Result<(), String> {
         let local = self.local.as_ref().ok_or("the shard was not started")?;
         let image = self.images.get(&image).ok_or("unknown image")?;
+        if let Some((number, name)) = &guest.net {
+            self.uplink(local, *number, name);
+        }
         let console_out = Arc::clone(&self.out);
-        config.console_sink = Some(Box::new(move |id, bytes| {
+        let config = guest.into_config(Some(Box::new(move |id, bytes| {
             console_out.push(&Event::Console {
                 id,
                 bytes: bytes.into(),
             });
-        }));
+        })));
         let end_out = Arc::clone(&self.out);
         let guests = Arc::clone(&self.guests);
         let pool = local.pool_handle();

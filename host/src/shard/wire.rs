@@ -5,10 +5,14 @@
 //! with a `tag` gets exactly one [`Event::Reply`] with the same tag. Events
 //! about one guest arrive in order: its console bytes, then its end.
 
+use crate::console::ConsoleSink;
 use crate::control::GuestState;
+use crate::device::DiskSpec;
 use crate::end::GuestEnd;
+use crate::host::GuestConfig;
 use crate::limits::Limits;
 use crate::loader::Image;
+use crate::mmu::Forget;
 use crate::pool::PoolStatus;
 use crate::stats::StatsSnapshot;
 use serde::de::DeserializeOwned;
@@ -38,13 +42,7 @@ pub enum Request {
         tag: u64,
         id: u64,
         image: u64,
-        mem_size: u64,
-        args: Vec<String>,
-        console_limit: u64,
-        limits: Limits,
-        trapped_page_tables: bool,
-        forget: crate::mmu::Forget,
-        disks: Vec<crate::device::DiskSpec>,
+        guest: GuestSpec,
     },
     /// Kill guest `id`.
     Kill { id: u64 },
@@ -54,6 +52,76 @@ pub enum Request {
     Stats { tag: u64, id: u64 },
     /// The pool's status.
     Pool { tag: u64 },
+}
+
+/// A [`GuestConfig`] as it travels: without the console sink (the
+/// supervisor keeps that), and with its LAN's number on the trunks.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GuestSpec {
+    mem_size: u64,
+    args: Vec<String>,
+    console_limit: u64,
+    limits: Limits,
+    trapped_page_tables: bool,
+    forget: Forget,
+    disks: Vec<DiskSpec>,
+    /// The LAN's number on the trunks, and its name.
+    pub net: Option<(u32, String)>,
+}
+
+impl GuestSpec {
+    /// `config` to send, its LAN numbered `lan_number`; and its sink.
+    pub fn new(config: GuestConfig, lan_number: u32) -> (Self, Option<ConsoleSink>) {
+        // Whole, so that a field added to `GuestConfig` cannot be left
+        // out here unnoticed.
+        let GuestConfig {
+            mem_size,
+            args,
+            console_limit,
+            console_sink,
+            limits,
+            trapped_page_tables,
+            forget,
+            disks,
+            net,
+        } = config;
+        let spec = Self {
+            mem_size,
+            args,
+            console_limit,
+            limits,
+            trapped_page_tables,
+            forget,
+            disks,
+            net: net.map(|name| (lan_number, name)),
+        };
+        (spec, console_sink)
+    }
+
+    /// The config to spawn with, its console going to `console_sink`.
+    pub fn into_config(self, console_sink: Option<ConsoleSink>) -> GuestConfig {
+        let Self {
+            mem_size,
+            args,
+            console_limit,
+            limits,
+            trapped_page_tables,
+            forget,
+            disks,
+            net,
+        } = self;
+        GuestConfig {
+            mem_size,
+            args,
+            console_limit,
+            console_sink,
+            limits,
+            trapped_page_tables,
+            forget,
+            disks,
+            net: net.map(|(_, name)| name),
+        }
+    }
 }
 
 /// Shard to supervisor. Console bytes are borrowed where an event is

@@ -14,6 +14,18 @@ pub fn host() -> Host {
     Host::new().unwrap_or_else(|e| panic!("cannot open KVM: {e}"))
 }
 
+/// A host that runs its guests in shard processes of `shard_size`
+/// guests each.
+pub fn sharded_host(shard_size: usize) -> Host {
+    host();
+    Host::with_config(shoal_host::HostConfig {
+        shard_size: Some(shard_size),
+        pool: 4,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("cannot start a sharded host: {e}"))
+}
+
 /// The built-in guest `name`.
 pub fn image(name: &str) -> Image {
     builtin::image(name)
