@@ -1,11 +1,12 @@
 //! The virtual LAN benchmarks: two `ping` guests on one LAN exchange
 //! frames, a window of 32 in flight, with 64-byte and 1514-byte frames
-//! (every data frame crosses the LAN twice, there and back); and a host
+//! (every data frame crosses the LAN twice, there and back), in one
+//! process and with each guest in a shard process of its own; and a host
 //! client talks TCP to guests through port forwards, against the same
 //! client talking to a server in this process directly.
 
 use super::{BenchError, Figure, builtin_image, median, parse_run};
-use crate::host::{GuestConfig, Host};
+use crate::host::{GuestConfig, Host, HostConfig};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -46,22 +47,31 @@ fn pair_run(host: &Host, image: &crate::Image, size: u64) -> Result<(f64, f64), 
 }
 
 /// Frames a second, megabits a second and exits per frame, for 64-byte
-/// and 1514-byte frames, medians over `rounds`.
+/// and 1514-byte frames, medians over `rounds`; and frames a second with
+/// the two guests in two shard processes, against the same in one.
 pub(super) fn net_figures(host: &Host, rounds: usize) -> Result<Vec<Figure>, BenchError> {
     let image = builtin_image("ping")?;
+    let sharded = Host::with_config(HostConfig {
+        shard_size: Some(1),
+        pool: 1,
+        ..HostConfig::default()
+    })
+    .map_err(BenchError::Host)?;
     let mut figures = Vec::new();
-    for (size, rate, mbit, exits) in [
+    for (size, rate, mbit, exits, across) in [
         (
             64,
             "net_frames_per_s_64",
             "net_mbit_s_64",
             "net_exits_per_frame_64",
+            "net_shards_frames_per_s_64",
         ),
         (
             1514,
             "net_frames_per_s_1514",
             "net_mbit_s_1514",
             "net_exits_per_frame_1514",
+            "net_shards_frames_per_s_1514",
         ),
     ] {
         let runs = (0..rounds.max(1))
@@ -79,6 +89,10 @@ pub(super) fn net_figures(host: &Host, rounds: usize) -> Result<Vec<Figure>, Ben
             median(runs.iter().map(|r| r.1).collect()),
             "exits",
         ));
+        let runs = (0..rounds.max(1))
+            .map(|_| pair_run(&sharded, &image, size).map(|r| r.0))
+            .collect::<Result<Vec<_>, _>>()?;
+        figures.push(Figure::versus(across, median(runs), "frames/s", per_s));
     }
     Ok(figures)
 }
