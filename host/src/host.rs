@@ -4,7 +4,7 @@
 use crate::console::{ConsoleSink, DEFAULT_CONSOLE_LIMIT};
 use crate::control::GuestControl;
 pub use crate::control::GuestState;
-use crate::device::{DiskSpec, Forward, Lans};
+use crate::device::{DiskSpec, Forward, Lans, Tap};
 use crate::end::GuestEnd;
 use crate::guest::SpawnError;
 use crate::kvm::vm::VmError;
@@ -229,6 +229,18 @@ impl Host {
         to: SocketAddrV4,
     ) -> Result<Forward, ForwardError> {
         Ok(self.lans().gateway(lan)?.forward(listen, to)?)
+    }
+
+    /// Bridges TAP device `name` to virtual LAN `lan`: the host kernel
+    /// joins the LAN as one more endpoint, learning guests' addresses by
+    /// ARP like any host on an Ethernet. Makes the device if it does not
+    /// exist (which needs `CAP_NET_ADMIN`), or attaches to a persistent one
+    /// made for this user. Addressing the interface and bringing it up
+    /// are left to the host (`ip addr add 10.0.0.2/24 dev NAME`, `ip link
+    /// set NAME up`). The bridge lasts until the returned handle is
+    /// dropped.
+    pub fn tap(&self, lan: &str, name: &str) -> std::io::Result<Tap> {
+        Tap::open(self.lans().join(lan), name)
     }
 
     /// Frames to one guest that the host's side of LAN `lan` dropped:

@@ -47,7 +47,7 @@ pub mod shard;
 pub mod stats;
 pub mod trap;
 
-pub use device::{DiskSpec, Forward, GatewayStats};
+pub use device::{DiskSpec, Forward, GatewayStats, Tap, TapStats};
 pub use end::{Crash, GuestEnd, PanicReport};
 pub use host::{
     DEFAULT_SHARD_SIZE, ForwardError, GuestConfig, GuestHandle, GuestReport, GuestState, Host,

@@ -2,7 +2,9 @@
 //! server answers UDP and TCP from another guest and TCP from the host
 //! through a port forward; `curl` and a Rust client fetch the `http`
 //! guest's page through a port forward; a hundred `http` guests on one LAN,
-//! spread over three shard processes, each answer with their own id.
+//! spread over three shard processes, each answer with their own id; the
+//! host kernel reaches guests in two shard processes through a TAP device
+//! bridged to their LAN.
 
 mod common;
 
@@ -184,6 +186,90 @@ fn a_hundred_http_guests_on_one_lan_over_three_shards_each_answer_with_their_own
         guest.kill();
     }
     for guest in guests {
+        let report = guest.wait();
+        assert_eq!(report.stats.frames.dropped, 0, "{:?}", report.stats.frames);
+    }
+}
+
+/// Runs `ip ARGS`, failing the test with its error output.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ip (iproute2): {e}"));
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace of this test's, deleted when dropped.
+struct Namespace(String);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn the_host_kernel_reaches_guests_in_two_shards_through_a_tap_device() {
+    assert!(
+        std::path::Path::new("/dev/net/tun").exists(),
+        "this test bridges a TAP device and needs /dev/net/tun (and root)"
+    );
+    let host = common::sharded_host(1);
+    let lan = "tapped";
+    let guests = [
+        common::on_lan(&host, "http", lan, &["100s", "2"]),
+        common::on_lan(&host, "http", lan, &["100s", "2"]),
+    ];
+    let name = format!("shoal{}", std::process::id() % 1_000_000);
+    let tap = host
+        .tap(lan, &name)
+        .expect("a TAP device (this test runs as root)");
+    // The interface goes into a namespace of its own, so the test touches
+    // none of the host's addresses or routes.
+    ip(&["netns", "add", &name]);
+    let namespace = Namespace(name.clone());
+    ip(&["link", "set", &name, "netns", &namespace.0]);
+    ip(&[
+        "-n",
+        &namespace.0,
+        "addr",
+        "add",
+        "10.0.0.2/24",
+        "dev",
+        &name,
+    ]);
+    ip(&["-n", &namespace.0, "link", "set", &name, "up"]);
+    for guest in &guests {
+        let url = format!(
+            "http://{}/",
+            std::net::Ipv4Addr::from(guest_ipv4(guest.id()))
+        );
+        let page = retry("curl through the TAP device", || {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &namespace.0])
+                .args(["curl", "-sS", "--max-time", "5", &url])
+                .output()
+                .map_err(|e| format!("cannot run curl: {e}"))?;
+            if !out.status.success() {
+                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        });
+        let expected = format!("guest {} up ", guest.id());
+        assert!(page.starts_with(&expected), "{page:?}");
+    }
+    assert_eq!(host.processes(), 2, "one guest in each shard");
+    let stats = tap.stats();
+    assert!(stats.frames_in >= 6 && stats.frames_out >= 6, "{stats:?}");
+    drop(namespace);
+    for guest in guests {
+        guest.kill();
         let report = guest.wait();
         assert_eq!(report.stats.frames.dropped, 0, "{:?}", report.stats.frames);
     }

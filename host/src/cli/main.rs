@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use shoal_abi::device::guest_ipv4;
 use shoal_host::console::ConsoleSink;
 use shoal_host::mmu::Forget;
-use shoal_host::{DiskSpec, Forward, GuestConfig, Host, Image, Limits, builtin};
+use shoal_host::{DiskSpec, Forward, GuestConfig, Host, Image, Limits, Tap, builtin};
 use std::io::{IsTerminal, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
@@ -99,10 +99,16 @@ struct RunArgs {
     disks: Vec<DiskSpec>,
     /// Put every guest on the virtual LAN NAME: each gets a network device
     /// (after its disks) with its own MAC address (`02:73:68:..`) and, by
-    /// convention, IPv4 address (`10.x.y.z`). Guests on a LAN run in this
-    /// process (no shards).
+    /// convention, IPv4 address (`10.x.y.z`). The LAN spans shard
+    /// processes.
     #[arg(long, value_name = "NAME")]
     net: Option<String>,
+    /// With --net: bridge the TAP device IFNAME to the LAN (made if it
+    /// does not exist, which needs CAP_NET_ADMIN). Address it and bring
+    /// it up yourself, e.g. `ip addr add 10.0.0.2/24 dev IFNAME; ip link
+    /// set IFNAME up`; then guest `i` is at its 10.x address.
+    #[arg(long, value_name = "IFNAME")]
+    tap: Option<String>,
     /// With --net: forward a host TCP port to a guest's port through the
     /// host's end of the LAN (10.0.0.1): `PORT:GUEST:GUEST_PORT` or
     /// `ADDR:PORT:GUEST:GUEST_PORT` (ADDR defaults to 127.0.0.1). GUEST
@@ -181,6 +187,30 @@ fn parse_forward(text: &str) -> Result<ForwardSpec, String> {
         listen,
         guest,
         port,
+    })
+}
+
+/// The host's ways into a run's LAN, kept for the run.
+struct HostEnds {
+    _forwards: Vec<Forward>,
+    _tap: Option<Tap>,
+}
+
+/// Bridges the run's TAP device and sets up its port forwards to its
+/// guests (`ids[i]` is guest `i`'s id), saying each on stderr.
+fn host_ends(host: &Host, run: &RunArgs, ids: &[u64]) -> anyhow::Result<HostEnds> {
+    let tap = match (&run.tap, &run.net) {
+        (None, _) => None,
+        (Some(_), None) => bail!("--tap needs --net"),
+        (Some(name), Some(lan)) => {
+            let tap = host.tap(lan, name).context("--tap")?;
+            eprintln!("shoal: TAP device {name} bridged to LAN {lan}");
+            Some(tap)
+        }
+    };
+    Ok(HostEnds {
+        _forwards: forward(host, run, ids)?,
+        _tap: tap,
     })
 }
 
@@ -328,7 +358,7 @@ fn run(run: RunArgs) -> anyhow::Result<ExitCode> {
     let guest = host
         .spawn(&image, run.config(0, sink))
         .context("cannot start the guest")?;
-    let _forwards = forward(&host, &run, &[guest.id()])?;
+    let _ends = host_ends(&host, &run, &[guest.id()])?;
     let report = guest.wait();
     let status = report.end.exit_status();
     if status != 0 {

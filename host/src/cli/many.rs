@@ -132,7 +132,7 @@ pub fn run(image: &Image, run: &RunArgs) -> anyhow::Result<ExitCode> {
         progress.show(i + 1, 0, count);
     }
     let ids: Vec<u64> = guests.iter().map(|guest| guest.id()).collect();
-    let _forwards = super::forward(&host, run, &ids)?;
+    let _ends = super::host_ends(&host, run, &ids)?;
     let mut reports: Vec<GuestReport> = Vec::with_capacity(count);
     for guest in guests {
         reports.push(guest.wait());

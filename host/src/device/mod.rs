@@ -18,11 +18,13 @@ mod gateway;
 mod io;
 pub mod net;
 pub mod ring;
+mod tap;
 
 pub use disk::{Disk, DiskError, DiskSpec, Disks, FLUSH_COST, Served};
 pub use gateway::{Forward, Gateway, GatewayStats};
 pub use io::IoThread;
 pub use net::{Endpoint, Lan, Lans, Mac, make_room};
+pub use tap::{Tap, TapStats};
 
 use crate::control::GuestControl;
 use crate::end::Crash;
