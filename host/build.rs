@@ -26,6 +26,10 @@ const GUESTS: &[(&str, &str)] = &[
     ),
     ("bench", "the guest half of `shoal bench`"),
     (
+        "custom",
+        "calls custom hypercalls its host registered (add A B, shout TEXT, call NR; see host/examples/custom_hypercall.rs)",
+    ),
+    (
         "mmu",
         "maps, remaps, unmaps and protects pages through the host and checks each effect (catch: handles its own faults)",
     ),

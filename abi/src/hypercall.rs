@@ -38,6 +38,19 @@ const _: () = assert!(offset_of!(HypercallHeader, ret) == 8);
 /// Largest `arg_len` the host accepts.
 pub const MAX_ARG_LEN: u32 = 256;
 
+/// The first of the hypercall numbers reserved for experiments, up to
+/// [`CUSTOM_LAST`]. ABI v1 gives them no meaning: a host serves one only
+/// with a handler its embedder registered (`Host::register_hypercall`),
+/// and answers [`crate::HypercallError::UnknownHypercall`] otherwise. The
+/// argument struct is the handler's request, `arg_len` the larger of the
+/// request's and the response's sizes; on success the host writes the
+/// response over the request and `ret` is 0. A handler that fails stops
+/// the calling guest.
+pub const CUSTOM_FIRST: u32 = 0x1000;
+
+/// The last hypercall number reserved for experiments.
+pub const CUSTOM_LAST: u32 = 0x1fff;
+
 /// Hypercall numbers of ABI v1.
 #[repr(u32)]
 #[non_exhaustive]

@@ -5,9 +5,10 @@
 //! block's address; the host fills in the result before the instruction
 //! completes. Each call costs one exit to the host.
 
-use shoal_abi::hypercall::Hypercall;
+use shoal_abi::hypercall::{Hypercall, MAX_ARG_LEN};
 use shoal_abi::layout::HYPERCALL_PORT;
 use shoal_abi::{HypercallError, HypercallHeader};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// Why a typed hypercall failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +135,58 @@ pub fn call<T: Hypercall>(args: &mut T) -> Result<u64, Error> {
     } else {
         Ok(ret as u64)
     }
+}
+
+/// Makes custom hypercall `nr` (one of the numbers reserved for
+/// experiments, [`CUSTOM_FIRST`]..=[`CUSTOM_LAST`]) with `request` and
+/// returns the host handler's response. Request and response are plain
+/// `zerocopy` types the host's handler shares (`Host::register_hypercall`);
+/// the argument block holds the larger of the two. A host with no handler
+/// for `nr` answers [`HypercallError::UnknownHypercall`]; one whose
+/// handler expects other sizes, [`HypercallError::BadLength`]. A handler
+/// that fails stops this guest, so this returns only with an answer.
+///
+/// ```ignore
+/// let sum: u64 = hypercall::custom(0x1000, &[2u64, 40])?;
+/// ```
+///
+/// [`CUSTOM_FIRST`]: shoal_abi::hypercall::CUSTOM_FIRST
+/// [`CUSTOM_LAST`]: shoal_abi::hypercall::CUSTOM_LAST
+pub fn custom<Req, Resp>(nr: u32, request: &Req) -> Result<Resp, Error>
+where
+    Req: IntoBytes + Immutable,
+    Resp: FromBytes,
+{
+    const MAX: usize = MAX_ARG_LEN as usize;
+    #[repr(C, align(8))]
+    struct Raw {
+        header: HypercallHeader,
+        args: [u8; MAX],
+    }
+    let len = size_of::<Req>().max(size_of::<Resp>());
+    if len > MAX {
+        return Err(Error::Abi(HypercallError::BadLength));
+    }
+    let mut block = Raw {
+        header: HypercallHeader {
+            nr,
+            arg_len: len as u32,
+            ret: 0,
+        },
+        args: [0; MAX],
+    };
+    block.args[..size_of::<Req>()].copy_from_slice(request.as_bytes());
+    // SAFETY: `block` is an aligned local below 4 GiB holding the header
+    // and `len` bytes after it.
+    let ret = unsafe { raw(core::ptr::addr_of_mut!(block).cast()) };
+    if ret < 0 {
+        return Err(Error::from(ret));
+    }
+    // SAFETY: a live local; the volatile read observes the host's write.
+    let args = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(block.args)) };
+    Resp::read_from_prefix(&args)
+        .map(|(response, _)| response)
+        .map_err(|_| Error::Abi(HypercallError::Invalid))
 }
 
 /// The raw escape hatch: executes the hypercall instruction on an argument

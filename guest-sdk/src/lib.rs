@@ -48,6 +48,7 @@ pub mod virtq;
 mod rt;
 
 pub use shoal_abi as abi;
+pub use zerocopy;
 
 /// Ends the guest with `code`. Never returns.
 pub fn exit(code: i32) -> ! {

@@ -130,6 +130,14 @@ pub enum Crash {
         /// What the guest did.
         reason: String,
     },
+    /// The handler of a custom hypercall failed or panicked.
+    #[error("custom hypercall {nr:#x}: {reason}")]
+    CustomHypercall {
+        /// The hypercall number.
+        nr: u32,
+        /// The handler's error, or its panic message.
+        reason: String,
+    },
     /// The guest exceeded one of its limits.
     #[error("limit exceeded: {0}")]
     LimitExceeded(crate::limits::Limit),

@@ -7,6 +7,7 @@ use crate::console::Console;
 use crate::device::{DeviceParts, Devices};
 use crate::end::{Crash, GuestEnd};
 use crate::event::Events;
+use crate::hypercall::custom::CustomCalls;
 use crate::hypercall::{self, Context, Flow};
 use crate::kvm::memory::{GuestRam, MemoryError};
 use crate::kvm::vcpu::{Exit, VcpuError};
@@ -86,6 +87,7 @@ pub struct Guest {
     traps: Cell<Traps>,
     events: Arc<Events>,
     devices: Devices,
+    custom: Arc<CustomCalls>,
     /// The `block` call the guest is parked in, whose result is written
     /// when it runs again.
     blocked_at: Option<u64>,
@@ -115,6 +117,8 @@ pub struct GuestParts<'a> {
     pub events: Arc<Events>,
     /// Its devices, if it has any.
     pub devices: Option<DeviceParts>,
+    /// The host's custom hypercalls.
+    pub custom: Arc<CustomCalls>,
 }
 
 impl Drop for Guest {
@@ -190,6 +194,7 @@ impl Guest {
             traps: Cell::default(),
             events: parts.events,
             devices,
+            custom: parts.custom,
             blocked_at: None,
         })
     }
@@ -281,6 +286,7 @@ impl Guest {
                     traps: &self.traps,
                     preempt,
                     in_multicall: false,
+                    custom: &self.custom,
                 };
                 hypercall::dispatch(&ctx, u64::from(value))
             }

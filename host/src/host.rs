@@ -7,6 +7,7 @@ pub use crate::control::GuestState;
 use crate::device::{DiskSpec, Forward, Lans, Tap};
 use crate::end::GuestEnd;
 use crate::guest::SpawnError;
+use crate::hypercall::custom::{Caller, RegisterError};
 use crate::kvm::vm::VmError;
 use crate::limits::Limits;
 use crate::loader::Image;
@@ -21,6 +22,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// How to run one guest.
 pub struct GuestConfig {
@@ -229,6 +231,41 @@ impl Host {
         to: SocketAddrV4,
     ) -> Result<Forward, ForwardError> {
         Ok(self.lans().gateway(lan)?.forward(listen, to)?)
+    }
+
+    /// Serves custom hypercall `nr` (in
+    /// [`shoal_abi::hypercall::CUSTOM_FIRST`]`..=`[`shoal_abi::hypercall::CUSTOM_LAST`])
+    /// with `handler` for every guest of this host from now on: the
+    /// guest's request in, the response out, written over the request
+    /// (the guest calls it with `shoal_guest::hypercall::custom`). The
+    /// handler reaches the guest's memory through [`Caller`]. If it
+    /// returns an error or panics, the calling guest stops with the
+    /// reason ([`crate::Crash::CustomHypercall`]); the host and other
+    /// guests go on. Handlers run on the worker running the guest, so one
+    /// that takes long holds that worker.
+    ///
+    /// ```no_run
+    /// # let host = shoal_host::Host::new()?;
+    /// host.register_hypercall(0x1000, |_caller, [a, b]: [u64; 2]| {
+    ///     a.checked_add(b).ok_or("overflow")
+    /// })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn register_hypercall<Req, Resp, E, F>(
+        &self,
+        nr: u32,
+        handler: F,
+    ) -> Result<(), RegisterError>
+    where
+        Req: FromBytes + KnownLayout + Immutable,
+        Resp: IntoBytes + Immutable,
+        E: std::fmt::Display,
+        F: Fn(&Caller<'_>, Req) -> Result<Resp, E> + Send + Sync + 'static,
+    {
+        match &self.engine {
+            Engine::Local(local) => local.custom().register(nr, handler),
+            Engine::Sharded(_) => Err(RegisterError::Sharded),
+        }
     }
 
     /// Bridges TAP device `name` to virtual LAN `lan`: the host kernel

@@ -53,6 +53,7 @@ pub use host::{
     DEFAULT_SHARD_SIZE, ForwardError, GuestConfig, GuestHandle, GuestReport, GuestState, Host,
     HostConfig, HostError,
 };
+pub use hypercall::custom::{Caller, RegisterError};
 pub use limits::{Limit, Limits};
 pub use loader::{Image, LoadError};
 pub use stats::{ExitReason, FrameCounts, StatsSnapshot};

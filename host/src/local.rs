@@ -7,6 +7,7 @@ use crate::control::{EndHook, GuestControl};
 use crate::device::{DeviceError, DeviceParts, Disks, IoThread, Lans, Owner};
 use crate::guest::{Guest, GuestParts, SpawnError};
 use crate::host::{GuestConfig, HostConfig, HostError};
+use crate::hypercall::custom::CustomCalls;
 use crate::kvm::GuestRam;
 use crate::kvm::vm::Kvm;
 use crate::limits::CpuShare;
@@ -28,6 +29,7 @@ pub(crate) struct Local {
     disks: Disks,
     /// Virtual LANs with a guest of this process on them.
     lans: Lans,
+    custom: Arc<CustomCalls>,
     /// The device thread, started with the first guest that has a device.
     io: Mutex<Option<Arc<IoThread>>>,
     /// Every guest not yet known to be over, for `drop`; ended ones are
@@ -56,6 +58,7 @@ impl Local {
             sched,
             disks: Disks::default(),
             lans: Lans::default(),
+            custom: Arc::default(),
             io: Mutex::default(),
             live: Mutex::default(),
         })
@@ -63,6 +66,11 @@ impl Local {
 
     pub(crate) fn workers(&self) -> usize {
         self.sched.workers()
+    }
+
+    /// This host's custom hypercalls.
+    pub(crate) fn custom(&self) -> &CustomCalls {
+        &self.custom
     }
 
     /// This process's virtual LANs.
@@ -127,6 +135,7 @@ impl Local {
                 forget: config.forget,
                 events: Arc::clone(&control.events),
                 devices,
+                custom: Arc::clone(&self.custom),
             },
         )?;
         if let Some(hook) = relay_end {

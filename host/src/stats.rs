@@ -68,6 +68,7 @@ pub struct GuestStats {
     kicks: AtomicU64,
     hypercalls: [AtomicU64; CALLS],
     unknown_hypercalls: AtomicU64,
+    custom_hypercalls: AtomicU64,
     console_bytes: AtomicU64,
     blocked_ns: AtomicU64,
     throttled_ns: AtomicU64,
@@ -95,6 +96,7 @@ impl Default for GuestStats {
             kicks: AtomicU64::new(0),
             hypercalls: Default::default(),
             unknown_hypercalls: AtomicU64::new(0),
+            custom_hypercalls: AtomicU64::new(0),
             console_bytes: AtomicU64::new(0),
             blocked_ns: AtomicU64::new(0),
             throttled_ns: AtomicU64::new(0),
@@ -161,6 +163,9 @@ pub struct StatsSnapshot {
     pub hypercalls: Vec<(HypercallNr, u64)>,
     /// Hypercalls with an unknown number.
     pub unknown_hypercalls: u64,
+    /// Custom hypercalls (numbers [`shoal_abi::hypercall::CUSTOM_FIRST`]
+    /// and up) that a registered handler served.
+    pub custom_hypercalls: u64,
     /// Exits through the null-exit port.
     pub null_exits: u64,
     /// Console bytes accepted.
@@ -244,6 +249,11 @@ impl GuestStats {
     /// One unknown hypercall.
     pub fn count_unknown_hypercall(&self) {
         self.unknown_hypercalls.fetch_add(1, Relaxed);
+    }
+
+    /// One custom hypercall served by its handler.
+    pub fn count_custom_hypercall(&self) {
+        self.custom_hypercalls.fetch_add(1, Relaxed);
     }
 
     /// Console bytes.
@@ -336,6 +346,7 @@ impl GuestStats {
             kicks: self.kicks.load(Relaxed),
             hypercalls: counts(&HypercallNr::ALL, &self.hypercalls),
             unknown_hypercalls: self.unknown_hypercalls.load(Relaxed),
+            custom_hypercalls: self.custom_hypercalls.load(Relaxed),
             console_bytes: self.console_bytes.load(Relaxed),
             blocked_ns: self.blocked_ns.load(Relaxed),
             throttled_ns: self.throttled_ns.load(Relaxed),

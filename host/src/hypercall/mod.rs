@@ -9,6 +9,7 @@
 //! reads no guest byte twice, and adds no vCPU ioctl to the exit.
 
 mod console;
+pub mod custom;
 mod device;
 mod mmu;
 mod system;
@@ -87,6 +88,8 @@ pub struct Context<'a> {
     pub preempt: &'a AtomicBool,
     /// Whether this call is one of a `multicall`'s.
     pub in_multicall: bool,
+    /// The host's custom hypercalls.
+    pub custom: &'a custom::CustomCalls,
 }
 
 impl<'a> Context<'a> {
@@ -116,6 +119,9 @@ pub fn dispatch(ctx: &Context<'_>, addr: u64) -> Flow {
         return bad_memory(addr, HEADER_LEN as u64);
     };
     let _span = tracing::trace_span!("hypercall", nr = header.nr).entered();
+    if custom::is_custom(header.nr) {
+        return custom::serve(ctx, addr, header);
+    }
     let Ok(nr) = HypercallNr::try_from(header.nr) else {
         ctx.stats.count_unknown_hypercall();
         return finish(

@@ -22,6 +22,7 @@ struct Fixture {
     devices: Devices,
     traps: Cell<Traps>,
     preempt: AtomicBool,
+    custom: custom::CustomCalls,
 }
 
 impl Fixture {
@@ -40,6 +41,7 @@ impl Fixture {
             )),
             traps: Cell::default(),
             preempt: AtomicBool::new(false),
+            custom: custom::CustomCalls::default(),
         }
     }
 
@@ -59,6 +61,7 @@ impl Fixture {
             traps: &self.traps,
             preempt: &self.preempt,
             in_multicall: false,
+            custom: &self.custom,
         };
         dispatch(&ctx, addr)
     }
@@ -536,4 +539,110 @@ fn trap_return_needs_a_running_handler() {
         f.call(BLOCK_AT, abi::TrapReturn::default()).1,
         HypercallError::Invalid.to_ret()
     );
+}
+
+/// A custom call's 16 bytes, carried in `AbiInfo`'s layout.
+fn two_words(a: u32, b: u64) -> AbiInfo {
+    AbiInfo {
+        version: a,
+        _pad: 0,
+        features: b,
+    }
+}
+
+#[test]
+fn a_custom_call_is_served_by_its_typed_handler() {
+    let f = Fixture::new(100);
+    f.custom
+        .register(0x1000, |caller: &custom::Caller<'_>, [a, b]: [u64; 2]| {
+            Ok::<u64, String>(a + b + caller.id())
+        })
+        .expect("registers");
+    let (flow, ret, back) = f.call_raw(BLOCK_AT, 0x1000, 16, two_words(2, 40));
+    assert_eq!((flow, ret), (Flow::Resume, 0));
+    // The response (8 bytes) over the request, the rest zeroed.
+    assert_eq!((back.version, back._pad, back.features), (43, 0, 0));
+    assert_eq!(f.stats.snapshot().custom_hypercalls, 1);
+
+    let (flow, ret, _) = f.call_raw(BLOCK_AT, 0x1000, 8, two_words(2, 40));
+    assert_eq!(
+        (flow, ret),
+        (Flow::Resume, HypercallError::BadLength.to_ret())
+    );
+    let (flow, ret, _) = f.call_raw(BLOCK_AT, 0x1001, 16, two_words(2, 40));
+    assert_eq!(
+        (flow, ret),
+        (Flow::Resume, HypercallError::UnknownHypercall.to_ret())
+    );
+}
+
+#[test]
+fn a_custom_handler_reaches_guest_memory_only_through_the_checked_door() {
+    let f = Fixture::new(100);
+    f.custom
+        .register(
+            0x1000,
+            |caller: &custom::Caller<'_>, [addr, len]: [u64; 2]| {
+                let mut text = vec![0; len as usize];
+                caller.read(addr, &mut text)?;
+                text.make_ascii_uppercase();
+                caller.write(addr, &text)?;
+                Ok::<u64, HypercallError>(len)
+            },
+        )
+        .expect("registers");
+    let text_at = IMAGE_BASE + 0x2000;
+    f.ram.write_guest(text_at, b"shoal").expect("in RAM");
+    let (flow, ret, back) = f.call_raw(BLOCK_AT, 0x1000, 16, two_words(text_at as u32, 5));
+    assert_eq!((flow, ret, back.version), (Flow::Resume, 0, 5));
+    let mut text = [0; 5];
+    f.ram.read_guest(text_at, &mut text).expect("in RAM");
+    assert_eq!(&text, b"SHOAL");
+    // Outside guest-owned memory: the handler's error stops the guest.
+    let (flow, _, _) = f.call_raw(BLOCK_AT, 0x1000, 16, two_words(0, 5));
+    assert!(
+        matches!(&flow, Flow::End(GuestEnd::Crashed(Crash::CustomHypercall { nr: 0x1000, reason })) if reason.contains("outside guest memory")),
+        "{flow:?}"
+    );
+}
+
+#[test]
+fn a_custom_handler_that_panics_stops_only_its_caller_with_the_reason() {
+    let f = Fixture::new(100);
+    f.custom
+        .register(
+            0x1fff,
+            |_: &custom::Caller<'_>, _: [u64; 2]| -> Result<u64, String> { panic!("boom") },
+        )
+        .expect("registers");
+    let (flow, _, _) = f.call_raw(BLOCK_AT, 0x1fff, 16, two_words(0, 0));
+    assert_eq!(
+        flow,
+        Flow::End(GuestEnd::Crashed(Crash::CustomHypercall {
+            nr: 0x1fff,
+            reason: "the handler panicked: boom".into()
+        }))
+    );
+}
+
+#[test]
+fn custom_numbers_are_checked_when_registered() {
+    let calls = custom::CustomCalls::default();
+    let handler = |_: &custom::Caller<'_>, x: u64| Ok::<u64, String>(x);
+    assert!(matches!(
+        calls.register(0x0fff, handler),
+        Err(custom::RegisterError::NotCustom(0x0fff))
+    ));
+    calls.register(0x1000, handler).expect("registers");
+    assert!(matches!(
+        calls.register(0x1000, handler),
+        Err(custom::RegisterError::Taken(0x1000))
+    ));
+    assert!(matches!(
+        calls.register(
+            0x1001,
+            |_: &custom::Caller<'_>, x: [u8; 300]| Ok::<_, String>(x)
+        ),
+        Err(custom::RegisterError::TooLarge { len: 300, .. })
+    ));
 }

@@ -1,0 +1,3 @@
+fn main() {
+    shoal_guest_build::link();
+}

@@ -1,0 +1,194 @@
+//! Custom hypercalls: the numbers [`CUSTOM_FIRST`]..=[`CUSTOM_LAST`],
+//! served by handlers an embedder registers (`Host::register_hypercall`).
+//!
+//! A handler is typed: a request it decodes with `zerocopy`, a response
+//! it returns. The dispatcher does for it what it does for every built-in
+//! call: checks `arg_len` (the larger of the two sizes), copies the
+//! request out of the guest once, and writes the response and `ret` back
+//! in one copy. A handler reaches the caller's memory only through
+//! [`Caller`], the same checked copy-in/copy-out door the built-in calls
+//! use. A handler that returns an error or panics stops the calling guest
+//! with the reason (`Crash::CustomHypercall`); nothing else notices.
+
+use super::{Context, Flow, HEADER_LEN, bad_memory, finish};
+use crate::end::{Crash, GuestEnd};
+use crate::kvm::memory::GuestRam;
+use shoal_abi::hypercall::{CUSTOM_FIRST, CUSTOM_LAST, MAX_ARG_LEN};
+use shoal_abi::{HypercallError, HypercallHeader};
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::sync::{Arc, RwLock};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// The guest making a custom hypercall: its id and its memory.
+pub struct Caller<'a> {
+    id: u64,
+    ram: &'a GuestRam,
+}
+
+impl Caller<'_> {
+    /// The calling guest's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Copies `buf.len()` bytes of the guest's memory at guest-physical
+    /// `addr` into `buf`: [`HypercallError::Fault`] unless all of it is
+    /// guest-owned memory.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), HypercallError> {
+        self.ram
+            .read_guest(addr, buf)
+            .map_err(|_| HypercallError::Fault)
+    }
+
+    /// Copies `bytes` into the guest's memory at guest-physical `addr`:
+    /// [`HypercallError::Fault`] unless all of it is guest-owned memory.
+    pub fn write(&self, addr: u64, bytes: &[u8]) -> Result<(), HypercallError> {
+        self.ram
+            .write_guest(addr, bytes)
+            .map_err(|_| HypercallError::Fault)
+    }
+}
+
+/// Why a custom hypercall could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The number is outside the range reserved for experiments.
+    #[error("hypercall {0:#x} is not a custom number ({CUSTOM_FIRST:#x}..={CUSTOM_LAST:#x} are)")]
+    NotCustom(u32),
+    /// A handler has the number already.
+    #[error("hypercall {0:#x} has a handler already")]
+    Taken(u32),
+    /// The request or the response is larger than an argument block
+    /// holds.
+    #[error(
+        "hypercall {nr:#x}: a request or response of {len} bytes is over the {MAX_ARG_LEN} an argument block holds"
+    )]
+    TooLarge {
+        /// The number.
+        nr: u32,
+        /// The larger of the two sizes.
+        len: usize,
+    },
+    /// The host runs guests in shard processes, where a handler (a
+    /// closure of this process) cannot go.
+    #[error("custom hypercalls need the guests in this process (a host without shards)")]
+    Sharded,
+}
+
+/// A handler with its types erased: the argument bytes in, the response
+/// written over them, or why the guest must stop.
+type Handler = dyn Fn(&Caller<'_>, &mut [u8]) -> Result<(), String> + Send + Sync;
+
+/// The custom hypercalls of one host, by number.
+#[derive(Default)]
+pub struct CustomCalls {
+    handlers: RwLock<HashMap<u32, (u32, Arc<Handler>)>>,
+}
+
+impl std::fmt::Debug for CustomCalls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let handlers = self.handlers.read().unwrap_or_else(|e| e.into_inner());
+        let mut numbers: Vec<_> = handlers.keys().collect();
+        numbers.sort_unstable();
+        f.debug_struct("CustomCalls")
+            .field("numbers", &numbers)
+            .finish()
+    }
+}
+
+impl CustomCalls {
+    /// Serves hypercall `nr` with `handler` from now on.
+    pub fn register<Req, Resp, E, F>(&self, nr: u32, handler: F) -> Result<(), RegisterError>
+    where
+        Req: FromBytes + KnownLayout + Immutable,
+        Resp: IntoBytes + Immutable,
+        E: Display,
+        F: Fn(&Caller<'_>, Req) -> Result<Resp, E> + Send + Sync + 'static,
+    {
+        if !(CUSTOM_FIRST..=CUSTOM_LAST).contains(&nr) {
+            return Err(RegisterError::NotCustom(nr));
+        }
+        let len = size_of::<Req>().max(size_of::<Resp>());
+        if len > MAX_ARG_LEN as usize {
+            return Err(RegisterError::TooLarge { nr, len });
+        }
+        let erased = move |caller: &Caller<'_>, args: &mut [u8]| {
+            // `args` is `len` bytes, at least a request's.
+            let request = Req::read_from_prefix(args)
+                .map_err(|_| "the request does not decode".to_string())?
+                .0;
+            let response = handler(caller, request).map_err(|e| e.to_string())?;
+            args.fill(0);
+            args[..size_of::<Resp>()].copy_from_slice(response.as_bytes());
+            Ok(())
+        };
+        let mut handlers = self.handlers.write().unwrap_or_else(|e| e.into_inner());
+        if handlers.contains_key(&nr) {
+            return Err(RegisterError::Taken(nr));
+        }
+        handlers.insert(nr, (len as u32, Arc::new(erased)));
+        Ok(())
+    }
+
+    fn get(&self, nr: u32) -> Option<(u32, Arc<Handler>)> {
+        let handlers = self.handlers.read().unwrap_or_else(|e| e.into_inner());
+        handlers.get(&nr).cloned()
+    }
+}
+
+/// Whether `nr` is in the custom range.
+pub(super) fn is_custom(nr: u32) -> bool {
+    (CUSTOM_FIRST..=CUSTOM_LAST).contains(&nr)
+}
+
+/// Serves custom hypercall `header.nr`, whose block is at `addr`.
+pub(super) fn serve(ctx: &Context<'_>, addr: u64, header: HypercallHeader) -> Flow {
+    let Some((len, handler)) = ctx.custom.get(header.nr) else {
+        ctx.stats.count_unknown_hypercall();
+        return finish(
+            ctx,
+            addr,
+            header,
+            Err(HypercallError::UnknownHypercall),
+            &[],
+        );
+    };
+    ctx.stats.count_custom_hypercall();
+    if header.arg_len != len {
+        return finish(ctx, addr, header, Err(HypercallError::BadLength), &[]);
+    }
+    let mut block = [0u8; MAX_ARG_LEN as usize];
+    let args = &mut block[..len as usize];
+    let Some(args_addr) = addr.checked_add(HEADER_LEN as u64) else {
+        return bad_memory(addr, HEADER_LEN as u64);
+    };
+    if ctx.ram.read_guest(args_addr, args).is_err() {
+        return bad_memory(addr, (HEADER_LEN + args.len()) as u64);
+    }
+    let caller = Caller {
+        id: ctx.id,
+        ram: ctx.ram,
+    };
+    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(&caller, args)));
+    let stop = |reason: String| {
+        Flow::End(GuestEnd::Crashed(Crash::CustomHypercall {
+            nr: header.nr,
+            reason,
+        }))
+    };
+    match served {
+        Ok(Ok(())) => finish(ctx, addr, header, Ok((0, Flow::Resume)), args),
+        Ok(Err(reason)) => stop(reason),
+        Err(panic) => stop(format!("the handler panicked: {}", panic_text(&*panic))),
+    }
+}
+
+/// The message of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
