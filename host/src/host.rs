@@ -283,7 +283,9 @@ impl Host {
     /// Frames to one guest that the host's side of LAN `lan` dropped:
     /// the guest was gone, or there was no room on the way. Their senders
     /// count them too, except those that crossed from one shard process
-    /// to another (the sender's shard saw them leave, not dropped).
+    /// to another (the sender's shard saw them leave, not dropped). In a
+    /// host without shards the count goes with the LAN when nothing is on
+    /// it any more.
     pub fn lan_lost(&self, lan: &str) -> u64 {
         self.lans().get(lan).map_or(0, |lan| lan.lost())
     }
