@@ -10,7 +10,7 @@
 //! use. A handler that returns an error or panics stops the calling guest
 //! with the reason (`Crash::CustomHypercall`); nothing else notices.
 
-use super::{Context, Flow, HEADER_LEN, bad_memory, finish};
+use super::{Context, Flow, HEADER_LEN, bad_memory, finish, unknown};
 use crate::end::{Crash, GuestEnd};
 use crate::kvm::memory::GuestRam;
 use shoal_abi::hypercall::{CUSTOM_FIRST, CUSTOM_LAST, MAX_ARG_LEN};
@@ -145,14 +145,7 @@ pub(super) fn is_custom(nr: u32) -> bool {
 /// Serves custom hypercall `header.nr`, whose block is at `addr`.
 pub(super) fn serve(ctx: &Context<'_>, addr: u64, header: HypercallHeader) -> Flow {
     let Some((len, handler)) = ctx.custom.get(header.nr) else {
-        ctx.stats.count_unknown_hypercall();
-        return finish(
-            ctx,
-            addr,
-            header,
-            Err(HypercallError::UnknownHypercall),
-            &[],
-        );
+        return unknown(ctx, addr, header);
     };
     ctx.stats.count_custom_hypercall();
     if header.arg_len != len {

@@ -123,14 +123,7 @@ pub fn dispatch(ctx: &Context<'_>, addr: u64) -> Flow {
         return custom::serve(ctx, addr, header);
     }
     let Ok(nr) = HypercallNr::try_from(header.nr) else {
-        ctx.stats.count_unknown_hypercall();
-        return finish(
-            ctx,
-            addr,
-            header,
-            Err(HypercallError::UnknownHypercall),
-            &[],
-        );
+        return unknown(ctx, addr, header);
     };
     ctx.stats.count_hypercall(nr);
     match nr {
@@ -158,6 +151,18 @@ pub fn dispatch(ctx: &Context<'_>, addr: u64) -> Flow {
             &[],
         ),
     }
+}
+
+/// Answers a number this host does not serve, and counts it.
+fn unknown(ctx: &Context<'_>, addr: u64, header: HypercallHeader) -> Flow {
+    ctx.stats.count_unknown_hypercall();
+    finish(
+        ctx,
+        addr,
+        header,
+        Err(HypercallError::UnknownHypercall),
+        &[],
+    )
 }
 
 /// `multicall`: each listed block is dispatched as if called alone, until
