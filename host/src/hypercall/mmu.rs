@@ -6,7 +6,7 @@ use crate::end::{Crash, GuestEnd};
 use crate::mmu::MmuFailure;
 use shoal_abi::HypercallError;
 use shoal_abi::hypercall::{FrameAlloc, FrameFree, MMU_BATCH_MAX, MmuRequest, MmuUpdate};
-use zerocopy::IntoBytes;
+use zerocopy::{FromZeros, IntoBytes};
 
 /// A host failure while applying checked changes ends the guest: its
 /// tables may be half-written.
@@ -23,11 +23,12 @@ pub fn update(ctx: &Context<'_>, args: &mut MmuUpdate) -> Served {
     if args._pad != 0 {
         return Err(HypercallError::ReservedNotZero);
     }
-    let requests: Vec<MmuRequest> = read_array(ctx, args.requests, args.count, MMU_BATCH_MAX)?;
+    let mut buf = [MmuRequest::new_zeroed(); MMU_BATCH_MAX as usize];
+    let requests = read_array(ctx, args.requests, args.count, &mut buf)?;
     let mut mmu = ctx.mmu.borrow_mut();
     match mmu
         .active(ctx.ram.size())
-        .update(ctx.translations(), &requests)
+        .update(ctx.translations(), requests)
     {
         Ok(Ok(done)) => Ok((done as i64, Flow::Resume)),
         Ok(Err(refused)) => {
@@ -70,11 +71,12 @@ pub fn free(ctx: &Context<'_>, args: &mut FrameFree) -> Served {
     if args._pad != 0 {
         return Err(HypercallError::ReservedNotZero);
     }
-    let frames: Vec<u64> = read_array(ctx, args.frames, args.count, MMU_BATCH_MAX)?;
+    let mut buf = [0u64; MMU_BATCH_MAX as usize];
+    let frames = read_array(ctx, args.frames, args.count, &mut buf)?;
     let mut mmu = ctx.mmu.borrow_mut();
     match mmu
         .active(ctx.ram.size())
-        .give_back(ctx.translations(), &frames)
+        .give_back(ctx.translations(), frames)
     {
         Ok(Ok(())) => Ok((i64::from(args.count), Flow::Resume)),
         Ok(Err(error)) => Err(error),

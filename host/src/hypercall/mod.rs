@@ -197,18 +197,19 @@ fn multicall(ctx: &Context<'_>, args: &mut abi::Multicall) -> Served {
     Ok((i64::from(args.done), Flow::Resume))
 }
 
-/// Copies `count` items of `T`, at most `max`, from the guest array at
-/// `addr`.
-fn read_array<T: FromBytes + IntoBytes + Copy>(
+/// Copies `count` items of `T` from the guest array at `addr` into the
+/// front of `buf` (a buffer on the caller's stack, so the hypercall path
+/// allocates nothing) and returns them; `Invalid` if `count` is more than
+/// `buf` holds.
+fn read_array<'b, T: FromBytes + IntoBytes>(
     ctx: &Context<'_>,
     addr: u64,
     count: u32,
-    max: u32,
-) -> Result<Vec<T>, HypercallError> {
-    if count > max {
-        return Err(HypercallError::Invalid);
-    }
-    let mut items = vec![T::new_zeroed(); count as usize];
+    buf: &'b mut [T],
+) -> Result<&'b [T], HypercallError> {
+    let items = buf
+        .get_mut(..count as usize)
+        .ok_or(HypercallError::Invalid)?;
     ctx.ram
         .read_guest(addr, items.as_mut_bytes())
         .map_err(|_| HypercallError::Fault)?;
