@@ -15,9 +15,8 @@ use crate::end::{Crash, GuestEnd};
 use crate::kvm::memory::GuestRam;
 use shoal_abi::hypercall::{CUSTOM_FIRST, CUSTOM_LAST, MAX_ARG_LEN};
 use shoal_abi::{HypercallError, HypercallHeader};
-use std::collections::HashMap;
 use std::fmt::Display;
-use std::sync::{Arc, RwLock};
+use std::sync::OnceLock;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// The guest making a custom hypercall: its id and its memory.
@@ -80,17 +79,33 @@ pub enum RegisterError {
 /// written over them, or why the guest must stop.
 type Handler = dyn Fn(&Caller<'_>, &mut [u8]) -> Result<(), String> + Send + Sync;
 
-/// The custom hypercalls of one host, by number.
-#[derive(Default)]
+/// A registered handler and the `arg_len` it takes.
+struct Entry {
+    len: u32,
+    handler: Box<Handler>,
+}
+
+/// The custom hypercalls of one host: a slot per custom number, set once.
+/// A call finds its handler by index, with no lock.
 pub struct CustomCalls {
-    handlers: RwLock<HashMap<u32, (u32, Arc<Handler>)>>,
+    handlers: Box<[OnceLock<Entry>]>,
+}
+
+impl Default for CustomCalls {
+    fn default() -> Self {
+        Self {
+            handlers: (CUSTOM_FIRST..=CUSTOM_LAST)
+                .map(|_| OnceLock::new())
+                .collect(),
+        }
+    }
 }
 
 impl std::fmt::Debug for CustomCalls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let handlers = self.handlers.read().unwrap_or_else(|e| e.into_inner());
-        let mut numbers: Vec<_> = handlers.keys().collect();
-        numbers.sort_unstable();
+        let numbers: Vec<u32> = (CUSTOM_FIRST..=CUSTOM_LAST)
+            .filter(|&nr| self.get(nr).is_some())
+            .collect();
         f.debug_struct("CustomCalls")
             .field("numbers", &numbers)
             .finish()
@@ -106,9 +121,10 @@ impl CustomCalls {
         E: Display,
         F: Fn(&Caller<'_>, Req) -> Result<Resp, E> + Send + Sync + 'static,
     {
-        if !(CUSTOM_FIRST..=CUSTOM_LAST).contains(&nr) {
-            return Err(RegisterError::NotCustom(nr));
-        }
+        let slot = nr
+            .checked_sub(CUSTOM_FIRST)
+            .and_then(|i| self.handlers.get(i as usize))
+            .ok_or(RegisterError::NotCustom(nr))?;
         let len = size_of::<Req>().max(size_of::<Resp>());
         if len > MAX_ARG_LEN as usize {
             return Err(RegisterError::TooLarge { nr, len });
@@ -123,17 +139,16 @@ impl CustomCalls {
             args[..size_of::<Resp>()].copy_from_slice(response.as_bytes());
             Ok(())
         };
-        let mut handlers = self.handlers.write().unwrap_or_else(|e| e.into_inner());
-        if handlers.contains_key(&nr) {
-            return Err(RegisterError::Taken(nr));
-        }
-        handlers.insert(nr, (len as u32, Arc::new(erased)));
-        Ok(())
+        slot.set(Entry {
+            len: len as u32,
+            handler: Box::new(erased),
+        })
+        .map_err(|_| RegisterError::Taken(nr))
     }
 
-    fn get(&self, nr: u32) -> Option<(u32, Arc<Handler>)> {
-        let handlers = self.handlers.read().unwrap_or_else(|e| e.into_inner());
-        handlers.get(&nr).cloned()
+    fn get(&self, nr: u32) -> Option<&Entry> {
+        let i = nr.checked_sub(CUSTOM_FIRST)?;
+        self.handlers.get(i as usize)?.get()
     }
 }
 
@@ -144,13 +159,13 @@ pub(super) fn is_custom(nr: u32) -> bool {
 
 /// Serves custom hypercall `header.nr`, whose block is at `addr`.
 pub(super) fn serve(ctx: &Context<'_>, addr: u64, header: HypercallHeader) -> Flow {
-    let Some((len, handler)) = ctx.custom.get(header.nr) else {
+    let Some(&Entry { len, ref handler }) = ctx.custom.get(header.nr) else {
         return unknown(ctx, addr, header);
     };
-    ctx.stats.count_custom_hypercall();
     if header.arg_len != len {
         return finish(ctx, addr, header, Err(HypercallError::BadLength), &[]);
     }
+    ctx.stats.count_custom_hypercall();
     let mut block = [0u8; MAX_ARG_LEN as usize];
     let args = &mut block[..len as usize];
     let Some(args_addr) = addr.checked_add(HEADER_LEN as u64) else {
