@@ -24,7 +24,7 @@ mod wire;
 
 use crate::console::Console;
 use crate::control::{GuestControl, GuestState};
-use crate::device::{Endpoint, Lan, Lans};
+use crate::device::{Lan, Lans};
 use crate::end::{Crash, GuestEnd};
 use crate::guest::SpawnError;
 use crate::host::{GuestConfig, HostConfig};
@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use trunk::Trunk;
+use trunk::{LanPorts, Trunk};
 use wire::{Event, GuestSpec, Reply, Request};
 
 /// Longest a shard may take to answer a request before the supervisor
@@ -134,7 +134,7 @@ impl Shards {
             link: Arc::clone(&link),
             lan: lan.map(|(number, lan)| {
                 // Frames for the guest go to its shard from now until its end.
-                let port = link.port(number);
+                let (lan, port) = link.lans.port(&link.trunk, number, || lan);
                 lan.attach(guest_mac(id), Arc::downgrade(&port) as _);
                 lan
             }),
@@ -175,7 +175,7 @@ impl Shards {
             link.live.fetch_add(1, Ordering::SeqCst);
             return Ok(Arc::clone(link));
         }
-        let link = Link::start(links.len(), &self.config, self.shard_size, &self.switch)?;
+        let link = Link::start(links.len(), &self.config, self.shard_size)?;
         link.live.fetch_add(1, Ordering::SeqCst);
         links.push(Arc::clone(&link));
         Ok(link)
@@ -218,20 +218,16 @@ pub(crate) struct Link {
     dead: AtomicBool,
     /// Frames to and from the shard's LANs.
     trunk: Arc<Trunk>,
-    /// The shard's endpoint on each LAN it has guests on, by number.
-    ports: Mutex<HashMap<u32, Arc<ShardPort>>>,
+    /// The supervisor's LANs the shard has guests on, with its port on
+    /// each.
+    lans: LanPorts,
     trunk_reader: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Link {
     /// Starts shard `index`: this program again, told by the environment
     /// to serve the socket it inherits.
-    fn start(
-        index: usize,
-        config: &HostConfig,
-        shard_size: usize,
-        switch: &Arc<Switch>,
-    ) -> io::Result<Arc<Self>> {
+    fn start(index: usize, config: &HostConfig, shard_size: usize) -> io::Result<Arc<Self>> {
         let (ours, theirs) = UnixStream::pair()?;
         let (trunk, their_trunk) = Trunk::pair()?;
         let fds = [theirs.as_raw_fd(), their_trunk.raw_fd()];
@@ -271,7 +267,7 @@ impl Link {
             images: Mutex::new(HashSet::new()),
             dead: AtomicBool::new(false),
             trunk: Arc::new(trunk),
-            ports: Mutex::default(),
+            lans: LanPorts::default(),
             trunk_reader: Mutex::new(None),
         });
         let reader_link = Arc::clone(&link);
@@ -279,10 +275,10 @@ impl Link {
             .name(format!("shoal-shard-{index}"))
             .spawn(move || reader_link.read_events(input))?;
         *lock(&link.reader) = Some(reader);
-        let (frames_link, switch) = (Arc::clone(&link), Arc::clone(switch));
+        let frames_link = Arc::clone(&link);
         let frames = std::thread::Builder::new()
             .name(format!("shoal-trunk-{index}"))
-            .spawn(move || frames_link.read_frames(&switch))?;
+            .spawn(move || frames_link.lans.serve(&frames_link.trunk))?;
         *lock(&link.trunk_reader) = Some(frames);
         let started = link.request(|tag| Request::Start {
             tag,
@@ -359,31 +355,6 @@ impl Link {
             }
         }
         Ok(())
-    }
-
-    /// The shard's endpoint on LAN `number`.
-    fn port(&self, number: u32) -> Arc<ShardPort> {
-        let mut ports = lock(&self.ports);
-        let port = ports.entry(number).or_insert_with(|| {
-            Arc::new(ShardPort {
-                number,
-                trunk: Arc::clone(&self.trunk),
-            })
-        });
-        Arc::clone(port)
-    }
-
-    /// The trunk's thread: forwards each frame the shard's guests send
-    /// beyond their shard over the supervisor's LAN, and sends the frames
-    /// waiting for the shard, until the trunk closes.
-    fn read_frames(&self, switch: &Switch) {
-        self.trunk.serve(|number, frame| {
-            let from = lock(&self.ports).get(&number).cloned();
-            // A LAN this shard was never given is not its to send on.
-            if let (Some(lan), Some(from)) = (switch.lan(number), from) {
-                lan.forward(&*from, frame.to_vec());
-            }
-        });
     }
 
     /// The reader thread: routes every event, then fails what is left
@@ -558,23 +529,5 @@ impl Switch {
             numbered.len() - 1
         });
         (number as u32, Arc::clone(&numbered[number]))
-    }
-
-    fn lan(&self, number: u32) -> Option<Arc<Lan>> {
-        lock(&self.numbered).get(number as usize).cloned()
-    }
-}
-
-/// A shard on one of the supervisor's LANs: frames for the guests it runs
-/// go down its trunk.
-#[derive(Debug)]
-struct ShardPort {
-    number: u32,
-    trunk: Arc<Trunk>,
-}
-
-impl Endpoint for ShardPort {
-    fn receive(&self, frame: Vec<u8>) -> bool {
-        self.trunk.send(self.number, frame)
     }
 }

@@ -10,10 +10,9 @@
 //! binaries and embedders' programs can all be shards without code of
 //! their own.
 
-use super::trunk::Trunk;
+use super::trunk::{LanPorts, Trunk};
 use super::wire::{self, Event, GuestSpec, Reply, Request};
 use crate::control::GuestControl;
-use crate::device::{Endpoint, Lan};
 use crate::host::HostConfig;
 use crate::loader::Image;
 use crate::local::Local;
@@ -75,10 +74,6 @@ fn enter_if_shard() {
 /// Live guests of this shard, by id.
 type Guests = Arc<Mutex<HashMap<u64, Arc<GuestControl>>>>;
 
-/// This shard's LANs that have guests, by their number on the trunk, with
-/// each one's way up to the supervisor.
-type Uplinks = Arc<Mutex<HashMap<u32, (Arc<Lan>, Arc<Uplink>)>>>;
-
 struct Shard {
     local: Option<Local>,
     shard_size: usize,
@@ -86,36 +81,9 @@ struct Shard {
     guests: Guests,
     out: Arc<Outbox>,
     trunk: Arc<Trunk>,
-    uplinks: Uplinks,
-}
-
-/// A shard's LAN's way to the rest of the LAN: frames for addresses not
-/// in this shard go up the trunk.
-#[derive(Debug)]
-struct Uplink {
-    number: u32,
-    trunk: Arc<Trunk>,
-}
-
-impl Endpoint for Uplink {
-    fn receive(&self, frame: Vec<u8>) -> bool {
-        self.trunk.send(self.number, frame)
-    }
-}
-
-/// Forwards each frame from the trunk over this shard's LAN, and sends
-/// what waits to go up, until the trunk closes.
-fn read_frames(trunk: &Trunk, uplinks: &Uplinks) {
-    trunk.serve(|number, frame| {
-        let lan = uplinks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&number)
-            .cloned();
-        if let Some((lan, uplink)) = lan {
-            lan.forward(&*uplink, frame.to_vec());
-        }
-    });
+    /// This shard's LANs that have guests, each with its way up to the
+    /// supervisor.
+    uplinks: Arc<LanPorts>,
 }
 
 /// Events for the supervisor, encoded where they happen into one buffer
@@ -156,12 +124,12 @@ fn serve(socket: UnixStream, trunk: Trunk) -> io::Result<()> {
         })?;
     let out = Arc::new(Outbox { frames, wake });
     let trunk = Arc::new(trunk);
-    let uplinks = Uplinks::default();
+    let uplinks = Arc::new(LanPorts::default());
     let frames = std::thread::Builder::new()
         .name("shoal-shard-trunk".into())
         .spawn({
             let (trunk, uplinks) = (Arc::clone(&trunk), Arc::clone(&uplinks));
-            move || read_frames(&trunk, &uplinks)
+            move || uplinks.serve(&trunk)
         })?;
     let mut shard = Shard {
         local: None,
@@ -277,18 +245,13 @@ impl Shard {
         self.guests.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Puts this shard's LAN `name` on the trunk as `number`, once.
+    /// Puts this shard's LAN `name` on the trunk as `number`: frames for
+    /// addresses not in this shard go up it.
     fn uplink(&self, local: &Local, number: u32, name: &str) {
-        let mut uplinks = self.uplinks.lock().unwrap_or_else(|e| e.into_inner());
-        uplinks.entry(number).or_insert_with(|| {
-            let lan = local.lans().join(name);
-            let uplink = Arc::new(Uplink {
-                number,
-                trunk: Arc::clone(&self.trunk),
-            });
-            lan.set_uplink(Arc::downgrade(&uplink) as _);
-            (lan, uplink)
-        });
+        let (lan, uplink) = self
+            .uplinks
+            .port(&self.trunk, number, || local.lans().join(name));
+        lan.set_uplink(Arc::downgrade(&uplink) as _);
     }
 
     fn spawn(&self, id: u64, image: u64, guest: GuestSpec) -> Result<(), String> {

@@ -12,13 +12,13 @@
 //! other side falls behind. The end's thread ([`Trunk::serve`]) reads
 //! packets and sends what waits.
 
-use crate::device::make_room;
+use crate::device::{Endpoint, Lan, make_room};
 use shoal_abi::device::{FRAME_MAX, NET_HEADER_LEN};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Bytes before the frame in a packet.
@@ -304,6 +304,65 @@ impl Trunk {
     /// The descriptor, for a shard process to inherit.
     pub(crate) fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+/// One LAN's end of a trunk, an endpoint on that LAN: frames for the
+/// other side go down the trunk.
+#[derive(Debug)]
+pub(crate) struct Port {
+    number: u32,
+    trunk: Arc<Trunk>,
+}
+
+impl Endpoint for Port {
+    fn receive(&self, frame: Vec<u8>) -> bool {
+        self.trunk.send(self.number, frame)
+    }
+}
+
+/// The LANs on one end of a trunk, by number, each with its port.
+#[derive(Debug, Default)]
+pub(crate) struct LanPorts(Mutex<HashMap<u32, LanPort>>);
+
+/// A LAN and its port on a trunk.
+type LanPort = (Arc<Lan>, Arc<Port>);
+
+impl LanPorts {
+    /// LAN `number` and its port on `trunk`: the LAN `lan` gives, the
+    /// first time.
+    pub(crate) fn port(
+        &self,
+        trunk: &Arc<Trunk>,
+        number: u32,
+        lan: impl FnOnce() -> Arc<Lan>,
+    ) -> (Arc<Lan>, Arc<Port>) {
+        let mut ports = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (lan, port) = ports.entry(number).or_insert_with(|| {
+            let port = Port {
+                number,
+                trunk: Arc::clone(trunk),
+            };
+            (lan(), Arc::new(port))
+        });
+        (Arc::clone(lan), Arc::clone(port))
+    }
+
+    /// Serves `trunk` ([`Trunk::serve`]): each frame that arrives goes
+    /// over its LAN, from that LAN's port. A frame for a LAN this end was
+    /// never given is dropped.
+    pub(crate) fn serve(&self, trunk: &Trunk) {
+        trunk.serve(|number, frame| {
+            let entry = self
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&number)
+                .cloned();
+            if let Some((lan, port)) = entry {
+                lan.forward(&*port, frame.to_vec());
+            }
+        });
     }
 }
 
