@@ -125,11 +125,17 @@ impl Gateway {
             connections: AtomicU64::new(0),
             missed: AtomicU64::new(0),
         });
+        if !shared.lan.attach(GATEWAY_MAC, Arc::downgrade(&shared) as _) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "a guest has the gateway's address on this LAN",
+            ));
+        }
         let mut runner = Runner::new(Arc::clone(&shared))?;
         let thread = std::thread::Builder::new()
             .name("shoal-gateway".into())
             .spawn(move || runner.run())?;
-        shared.lan.attach(GATEWAY_MAC, Arc::downgrade(&shared) as _);
+
         Ok(Self {
             shared,
             next_forward: AtomicU64::new(1),
@@ -173,7 +179,7 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        self.shared.lan.detach(GATEWAY_MAC);
+        self.shared.lan.detach(GATEWAY_MAC, &*self.shared);
         self.shared.stop.store(true, Ordering::Release);
         let _ = self.shared.wake.write(1);
         if let Some(thread) = self.thread.take() {

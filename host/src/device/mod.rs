@@ -74,6 +74,10 @@ pub enum DeviceError {
     /// KVM refused the notification port.
     #[error(transparent)]
     Vm(#[from] crate::kvm::vm::VmError),
+    /// Another guest, or the host's end, has the guest's address on its
+    /// LAN (guest addresses repeat every 2^24 ids).
+    #[error("the LAN address {} is taken", net::format_mac(.0))]
+    AddressTaken(Mac),
 }
 
 /// Whom a device tells of used buffers, and stops when it breaks a ring.
@@ -439,7 +443,7 @@ impl Slot {
     /// Stops serving: the guest's RAM is about to go.
     fn detach(&self) {
         if let Backend::Net(port) = &self.backend {
-            port.lan.detach(port.mac);
+            port.lan.detach(port.mac, self);
         }
         self.state
             .lock()
@@ -502,10 +506,12 @@ impl Devices {
                 }),
             });
             parts.io.watch(&slot)?;
-            if let Backend::Net(port) = &slot.backend {
-                port.lan.attach(port.mac, Arc::downgrade(&slot) as _);
+            devices.slots.push(Arc::clone(&slot));
+            if let Backend::Net(port) = &slot.backend
+                && !port.lan.attach(port.mac, Arc::downgrade(&slot) as _)
+            {
+                return Err(DeviceError::AddressTaken(port.mac));
             }
-            devices.slots.push(slot);
         }
         Ok(devices)
     }

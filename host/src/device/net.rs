@@ -27,6 +27,11 @@ use zerocopy::IntoBytes;
 /// An Ethernet address.
 pub type Mac = [u8; 6];
 
+/// `mac` as people write it: `02:73:68:00:00:11`.
+pub fn format_mac(mac: &Mac) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
 /// Frames a port keeps waiting for receive buffers; more are dropped.
 pub const BACKLOG_MAX: usize = 256;
 
@@ -127,14 +132,28 @@ impl Lan {
 
     /// Puts `endpoint` on the LAN at `mac`. One endpoint may have many
     /// addresses (the supervisor's port to a shard has one per guest in
-    /// it); it still gets one copy of each flooded frame.
-    pub fn attach(&self, mac: Mac, endpoint: Weak<dyn Endpoint>) {
-        self.lock().ports.insert(mac, endpoint);
+    /// it); it still gets one copy of each flooded frame. False, and
+    /// nothing changes, if another endpoint on the LAN holds `mac` (guest
+    /// addresses repeat every 2^24 ids, and one falls on the gateway's).
+    #[must_use]
+    pub fn attach(&self, mac: Mac, endpoint: Weak<dyn Endpoint>) -> bool {
+        let mut table = self.lock();
+        let held = table.ports.get(&mac).and_then(Weak::upgrade);
+        if held.is_some_and(|held| !std::ptr::addr_eq(Arc::as_ptr(&held), endpoint.as_ptr())) {
+            return false;
+        }
+        table.ports.insert(mac, endpoint);
+        true
     }
 
-    /// Takes `mac` off the LAN: frames to it are dropped from now on.
-    pub fn detach(&self, mac: Mac) {
-        self.lock().ports.remove(&mac);
+    /// Takes `mac` off the LAN if `endpoint` holds it: frames to it are
+    /// dropped from now on.
+    pub fn detach(&self, mac: Mac, endpoint: &dyn Endpoint) {
+        let mut table = self.lock();
+        let held = table.ports.get(&mac).map(Weak::as_ptr);
+        if held.is_some_and(|held| std::ptr::addr_eq(held, endpoint)) {
+            table.ports.remove(&mac);
+        }
     }
 
     /// Sends frames for addresses not on this LAN, and a copy of every
@@ -393,6 +412,44 @@ mod tests {
             "a newcomer gets some"
         );
         assert_eq!(waiting(&backlog, 1), 8);
+    }
+
+    #[derive(Debug)]
+    struct Sink;
+
+    impl Endpoint for Sink {
+        fn receive(&self, _: Vec<u8>) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn an_address_stays_with_the_endpoint_that_holds_it() {
+        let lan = Lan::new("t");
+        let (first, second): (Arc<dyn Endpoint>, Arc<dyn Endpoint>) =
+            (Arc::new(Sink), Arc::new(Sink));
+        let mac = [2, 0x73, 0x68, 0, 0, 1];
+        assert!(lan.attach(mac, Arc::downgrade(&first)));
+        assert!(
+            lan.attach(mac, Arc::downgrade(&first)),
+            "again, by its holder"
+        );
+        assert!(!lan.attach(mac, Arc::downgrade(&second)), "taken");
+        lan.detach(mac, &*second);
+        assert!(
+            !lan.attach(mac, Arc::downgrade(&second)),
+            "not the other's to free"
+        );
+        lan.detach(mac, &*first);
+        assert!(
+            lan.attach(mac, Arc::downgrade(&second)),
+            "free once its holder left"
+        );
+        drop(second);
+        assert!(
+            lan.attach(mac, Arc::downgrade(&first)),
+            "free once its holder is gone"
+        );
     }
 
     #[test]

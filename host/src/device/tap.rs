@@ -115,7 +115,7 @@ impl Drop for Tap {
         }
         let learned = std::mem::take(&mut *lock(&self.port.learned));
         for mac in learned {
-            self.port.lan.detach(mac);
+            self.port.lan.detach(mac, &*self.port);
         }
     }
 }
@@ -229,9 +229,10 @@ impl TapPort {
     fn learn(&self, mac: Mac) {
         let mut learned = lock(&self.learned);
         if !learned.contains(&mac) {
-            learned.push(mac);
-            drop(learned);
-            self.lan.attach(mac, self.me.clone() as Weak<dyn Endpoint>);
+            // An address another endpoint holds stays theirs.
+            if self.lan.attach(mac, self.me.clone() as Weak<dyn Endpoint>) {
+                learned.push(mac);
+            }
         }
     }
 }

@@ -24,7 +24,7 @@ mod wire;
 
 use crate::console::Console;
 use crate::control::{GuestControl, GuestState};
-use crate::device::{Lan, Lans};
+use crate::device::{DeviceError, Lan, Lans};
 use crate::end::{Crash, GuestEnd};
 use crate::guest::SpawnError;
 use crate::host::{GuestConfig, HostConfig};
@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use trunk::{LanPorts, Trunk};
+use trunk::{LanPorts, Port, Trunk};
 use wire::{Event, GuestSpec, Reply, Request};
 
 /// Longest a shard may take to answer a request before the supervisor
@@ -123,21 +123,25 @@ impl Shards {
             link.live.fetch_sub(1, Ordering::SeqCst);
             return Err(e);
         }
-        let lan = config.net.as_deref().map(|name| self.switch.number(name));
+        let numbered = config.net.as_deref().map(|name| self.switch.number(name));
+        let number = numbered.as_ref().map_or(0, |(number, _)| *number);
+        // Frames for the guest go to its shard from now until its end.
+        let lan = numbered.map(|(number, lan)| link.lans.port(&link.trunk, number, || lan));
+        if let Some((lan, port)) = &lan
+            && !lan.attach(guest_mac(id), Arc::downgrade(port) as _)
+        {
+            link.live.fetch_sub(1, Ordering::SeqCst);
+            return Err(DeviceError::AddressTaken(guest_mac(id)).into());
+        }
         let (console_limit, limits) = (config.console_limit, config.limits);
-        let (spec, sink) = GuestSpec::new(config, lan.as_ref().map_or(0, |(number, _)| *number));
+        let (spec, sink) = GuestSpec::new(config, number);
         let console = Arc::new(Console::new(id, console_limit, sink));
         let control = Arc::new(GuestControl::new(id, console, Arc::default(), limits));
         let remote = Arc::new(Remote {
             control,
             last: OnceLock::new(),
             link: Arc::clone(&link),
-            lan: lan.map(|(number, lan)| {
-                // Frames for the guest go to its shard from now until its end.
-                let (lan, port) = link.lans.port(&link.trunk, number, || lan);
-                lan.attach(guest_mac(id), Arc::downgrade(&port) as _);
-                lan
-            }),
+            lan,
         });
         // Known before the shard hears of it: its console and end may
         // come before the reply.
@@ -452,15 +456,16 @@ pub(crate) struct Remote {
     /// The counters the shard sent with the end.
     last: OnceLock<StatsSnapshot>,
     link: Arc<Link>,
-    /// The supervisor's LAN that holds the guest's address, if on one.
-    lan: Option<Arc<Lan>>,
+    /// The supervisor's LAN that holds the guest's address, if on one,
+    /// and the shard's port there.
+    lan: Option<(Arc<Lan>, Arc<Port>)>,
 }
 
 impl Remote {
     /// Takes the guest's address off the supervisor's LAN.
     fn forget(&self) {
-        if let Some(lan) = &self.lan {
-            lan.detach(guest_mac(self.control.id));
+        if let Some((lan, port)) = &self.lan {
+            lan.detach(guest_mac(self.control.id), &**port);
         }
     }
 
