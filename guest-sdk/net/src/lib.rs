@@ -163,18 +163,23 @@ impl Stack {
     /// all were out, the stack has a timer due, or the monotonic clock
     /// reaches `deadline_ns` (`u64::MAX`: no deadline of the caller's).
     pub fn wait(&mut self, deadline_ns: u64) {
+        let tx_full = !self.nic.0.split().1.ready();
         let now_ns = time::monotonic_ns();
-        let until = match self.iface.poll_delay(now(), &self.sockets) {
+        let mut until = match self.iface.poll_delay(now(), &self.sockets) {
             Some(delay) => now_ns.saturating_add(delay.total_micros() * 1000),
             None => u64::MAX,
+        };
+        if tx_full && until <= now_ns {
+            // A socket has something to send now, and no transmit buffer
+            // is free: polling again would find none either, so wait for
+            // one to come back (or a frame to come in).
+            until = u64::MAX;
         }
-        .min(deadline_ns);
+        let until = until.min(deadline_ns);
         if until <= now_ns {
             return;
         }
-        let nic = &mut self.nic.0;
-        let tx_full = !nic.split().1.ready();
-        nic.wait_io(until, tx_full);
+        self.nic.0.wait_io(until, tx_full);
     }
 }
 
