@@ -279,7 +279,12 @@ impl Runner {
         };
         let started = Instant::now();
         let mut config = Config::new(HardwareAddress::Ip);
-        config.random_seed = started.elapsed().as_nanos() as u64 ^ u64::from(std::process::id());
+        // From the OS's randomness (std's hasher keys), for sequence
+        // numbers and ports a guest cannot guess.
+        config.random_seed = std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            std::process::id(),
+        );
         let mut iface = Interface::new(config, &mut phy, NetInstant::ZERO);
         iface.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(GATEWAY_IPV4.into()), 8));
@@ -554,6 +559,17 @@ impl Conn {
     }
 }
 
+/// Whether the IPv4 packet in `ethernet` comes from the address its
+/// sender's MAC address gives (the LAN checked that MAC): no guest may
+/// speak for another in a forwarded connection.
+fn sent_by_its_owner(ethernet: &[u8]) -> bool {
+    let Some(source) = ethernet.get(26..30) else {
+        return false;
+    };
+    let source: [u8; 4] = source.try_into().unwrap_or_default();
+    mac_of_ipv4(source).is_some_and(|mac| mac[..] == ethernet[6..12])
+}
+
 /// The gateway's side of the stack's device: IP packets in and out of
 /// Ethernet frames on the LAN.
 struct Phy {
@@ -577,7 +593,9 @@ impl Phy {
                 continue;
             }
             match [ethernet[12], ethernet[13]] {
-                [0x08, 0x00] if ethernet[..6] == GATEWAY_MAC => return Some(frame),
+                [0x08, 0x00] if ethernet[..6] == GATEWAY_MAC && sent_by_its_owner(ethernet) => {
+                    return Some(frame);
+                }
                 [0x08, 0x06] => self.answer_arp(&ethernet[14..]),
                 _ => {}
             }
@@ -670,5 +688,31 @@ impl smoltcp::phy::TxToken for TxToken<'_> {
             self.0.lan.forward(&**self.0, frame);
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_abi::device::{guest_ipv4, guest_mac};
+
+    /// An Ethernet frame with an IPv4 header from `mac` claiming `ip`.
+    fn ip_frame(mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
+        let mut frame = vec![0; 34];
+        frame[..6].copy_from_slice(&GATEWAY_MAC);
+        frame[6..12].copy_from_slice(&mac);
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        frame[26..30].copy_from_slice(&ip);
+        frame
+    }
+
+    #[test]
+    fn a_guest_may_not_speak_for_another_address() {
+        assert!(sent_by_its_owner(&ip_frame(guest_mac(5), guest_ipv4(5))));
+        assert!(!sent_by_its_owner(&ip_frame(guest_mac(5), guest_ipv4(6))));
+        assert!(!sent_by_its_owner(&ip_frame(guest_mac(5), [192, 0, 2, 1])));
+        assert!(!sent_by_its_owner(
+            &ip_frame(guest_mac(5), guest_ipv4(5))[..20]
+        ));
     }
 }
