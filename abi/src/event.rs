@@ -21,7 +21,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 /// Events a guest has.
 pub const EVENTS: u32 = 64;
 
-/// The event page's first bytes (the rest of the page is reserved, zero).
+/// The event page's first bytes (the rest of the page is reserved, zero,
+/// apart from the [`CallTiming`] record at [`CALL_TIMING_OFFSET`]).
 #[repr(C)]
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
@@ -36,3 +37,32 @@ pub struct EventPage {
 }
 const _: () = assert!(size_of::<EventPage>() == 16);
 const _: () = assert!(offset_of!(EventPage, mask) == 8);
+
+/// Offset of the [`CallTiming`] record in the event page (its own cache
+/// line, apart from the event words).
+pub const CALL_TIMING_OFFSET: u64 = 64;
+
+/// The round trip of the guest's last hypercall, as the guest measured it
+/// (feature [`crate::features::CALL_TIMING`]). A guest that takes part
+/// reads its time-stamp counter just before the hypercall instruction and
+/// just after, then writes `nr` and the difference in `ticks`. The host
+/// reads the record at the guest's next hypercall (and when the guest
+/// ends), counts a non-zero `ticks` for `nr`, and sets `ticks` to zero.
+/// Written by the guest only between hypercalls, so the host never sees
+/// it half-written. A guest that does not take part leaves it zero.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct CallTiming {
+    /// The call's [`crate::HypercallNr`] (or custom number).
+    pub nr: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// Time-stamp counter ticks from just before the hypercall
+    /// instruction to just after it.
+    pub ticks: u64,
+}
+const _: () = assert!(size_of::<CallTiming>() == 16);
+const _: () = assert!(offset_of!(CallTiming, ticks) == 8);
+const _: () = assert!(CALL_TIMING_OFFSET as usize >= size_of::<EventPage>());

@@ -72,7 +72,16 @@ pub mod features {
     /// notification port ([`crate::device`]).
     pub const DEVICES: u64 = 1 << 9;
 
-    /// Every feature this version of the ABI crate knows about.
+    /// Offered only when the host is asked to keep hypercall statistics:
+    /// the host measures each hypercall's round trip as the guest sees it
+    /// if the guest writes it into the event page's
+    /// [`crate::event::CallTiming`] record after the call. Not part of
+    /// [`ALL_V1`].
+    pub const CALL_TIMING: u64 = 1 << 10;
+
+    /// The features every host offers every guest: those of ABI v1 as
+    /// first released (bits 0 to 9) but [`TRAPPED_PAGE_TABLES`], which,
+    /// like [`CALL_TIMING`] since, is offered only when asked for.
     pub const ALL_V1: u64 =
         CLOCK_PAGE | BLOCK | PRECISE_FAULTS | YIELD | MMU | TRAPS | MULTICALL | EVENTS | DEVICES;
 }

@@ -5,8 +5,10 @@
 //! block's address; the host fills in the result before the instruction
 //! completes. Each call costs one exit to the host.
 
+use shoal_abi::event::{CALL_TIMING_OFFSET, CallTiming};
+use shoal_abi::features::CALL_TIMING;
 use shoal_abi::hypercall::{Hypercall, MAX_ARG_LEN};
-use shoal_abi::layout::HYPERCALL_PORT;
+use shoal_abi::layout::{EVENT_PAGE, HYPERCALL_PORT};
 use shoal_abi::{HypercallError, HypercallHeader};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
@@ -195,11 +197,51 @@ where
 /// with calls the typed API does not know; a host that does not know the
 /// number answers `-(HypercallError::UnknownHypercall)`.
 ///
+/// When the host offers [`CALL_TIMING`] (it keeps hypercall statistics),
+/// the call is timed with the time-stamp counter and its round trip left
+/// in the event page's [`CallTiming`] record for the host to count.
+///
+/// [`CALL_TIMING`]: shoal_abi::features::CALL_TIMING
+/// [`CallTiming`]: shoal_abi::event::CallTiming
+///
 /// # Safety
 /// `block` must be 8-byte aligned, below 4 GiB, and valid for reads and
 /// writes of the header and the `arg_len` bytes after it. A block outside
 /// guest RAM makes the host stop the guest.
 pub unsafe fn raw(block: *mut HypercallHeader) -> i64 {
+    if crate::boot::info().features & CALL_TIMING == 0 {
+        // SAFETY: as this function's.
+        unsafe { out(block) }
+    } else {
+        // SAFETY: the caller guarantees the header is valid for reads.
+        let nr = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*block).nr)) };
+        let start = crate::time::read_tsc();
+        // SAFETY: as this function's.
+        let ret = unsafe { out(block) };
+        let ticks = crate::time::read_tsc().wrapping_sub(start);
+        let record = (EVENT_PAGE + CALL_TIMING_OFFSET) as *mut CallTiming;
+        // SAFETY: the event page is mapped read-write for the guest, and
+        // the host reads the record only while the guest is stopped in its
+        // next hypercall.
+        unsafe {
+            core::ptr::write_volatile(
+                record,
+                CallTiming {
+                    nr,
+                    reserved: 0,
+                    ticks: ticks.max(1),
+                },
+            )
+        };
+        ret
+    }
+}
+
+/// The hypercall instruction itself.
+///
+/// # Safety
+/// As [`raw`]'s.
+unsafe fn out(block: *mut HypercallHeader) -> i64 {
     let addr = block as usize as u32;
     // SAFETY: `out` to the hypercall port is the ABI's hypercall instruction:
     // the host reads and writes the block at `addr` and resumes after the

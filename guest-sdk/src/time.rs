@@ -6,7 +6,7 @@ use shoal_abi::ClockPage;
 use shoal_abi::hypercall::{Block, WallClock};
 use shoal_abi::layout::CLOCK_PAGE;
 
-fn read_tsc() -> u64 {
+pub(crate) fn read_tsc() -> u64 {
     // SAFETY: `rdtsc` is allowed at CPL3 (the host leaves CR4.TSD clear) and
     // has no memory effects.
     unsafe { core::arch::x86_64::_rdtsc() }

@@ -15,6 +15,7 @@ use crate::kvm::vm::VmError;
 use crate::kvm::{Vcpu, Vm};
 use crate::limits::{Limit, RateWindow};
 use crate::mmu::{Forget, GuestMmu, TABLES_ALIAS, TABLES_LEN, Translations};
+use crate::observe::{Observe, Observer};
 use crate::pool::Shell;
 use crate::stats::{ExitReason, GuestStats};
 use crate::trap::{self, Traps};
@@ -49,6 +50,10 @@ pub enum SpawnError {
     /// is in use).
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
+    /// The trace file ([`crate::Observe::trace_file`]) could not be
+    /// opened.
+    #[error("cannot open the hypercall trace file")]
+    Trace(#[source] std::io::Error),
     /// The runner thread could not be started.
     #[error("cannot start the guest's thread")]
     Thread(#[source] std::io::Error),
@@ -88,6 +93,8 @@ pub struct Guest {
     events: Arc<Events>,
     devices: Devices,
     custom: Arc<CustomCalls>,
+    /// Watches its hypercalls, if asked to.
+    observer: Option<Box<Observer>>,
     /// The `block` call the guest is parked in, whose result is written
     /// when it runs again.
     blocked_at: Option<u64>,
@@ -119,10 +126,15 @@ pub struct GuestParts<'a> {
     pub devices: Option<DeviceParts>,
     /// The host's custom hypercalls.
     pub custom: Arc<CustomCalls>,
+    /// What to record about its hypercalls.
+    pub observe: &'a Observe,
 }
 
 impl Drop for Guest {
     fn drop(&mut self) {
+        if let Some(observer) = &self.observer {
+            observer.take_guest_timing(&self.ram);
+        }
         self.devices.detach();
         self.events.detach();
         self.stats.release_memory(&self.ram);
@@ -149,7 +161,15 @@ impl Guest {
             template.overlay_len(),
             parts.forget,
         );
-        let mut features = parts.features;
+        let observer = Observer::new(
+            parts.id,
+            parts.observe,
+            Some(parts.stats.call_stats()),
+            scale,
+        )
+        .map_err(SpawnError::Trace)?
+        .map(Box::new);
+        let mut features = parts.features | observer.as_ref().map_or(0, |o| o.features());
         if parts.trapped_page_tables {
             vm.alias_read_only(&ram, PAGE_TABLE_AREA_START, TABLES_LEN, TABLES_ALIAS)?;
             features |= shoal_abi::features::TRAPPED_PAGE_TABLES;
@@ -195,6 +215,7 @@ impl Guest {
             events: parts.events,
             devices,
             custom: parts.custom,
+            observer,
             blocked_at: None,
         })
     }
@@ -271,6 +292,10 @@ impl Guest {
         let crash = |c| Flow::End(GuestEnd::Crashed(c));
         match (reason, exit) {
             (ExitReason::Hypercall, Exit::Out { value, .. }) => {
+                let observer = self.observer.as_deref();
+                if let Some(observer) = observer {
+                    observer.take_guest_timing(&self.ram);
+                }
                 let ctx = Context {
                     id: self.id,
                     ram: &self.ram,
@@ -287,6 +312,7 @@ impl Guest {
                     preempt,
                     in_multicall: false,
                     custom: &self.custom,
+                    observer,
                 };
                 hypercall::dispatch(&ctx, u64::from(value))
             }

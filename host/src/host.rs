@@ -51,6 +51,9 @@ pub struct GuestConfig {
     /// the disks), if any. Guests of one host on LANs of the same name
     /// share the LAN.
     pub net: Option<String>,
+    /// What the host records about the guest's hypercalls (statistics,
+    /// a trace): nothing by default.
+    pub observe: crate::Observe,
 }
 
 impl Default for GuestConfig {
@@ -65,6 +68,7 @@ impl Default for GuestConfig {
             forget: Forget::default(),
             disks: Vec::new(),
             net: None,
+            observe: crate::Observe::default(),
         }
     }
 }

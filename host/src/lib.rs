@@ -41,6 +41,7 @@ pub mod limits;
 pub mod loader;
 mod local;
 pub mod mmu;
+pub mod observe;
 pub mod pool;
 pub mod sched;
 pub mod shard;
@@ -56,4 +57,5 @@ pub use host::{
 pub use hypercall::custom::{Caller, RegisterError};
 pub use limits::{Limit, Limits};
 pub use loader::{Image, LoadError};
+pub use observe::Observe;
 pub use stats::{ExitReason, FrameCounts, StatsSnapshot};

@@ -136,6 +136,7 @@ impl Local {
                 events: Arc::clone(&control.events),
                 devices,
                 custom: Arc::clone(&self.custom),
+                observe: &config.observe,
             },
         )?;
         if let Some(hook) = relay_end {
@@ -152,6 +153,7 @@ impl Local {
             guest: Box::new(guest),
             share: config.limits.cpu_share.map(CpuShare::new),
             control: Arc::clone(&control),
+            preempted_at: None,
         });
         Ok((control, self.sched.handle()))
     }

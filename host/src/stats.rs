@@ -3,11 +3,13 @@
 
 use crate::kvm::GuestRam;
 use crate::kvm::memory::resident_bytes;
+use crate::observe::{CallLatency, CallStats};
 use shoal_abi::HypercallNr;
 use std::sync::atomic::{
     AtomicU64,
     Ordering::{Acquire, Relaxed, Release},
 };
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 const CALLS: usize = HypercallNr::ALL.len();
@@ -72,6 +74,7 @@ pub struct GuestStats {
     console_bytes: AtomicU64,
     blocked_ns: AtomicU64,
     throttled_ns: AtomicU64,
+    preempted_ns: AtomicU64,
     cpu_ns: AtomicU64,
     preemptions: AtomicU64,
     traps: AtomicU64,
@@ -85,6 +88,8 @@ pub struct GuestStats {
     ram_len: AtomicU64,
     /// Resident bytes when the RAM was freed.
     resident_at_end: AtomicU64,
+    /// Latency histograms, once the guest is watched.
+    calls: OnceLock<Arc<CallStats>>,
 }
 
 impl Default for GuestStats {
@@ -100,6 +105,7 @@ impl Default for GuestStats {
             console_bytes: AtomicU64::new(0),
             blocked_ns: AtomicU64::new(0),
             throttled_ns: AtomicU64::new(0),
+            preempted_ns: AtomicU64::new(0),
             cpu_ns: AtomicU64::new(0),
             preemptions: AtomicU64::new(0),
             traps: AtomicU64::new(0),
@@ -111,6 +117,7 @@ impl Default for GuestStats {
             ram_addr: AtomicU64::new(0),
             ram_len: AtomicU64::new(0),
             resident_at_end: AtomicU64::new(0),
+            calls: OnceLock::new(),
         }
     }
 }
@@ -175,6 +182,9 @@ pub struct StatsSnapshot {
     /// Nanoseconds spent waiting for the next period after using up the
     /// guest's CPU share ([`crate::Limits::cpu_share`]).
     pub throttled_ns: u64,
+    /// Nanoseconds spent runnable but waiting for a worker after the
+    /// scheduler preempted the guest.
+    pub preempted_ns: u64,
     /// Nanoseconds spent on a worker (running, or in a hypercall).
     pub cpu_ns: u64,
     /// Times the scheduler took the worker away at the end of a slice.
@@ -203,6 +213,9 @@ pub struct StatsSnapshot {
     /// guests of its image (counted for each of them). After the guest
     /// ended: the figure when its RAM was freed.
     pub resident_bytes: u64,
+    /// Latency histograms per hypercall number, in number order, if the
+    /// guest's hypercalls are watched ([`crate::Observe::call_stats`]).
+    pub calls: Vec<CallLatency>,
 }
 
 impl StatsSnapshot {
@@ -269,6 +282,16 @@ impl GuestStats {
     /// Time waiting, runnable, for the next CPU-share period.
     pub fn add_throttled_ns(&self, n: u64) {
         self.throttled_ns.fetch_add(n, Relaxed);
+    }
+
+    /// Time waiting for a worker after a preemption.
+    pub fn add_preempted_ns(&self, n: u64) {
+        self.preempted_ns.fetch_add(n, Relaxed);
+    }
+
+    /// The guest's latency histograms, made on first use.
+    pub fn call_stats(&self) -> Arc<CallStats> {
+        Arc::clone(self.calls.get_or_init(Default::default))
     }
 
     /// Time on a worker.
@@ -350,6 +373,7 @@ impl GuestStats {
             console_bytes: self.console_bytes.load(Relaxed),
             blocked_ns: self.blocked_ns.load(Relaxed),
             throttled_ns: self.throttled_ns.load(Relaxed),
+            preempted_ns: self.preempted_ns.load(Relaxed),
             cpu_ns: self.cpu_ns.load(Relaxed),
             preemptions: self.preemptions.load(Relaxed),
             traps: self.traps.load(Relaxed),
@@ -368,6 +392,7 @@ impl GuestStats {
                 0 => self.resident_at_end.load(Relaxed),
                 addr => resident_bytes(addr as usize, self.ram_len.load(Relaxed) as usize),
             },
+            calls: self.calls.get().map_or_else(Vec::new, |c| c.snapshot()),
         }
     }
 }

@@ -137,6 +137,66 @@ fn trace_logging_shows_every_hypercall() {
 }
 
 #[test]
+fn run_stats_prints_each_calls_count_and_latencies() {
+    let out = shoal(&["run", "--stats", "bench", "--", "hypercall", "500"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with(
+            "hypercall statistics, 1 guests:
+  exits: "
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("  time: on a worker "), "{stderr}");
+    let row = stderr
+        .lines()
+        .find(|l| l.trim_start().starts_with("abi_info "))
+        .unwrap_or_else(|| panic!("no abi_info row: {stderr}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // name, count, then four latencies of two words each ("3.1 us").
+    assert_eq!(cells.len(), 10, "{row}");
+    assert_eq!(cells[1], "500", "{row}");
+    assert!(cells[2..].iter().all(|c| *c != "-"), "{row}");
+
+    let out = shoal(&["run", "-n", "3", "--stats=guests", "hello"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    for id in 1..=3 {
+        assert!(
+            stderr.contains(&format!("hypercall statistics, guest {id}:\n")),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn run_trace_writes_a_line_per_hypercall() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("hello.trace");
+    std::fs::write(&path, "stale contents\n").expect("writable");
+    let out = shoal(&["run", "--trace", path.to_str().unwrap(), "hello"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    let trace = std::fs::read_to_string(&path).expect("trace written");
+    let mut lines = trace.lines();
+    assert_eq!(
+        lines.next(),
+        Some(shoal_host::observe::TRACE_HEADER.trim_end())
+    );
+    let names: Vec<&str> = lines
+        .map(|l| l.split('\t').nth(3).expect("a name"))
+        .collect();
+    // hello: the wall clock, its lines, then its exit.
+    assert_eq!(names.first(), Some(&"wall_clock"), "{trace}");
+    assert_eq!(names.last(), Some(&"exit"), "{trace}");
+    assert_eq!(
+        names.iter().filter(|n| **n == "console_write").count(),
+        text(&out.stdout).lines().count(),
+        "{trace}"
+    );
+}
+
+#[test]
 fn list_names_every_builtin_guest() {
     let out = shoal(&["list"]);
     let stdout = text(&out.stdout);

@@ -97,7 +97,7 @@ pub enum BenchError {
     #[error("no benchmark group {0:?} (groups: {groups})", groups = GROUPS.join(", "))]
     UnknownGroup(String),
     /// A scratch file could not be made.
-    #[error("cannot make a scratch disk")]
+    #[error("cannot make a scratch file")]
     Io(#[source] std::io::Error),
     /// A port forward could not be set up.
     #[error("cannot forward a port to a bench guest")]
@@ -478,11 +478,30 @@ fn hypercall_figures(
     let iterations = iterations.max(1);
     let rounds = rounds.max(1);
     let (mut floor, mut hypercall, mut trap) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut with_stats, mut traced) = (Vec::new(), Vec::new());
+    let trace = std::env::temp_dir().join(format!("shoal-bench-{}.trace", std::process::id()));
+    let watched = |observe: crate::Observe| GuestConfig {
+        args: vec!["hypercall".into(), iterations.to_string()],
+        observe,
+        ..Default::default()
+    };
     for _ in 0..rounds {
         floor.push(run_guest(host, &image, "floor", iterations)?.nanos_per_op);
         hypercall.push(run_guest(host, &image, "hypercall", iterations)?.nanos_per_op);
         trap.push(run_guest(host, &image, "trap", iterations / 4)?.nanos_per_op);
+        let stats = crate::Observe {
+            call_stats: true,
+            ..Default::default()
+        };
+        with_stats.push(run_guest_with(host, &image, "hypercall", watched(stats))?.nanos_per_op);
+        crate::observe::start_trace_file(&trace).map_err(BenchError::Io)?;
+        let to_file = crate::Observe {
+            trace_file: Some(trace.clone()),
+            ..Default::default()
+        };
+        traced.push(run_guest_with(host, &image, "hypercall", watched(to_file))?.nanos_per_op);
     }
+    let _ = std::fs::remove_file(&trace);
     let floor_us = median(floor) / 1000.0;
     let hypercall_us = median(hypercall) / 1000.0;
 
@@ -499,6 +518,19 @@ fn hypercall_figures(
     Ok(vec![
         Figure::plain("pio_exit_floor", floor_us, "us"),
         Figure::versus("hypercall_round_trip", hypercall_us, "us", floor_us),
+        // What watching costs, against the same call unwatched.
+        Figure::versus(
+            "hypercall_round_trip_stats",
+            median(with_stats) / 1000.0,
+            "us",
+            hypercall_us,
+        ),
+        Figure::versus(
+            "hypercall_round_trip_traced",
+            median(traced) / 1000.0,
+            "us",
+            hypercall_us,
+        ),
         // Two exits: the exception, and `trap_return`.
         Figure::versus("trap_round_trip", median(trap) / 1000.0, "us", floor_us),
         Figure::plain("clock_read", clock.nanos_per_op, "ns"),

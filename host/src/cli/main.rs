@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use shoal_abi::device::guest_ipv4;
 use shoal_host::console::ConsoleSink;
 use shoal_host::mmu::Forget;
-use shoal_host::{DiskSpec, Forward, GuestConfig, Host, Image, Limits, Tap, builtin};
+use shoal_host::{DiskSpec, Forward, GuestConfig, Host, Image, Limits, Observe, Tap, builtin};
 use std::io::{IsTerminal, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 mod many;
+mod stats;
 
 /// shoal: run tiny paravirtualized guest kernels on KVM.
 #[derive(Parser)]
@@ -116,6 +117,17 @@ struct RunArgs {
     /// guest, guest `i` at host port `PORT + i`. Repeat for more.
     #[arg(long = "forward", value_name = "[ADDR:]PORT:GUEST:GUEST_PORT", value_parser = parse_forward)]
     forwards: Vec<ForwardSpec>,
+    /// At the end, print (on stderr) exits by reason, time blocked and
+    /// preempted, and each hypercall number's count and latency p50/p99,
+    /// as the host served it and as the guest saw it: for all guests
+    /// together (`--stats`) or for each guest (`--stats=guests`).
+    #[arg(long, value_enum, value_name = "all|guests", num_args = 0..=1, require_equals = true, default_missing_value = "all")]
+    stats: Option<stats::StatsView>,
+    /// Append a line per hypercall to FILE (emptied first): start_ns,
+    /// guest, nr, name, host_ns, ret, flow, args, tab-separated (see
+    /// docs/observe.md).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<std::path::PathBuf>,
     /// A guest ELF file, or the name of a built-in guest (see `shoal list`).
     kernel: String,
     /// Arguments passed to the guest (after `--`).
@@ -157,6 +169,11 @@ impl RunArgs {
                 })
                 .collect(),
             net: self.net.clone(),
+            observe: Observe {
+                call_stats: self.stats.is_some(),
+                trace_file: self.trace.clone(),
+                trace_events: false,
+            },
         }
     }
 }
@@ -342,8 +359,15 @@ fn load(kernel: &str) -> anyhow::Result<Image> {
     }
 }
 
-fn run(run: RunArgs) -> anyhow::Result<ExitCode> {
+fn run(mut run: RunArgs) -> anyhow::Result<ExitCode> {
     let image = load(&run.kernel)?;
+    if let Some(path) = &run.trace {
+        // Absolute: shard processes open it too.
+        let path = std::path::absolute(path).context("--trace")?;
+        shoal_host::observe::start_trace_file(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        run.trace = Some(path);
+    }
     if run.count > 1 {
         return many::run(&image, &run);
     }
@@ -363,6 +387,9 @@ fn run(run: RunArgs) -> anyhow::Result<ExitCode> {
     let status = report.end.exit_status();
     if status != 0 {
         eprintln!("shoal: guest {} {}", report.id, report.end);
+    }
+    if let Some(view) = run.stats {
+        eprint!("{}", stats::render(std::slice::from_ref(&report), view));
     }
     Ok(ExitCode::from(status as u8))
 }

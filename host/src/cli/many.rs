@@ -193,6 +193,10 @@ pub fn run(image: &Image, run: &RunArgs) -> anyhow::Result<ExitCode> {
         "VMs made ahead of demand: {}, made on demand: {}",
         pool.created, pool.misses
     );
+    drop(out);
+    if let Some(view) = run.stats {
+        eprint!("{}", super::stats::render(&reports, view));
+    }
     let status = reports
         .iter()
         .map(|r| r.end.exit_status())

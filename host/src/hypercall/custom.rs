@@ -174,6 +174,9 @@ pub(super) fn serve(ctx: &Context<'_>, addr: u64, header: HypercallHeader) -> Fl
     if ctx.ram.read_guest(args_addr, args).is_err() {
         return bad_memory(addr, (HEADER_LEN + args.len()) as u64);
     }
+    if let Some(observer) = ctx.observer {
+        observer.note_args(&format_args!("{args:02x?}"));
+    }
     let caller = Caller {
         id: ctx.id,
         ram: ctx.ram,

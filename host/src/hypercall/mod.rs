@@ -24,6 +24,7 @@ use crate::event::Events;
 use crate::kvm::Vm;
 use crate::kvm::memory::GuestRam;
 use crate::mmu::{GuestMmu, Translations};
+use crate::observe::Observer;
 use crate::stats::GuestStats;
 use crate::trap::Traps;
 use shoal_abi::hypercall::{self as abi, Hypercall, MAX_ARG_LEN, MULTICALL_MAX, TrapFrame};
@@ -90,6 +91,8 @@ pub struct Context<'a> {
     pub in_multicall: bool,
     /// The host's custom hypercalls.
     pub custom: &'a custom::CustomCalls,
+    /// Watches its hypercalls, if asked to.
+    pub observer: Option<&'a Observer>,
 }
 
 impl<'a> Context<'a> {
@@ -108,8 +111,16 @@ impl<'a> Context<'a> {
 /// The result of a service: the value for `ret` and what happens next.
 type Served = Result<(i64, Flow), HypercallError>;
 
-/// Serves the hypercall whose argument block is at guest-physical `addr`.
+/// Serves the hypercall whose argument block is at guest-physical `addr`,
+/// and records it if the guest is watched.
 pub fn dispatch(ctx: &Context<'_>, addr: u64) -> Flow {
+    match ctx.observer {
+        None => dispatch_call(ctx, addr),
+        Some(observer) => observer.call(|| dispatch_call(ctx, addr)),
+    }
+}
+
+fn dispatch_call(ctx: &Context<'_>, addr: u64) -> Flow {
     let ctx = &Context { at: addr, ..*ctx };
     let mut header_bytes = [0u8; HEADER_LEN];
     if !addr.is_multiple_of(8) || ctx.ram.read_guest(addr, &mut header_bytes).is_err() {
@@ -119,6 +130,9 @@ pub fn dispatch(ctx: &Context<'_>, addr: u64) -> Flow {
         return bad_memory(addr, HEADER_LEN as u64);
     };
     let _span = tracing::trace_span!("hypercall", nr = header.nr).entered();
+    if let Some(observer) = ctx.observer {
+        observer.note_nr(header.nr);
+    }
     if custom::is_custom(header.nr) {
         return custom::serve(ctx, addr, header);
     }
@@ -221,7 +235,7 @@ fn bad_memory(addr: u64, len: u64) -> Flow {
 }
 
 /// Reads `T` after the header, runs `service`, writes the result back.
-fn serve<T: Hypercall>(
+fn serve<T: Hypercall + std::fmt::Debug>(
     ctx: &Context<'_>,
     addr: u64,
     header: HypercallHeader,
@@ -241,6 +255,9 @@ fn serve<T: Hypercall>(
     let Ok(mut args) = T::read_from_bytes(arg_bytes) else {
         return bad_memory(addr, (HEADER_LEN + arg_bytes.len()) as u64);
     };
+    if let Some(observer) = ctx.observer {
+        observer.note_args(&args);
+    }
     let result = service(ctx, &mut args);
     finish(ctx, addr, header, result, args.as_bytes())
 }
@@ -260,6 +277,9 @@ fn finish(
     tracing::trace!(ret, ?flow, "hypercall done");
     if let Flow::End(_) = flow {
         return flow;
+    }
+    if let Some(observer) = ctx.observer {
+        observer.note_ret(ret);
     }
     header.ret = ret;
     let mut block = [0u8; HEADER_LEN + MAX_ARG_LEN as usize];

@@ -62,6 +62,7 @@ impl Fixture {
             preempt: &self.preempt,
             in_multicall: false,
             custom: &self.custom,
+            observer: None,
         };
         dispatch(&ctx, addr)
     }

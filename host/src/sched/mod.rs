@@ -41,6 +41,8 @@ pub struct Task {
     pub control: Arc<GuestControl>,
     /// Its CPU use against [`crate::Limits::cpu_share`], if capped.
     pub share: Option<CpuShare>,
+    /// When the scheduler last preempted it, until it runs again.
+    pub preempted_at: Option<Instant>,
 }
 
 enum Job {

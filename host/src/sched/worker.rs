@@ -40,6 +40,11 @@ fn run_task(inner: &Inner, index: usize, mut task: Task) {
         inner.throttle(task, until);
         return;
     }
+    if let Some(since) = task.preempted_at.take() {
+        control
+            .stats
+            .add_preempted_ns(since.elapsed().as_nanos() as u64);
+    }
     let span = tracing::trace_span!("guest", id = control.id);
     let _entered = span.enter();
     control.set_state(GuestState::Running);
@@ -104,6 +109,7 @@ fn run_task(inner: &Inner, index: usize, mut task: Task) {
         }
         Step::Preempted => {
             control.stats.count_preemption();
+            task.preempted_at = Some(Instant::now());
             inner.push_runnable(task);
         }
         Step::Yielded => inner.push_runnable(task),

@@ -412,7 +412,7 @@ impl Link {
                 let remote = lock(&self.guests).remove(&id);
                 if let Some(remote) = remote {
                     self.live.fetch_sub(1, Ordering::SeqCst);
-                    let _ = remote.last.set(stats);
+                    let _ = remote.last.set(*stats);
                     remote.finish(end);
                 }
             }
@@ -496,7 +496,7 @@ impl Remote {
             tag,
             id: self.control.id,
         }) {
-            Some(Reply::Stats(stats)) => stats,
+            Some(Reply::Stats(stats)) => stats.map(|s| *s),
             _ => None,
         }
     }

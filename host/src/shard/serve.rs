@@ -231,7 +231,7 @@ impl Shard {
             }
             Request::Stats { tag, id } => {
                 let control = self.lock_guests().get(&id).cloned();
-                let stats = control.map(|c| (c.state(), c.stats.snapshot()));
+                let stats = control.map(|c| Box::new((c.state(), c.stats.snapshot())));
                 self.reply(tag, Reply::Stats(stats));
             }
             Request::Pool { tag } => {
@@ -277,7 +277,7 @@ impl Shard {
             end_out.push(&Event::Ended {
                 id,
                 end: end.clone(),
-                stats,
+                stats: Box::new(stats),
             });
             let mut guests = guests.lock().unwrap_or_else(|e| e.into_inner());
             guests.remove(&id);

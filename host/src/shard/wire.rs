@@ -13,6 +13,7 @@ use crate::host::GuestConfig;
 use crate::limits::Limits;
 use crate::loader::Image;
 use crate::mmu::Forget;
+use crate::observe::Observe;
 use crate::pool::PoolStatus;
 use crate::stats::StatsSnapshot;
 use serde::de::DeserializeOwned;
@@ -65,6 +66,7 @@ pub struct GuestSpec {
     trapped_page_tables: bool,
     forget: Forget,
     disks: Vec<DiskSpec>,
+    observe: Observe,
     /// The LAN's number on the trunks, and its name.
     pub net: Option<(u32, String)>,
 }
@@ -84,6 +86,7 @@ impl GuestSpec {
             forget,
             disks,
             net,
+            observe,
         } = config;
         let spec = Self {
             mem_size,
@@ -93,6 +96,7 @@ impl GuestSpec {
             trapped_page_tables,
             forget,
             disks,
+            observe,
             net: net.map(|name| (lan_number, name)),
         };
         (spec, console_sink)
@@ -108,6 +112,7 @@ impl GuestSpec {
             trapped_page_tables,
             forget,
             disks,
+            observe,
             net,
         } = self;
         GuestConfig {
@@ -120,6 +125,7 @@ impl GuestSpec {
             forget,
             disks,
             net: net.map(|(_, name)| name),
+            observe,
         }
     }
 }
@@ -137,7 +143,7 @@ pub enum Event<'a> {
     Ended {
         id: u64,
         end: GuestEnd,
-        stats: StatsSnapshot,
+        stats: Box<StatsSnapshot>,
     },
 }
 
@@ -147,7 +153,7 @@ pub enum Reply {
     /// To `Start` and `Spawn`: done, or why not.
     Done(Result<(), String>),
     /// To `Stats`: `None` once the guest ended (its `Ended` came first).
-    Stats(Option<(GuestState, StatsSnapshot)>),
+    Stats(Option<Box<(GuestState, StatsSnapshot)>>),
     /// To `Pool`.
     Pool(PoolStatus),
 }
@@ -215,7 +221,7 @@ mod tests {
             &Event::Ended {
                 id: 9,
                 end: end.clone(),
-                stats: StatsSnapshot::default(),
+                stats: Box::default(),
             },
         )
         .expect("writes");
