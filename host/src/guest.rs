@@ -28,6 +28,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use zerocopy::IntoBytes;
 
+mod debug;
+
 /// Why a guest could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -95,6 +97,8 @@ pub struct Guest {
     custom: Arc<CustomCalls>,
     /// Watches its hypercalls, if asked to.
     observer: Option<Box<Observer>>,
+    /// Waits for a debugger before the first instruction.
+    gdb: Option<std::net::TcpListener>,
     /// The `block` call the guest is parked in, whose result is written
     /// when it runs again.
     blocked_at: Option<u64>,
@@ -128,6 +132,8 @@ pub struct GuestParts<'a> {
     pub custom: Arc<CustomCalls>,
     /// What to record about its hypercalls.
     pub observe: &'a Observe,
+    /// Serve a debugger on this listener before the first instruction.
+    pub gdb: Option<std::net::TcpListener>,
 }
 
 impl Drop for Guest {
@@ -216,6 +222,7 @@ impl Guest {
             devices,
             custom: parts.custom,
             observer,
+            gdb: parts.gdb,
             blocked_at: None,
         })
     }
@@ -245,6 +252,11 @@ impl Guest {
     /// is set. Checks `killed` before every entry; a kick makes the current
     /// entry return so that both flags are looked at.
     pub fn run(&mut self, killed: &AtomicBool, preempt: &AtomicBool) -> Step {
+        if let Some(listener) = self.gdb.take()
+            && let Some(end) = debug::session(self, listener, killed)
+        {
+            return Step::Ended(end);
+        }
         if let Some(at) = self.blocked_at.take() {
             hypercall::time::woke(&self.ram, &self.events, at);
         }

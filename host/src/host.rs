@@ -54,6 +54,10 @@ pub struct GuestConfig {
     /// What the host records about the guest's hypercalls (statistics,
     /// a trace): nothing by default.
     pub observe: crate::Observe,
+    /// Stop the guest before its first instruction and serve the GDB
+    /// remote protocol to the first debugger that connects here (see
+    /// `docs/debugging.md`). Not with shard processes.
+    pub gdb: Option<std::net::TcpListener>,
 }
 
 impl Default for GuestConfig {
@@ -69,6 +73,7 @@ impl Default for GuestConfig {
             disks: Vec::new(),
             net: None,
             observe: crate::Observe::default(),
+            gdb: None,
         }
     }
 }

@@ -137,6 +137,7 @@ impl Local {
                 devices,
                 custom: Arc::clone(&self.custom),
                 observe: &config.observe,
+                gdb: config.gdb.take(),
             },
         )?;
         if let Some(hook) = relay_end {

@@ -197,6 +197,49 @@ fn run_trace_writes_a_line_per_hypercall() {
 }
 
 #[test]
+fn run_gdb_waits_for_the_debugger_and_says_how_to_connect() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["run", "--gdb", &port.to_string(), "hello", "--", "x"])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("shoal runs");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("piped"));
+    let mut hint = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut hint).expect("a line");
+    let symbols = std::env::temp_dir().join("shoal-hello.elf");
+    assert_eq!(
+        hint,
+        format!(
+            "shoal: the guest waits for GDB on 127.0.0.1:{port}: gdb {} -ex 'target remote 127.0.0.1:{port}'\n",
+            symbols.display()
+        )
+    );
+    let gdb = Command::new("gdb")
+        .args([
+            "-batch",
+            "-nx",
+            "-ex",
+            &format!("target remote 127.0.0.1:{port}"),
+        ])
+        .args(["-ex", "p/x $pc", "-ex", "continue"])
+        .arg(&symbols)
+        .output()
+        .expect("gdb runs (apt-get install gdb)");
+    let said = text(&gdb.stdout);
+    assert!(said.contains("$1 = 0x100000"), "{said}");
+    assert!(said.contains("exited normally"), "{said}");
+    let out = child.wait_with_output().expect("shoal ends");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).ends_with("arg 0: x\n1 args\n"));
+}
+
+#[test]
 fn list_names_every_builtin_guest() {
     let out = shoal(&["list"]);
     let stdout = text(&out.stdout);

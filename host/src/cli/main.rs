@@ -128,6 +128,10 @@ struct RunArgs {
     /// docs/observe.md).
     #[arg(long, value_name = "FILE")]
     trace: Option<std::path::PathBuf>,
+    /// Stop the guest before its first instruction and wait for GDB on
+    /// 127.0.0.1:PORT (`target remote :PORT`); one guest only.
+    #[arg(long, value_name = "PORT", conflicts_with_all = ["count", "shard_size"])]
+    gdb: Option<u16>,
     /// A guest ELF file, or the name of a built-in guest (see `shoal list`).
     kernel: String,
     /// Arguments passed to the guest (after `--`).
@@ -174,6 +178,7 @@ impl RunArgs {
                 trace_file: self.trace.clone(),
                 trace_events: false,
             },
+            gdb: None,
         }
     }
 }
@@ -379,8 +384,12 @@ fn run(mut run: RunArgs) -> anyhow::Result<ExitCode> {
         })
     });
     let host = Host::new().context("cannot start the host")?;
+    let mut config = run.config(0, sink);
+    if let Some(port) = run.gdb {
+        config.gdb = Some(gdb_listener(&run.kernel, port)?);
+    }
     let guest = host
-        .spawn(&image, run.config(0, sink))
+        .spawn(&image, config)
         .context("cannot start the guest")?;
     let _ends = host_ends(&host, &run, &[guest.id()])?;
     let report = guest.wait();
@@ -392,6 +401,27 @@ fn run(mut run: RunArgs) -> anyhow::Result<ExitCode> {
         eprint!("{}", stats::render(std::slice::from_ref(&report), view));
     }
     Ok(ExitCode::from(status as u8))
+}
+
+/// Listens for GDB on loopback `port` and says how to connect; for a
+/// built-in guest, writes its ELF out for GDB to read symbols from.
+fn gdb_listener(kernel: &str, port: u16) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+        .with_context(|| format!("--gdb: cannot listen on 127.0.0.1:{port}"))?;
+    let symbols = match builtin::elf(kernel) {
+        Some(elf) if !Path::new(kernel).exists() => {
+            let path = std::env::temp_dir().join(format!("shoal-{kernel}.elf"));
+            std::fs::write(&path, elf)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            path.display().to_string()
+        }
+        _ => kernel.to_string(),
+    };
+    eprintln!(
+        "shoal: the guest waits for GDB on 127.0.0.1:{port}: gdb {symbols} -ex 'target remote 127.0.0.1:{port}'",
+        port = listener.local_addr()?.port()
+    );
+    Ok(listener)
 }
 
 fn inspect(kernel: &str) -> anyhow::Result<()> {

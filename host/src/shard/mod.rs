@@ -117,6 +117,11 @@ impl Shards {
         config: GuestConfig,
     ) -> Result<Arc<Remote>, SpawnError> {
         GuestRam::check_size(config.mem_size)?;
+        if config.gdb.is_some() {
+            return Err(SpawnError::Shard(
+                "a guest under a debugger runs in the host's own process, not in a shard".into(),
+            ));
+        }
         // `place` reserves the guest's slot in the shard's live count.
         let link = self.place().map_err(|e| SpawnError::Shard(e.to_string()))?;
         if let Err(e) = link.send_image(image) {

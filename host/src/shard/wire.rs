@@ -87,6 +87,7 @@ impl GuestSpec {
             disks,
             net,
             observe,
+            gdb: _,
         } = config;
         let spec = Self {
             mem_size,
@@ -126,6 +127,7 @@ impl GuestSpec {
             disks,
             net: net.map(|(_, name)| name),
             observe,
+            gdb: None,
         }
     }
 }
