@@ -175,7 +175,8 @@ pub struct CallLatency {
 }
 
 impl CallLatency {
-    /// The number's name: the built-in call's, `custom`, or `unknown`.
+    /// The number's name: the built-in call's, `custom`, `unknown`, or
+    /// `other` for [`OTHER_NUMBERS`].
     pub fn name(&self) -> &'static str {
         call_name(self.nr)
     }
@@ -202,9 +203,17 @@ pub fn call_name(nr: u32) -> &'static str {
     match HypercallNr::try_from(nr) {
         Ok(nr) => nr.name(),
         Err(_) if (CUSTOM_FIRST..=CUSTOM_LAST).contains(&nr) => "custom",
+        Err(_) if nr == OTHER_NUMBERS => "other",
         Err(_) => "unknown",
     }
 }
+
+/// Most hypercall numbers a guest's statistics keep apart.
+pub const MOST_NUMBERS: usize = 64;
+
+/// The row of the numbers past the first [`MOST_NUMBERS`] a guest
+/// called.
+pub const OTHER_NUMBERS: u32 = u32::MAX;
 
 /// Live latency histograms of one guest.
 #[derive(Debug, Default)]
@@ -213,18 +222,36 @@ pub struct CallStats {
 }
 
 impl CallStats {
+    /// Counts `ns` for call `nr`: served by the host, or (`guest_side`) as
+    /// the guest reported it. A guest picks the numbers it calls and
+    /// reports, so it cannot make the host keep more than
+    /// [`MOST_NUMBERS`] rows: numbers past those share the row
+    /// [`OTHER_NUMBERS`], and a report for a number the host never served
+    /// is not counted.
     fn record(&self, nr: u32, ns: u64, guest_side: bool) {
         let mut calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
-        let call = match calls.iter().position(|c| c.nr == nr) {
-            Some(i) => &mut calls[i],
+        let row = match calls.iter().position(|c| c.nr == nr) {
+            Some(i) => i,
+            None if guest_side => return,
             None => {
-                calls.push(CallLatency {
-                    nr,
-                    ..Default::default()
-                });
-                calls.last_mut().expect("just pushed")
+                let nr = if calls.len() < MOST_NUMBERS {
+                    nr
+                } else {
+                    OTHER_NUMBERS
+                };
+                match calls.iter().position(|c| c.nr == nr) {
+                    Some(i) => i,
+                    None => {
+                        calls.push(CallLatency {
+                            nr,
+                            ..Default::default()
+                        });
+                        calls.len() - 1
+                    }
+                }
             }
         };
+        let call = &mut calls[row];
         if guest_side {
             call.guest.record(ns);
         } else {
@@ -517,6 +544,21 @@ mod tests {
         assert!(wire.len() < 60);
         assert_eq!(Histogram::from(wire), a);
         assert_eq!(Histogram::default().quantile(0.5), None);
+    }
+
+    #[test]
+    fn a_guest_cannot_make_the_host_keep_unbounded_rows() {
+        let stats = CallStats::default();
+        for nr in 0..10_000u32 {
+            stats.record(nr + 100, 1_000, false);
+            stats.record(nr + 1_000_000, 1_000, true);
+        }
+        let calls = stats.snapshot();
+        assert_eq!(calls.len(), MOST_NUMBERS + 1);
+        let other = calls.iter().find(|c| c.nr == OTHER_NUMBERS).unwrap();
+        assert_eq!(other.host.count(), 10_000 - MOST_NUMBERS as u64);
+        assert!(calls.iter().all(|c| c.guest.count() == 0));
+        assert_eq!(call_name(OTHER_NUMBERS), "other");
     }
 
     #[test]
