@@ -72,11 +72,35 @@ struct Timers {
 }
 
 impl Timers {
+    /// Forgets the deadlines of guests woken before them, once they
+    /// outnumber the parked guests: a guest woken by events again and
+    /// again (or blocked with no deadline, `u64::MAX`) would otherwise
+    /// grow the heap by an entry each time, for as long as its deadlines
+    /// lie ahead. Amortized, this costs O(log n) per park.
+    fn drop_stale_deadlines(&mut self) {
+        let parked = &self.parked;
+        drop_stale(&mut self.heap, parked.len(), |id, generation| {
+            parked.get(&id).is_some_and(|p| p.generation == generation)
+        });
+    }
+
     /// The earliest instant the timer thread must act at.
     fn next_event(&self) -> Option<Instant> {
         let deadline = self.heap.peek().map(|r| r.0.0);
         let expiry = self.expiries.peek().map(|r| r.0.0);
         deadline.into_iter().chain(expiry).min()
+    }
+}
+
+/// Keeps only the deadlines `current(id, generation)` accepts, once the
+/// heap holds more than twice the `live` ones (and a margin).
+fn drop_stale(
+    heap: &mut BinaryHeap<std::cmp::Reverse<(Instant, u64, u64)>>,
+    live: usize,
+    current: impl Fn(u64, u64) -> bool,
+) {
+    if heap.len() > 2 * live + 1024 {
+        heap.retain(|std::cmp::Reverse((_, id, generation))| current(*id, *generation));
     }
 }
 
@@ -201,6 +225,7 @@ impl Inner {
             self.push_woken(parked.task);
         } else {
             timers.parked.insert(id, parked);
+            timers.drop_stale_deadlines();
             drop(timers);
         }
         self.notify_timer();
@@ -408,5 +433,28 @@ fn reap(rx: &Receiver<Reap>) {
 impl Drop for Scheduler {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_of_woken_guests_do_not_pile_up() {
+        let mut heap = BinaryHeap::new();
+        let far = Instant::now() + Duration::from_secs(3600);
+        for generation in 0..1024 {
+            heap.push(std::cmp::Reverse((far, 7, generation)));
+        }
+        // Under the margin: nothing is looked at.
+        drop_stale(&mut heap, 1, |_, generation| generation == 1023);
+        assert_eq!(heap.len(), 1024);
+        for generation in 1024..3000 {
+            heap.push(std::cmp::Reverse((far, 7, generation)));
+            drop_stale(&mut heap, 1, |_, g| g == generation);
+        }
+        assert!(heap.len() <= 1026, "{} deadlines kept", heap.len());
+        assert!(heap.iter().any(|r| r.0.2 == 2999), "the current one stays");
     }
 }
