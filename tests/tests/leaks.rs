@@ -1,6 +1,7 @@
-//! Ending a guest frees what it held: file descriptors, threads and host
-//! memory return to their starting level after thousands of guests exit
-//! and crash. (Alone in its test binary so no other test's guests are
+//! Ending a guest frees what it held: file descriptors, VMs (and with
+//! them their memory slots), vCPUs, mappings, threads and host memory
+//! return to their starting level after thousands of guests exit and
+//! crash. (Alone in its test binary so no other test's guests are
 //! counted.)
 
 mod common;
@@ -35,6 +36,39 @@ fn fds_outside_pool(host: &shoal_host::Host, expected: Option<usize>) -> usize {
     now
 }
 
+/// Open fds that are KVM objects of `kind` (`kvm-vm`, `kvm-vcpu`).
+fn kvm_fds(kind: &str) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|target| {
+                    target.to_str().is_some_and(|t| {
+                        t.strip_prefix("anon_inode:")
+                            .is_some_and(|t| t.starts_with(kind))
+                    })
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// The size of this process's mappings in MiB (`VmSize`), once the pool
+/// is full again (each ready VM holds its RAM and `kvm_run` mappings).
+fn mapped_mib_with_a_full_pool(host: &shoal_host::Host) -> u64 {
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while host.pool().ready < host.pool().capacity && std::time::Instant::now() < give_up {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("VmSize:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
 #[test]
 fn guests_that_exit_or_crash_leave_no_fds_or_threads_behind() {
     let host = common::host();
@@ -47,10 +81,7 @@ fn guests_that_exit_or_crash_leave_no_fds_or_threads_behind() {
             .expect("spawns")
             .wait();
     }
-    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while host.pool().ready < host.pool().capacity && std::time::Instant::now() < give_up {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let mapped = mapped_mib_with_a_full_pool(&host);
     let fds = fds_outside_pool(&host, None);
     let threads = count("/proc/self/task");
     let available = mem_available_mib();
@@ -71,6 +102,20 @@ fn guests_that_exit_or_crash_leave_no_fds_or_threads_behind() {
         fds,
         "file descriptors leaked"
     );
+    // Each guest maps its RAM (4 MiB by default): 2000 left mapped would
+    // be 8 GiB; allow the allocator's arenas.
+    let grown = mapped_mib_with_a_full_pool(&host).saturating_sub(mapped);
+    assert!(grown < 256, "{grown} MiB more mapped: guest memory leaked");
+    // The pool is full and its filler idle. Every VM and vCPU left is
+    // one of the pool's: the VMs of ended guests, and so their memory
+    // slots, are gone.
+    let ready = host.pool().ready;
+    assert!(
+        ready > 0,
+        "the pool refilled, so the VM count means something"
+    );
+    assert_eq!(kvm_fds("kvm-vm"), ready, "VMs leaked");
+    assert_eq!(kvm_fds("kvm-vcpu"), ready, "vCPUs leaked");
     assert_eq!(count("/proc/self/task"), threads, "threads leaked");
     // 2000 leaked VMs would hold about 1 GiB of kernel memory; allow noise.
     let lost = available.saturating_sub(mem_available_mib());

@@ -105,6 +105,9 @@ pub enum BenchError {
     /// A second host for comparison could not start.
     #[error("cannot start a host for comparison")]
     Host(#[source] crate::host::HostError),
+    /// KVM refused a VM or vCPU the benchmark made itself.
+    #[error("KVM: {0}")]
+    Kvm(String),
 }
 
 /// What one bench guest run measured.
@@ -262,6 +265,7 @@ pub fn run_all(host: &Host, sizes: Sizes, only: &[String]) -> Result<Vec<Figure>
         figures.extend(net::forward_figures(host, sizes.rounds)?);
     }
     if wanted("spawn") {
+        figures.extend(sched::vm_life(200)?);
         figures.extend(sched::spawn_figures(
             host,
             &builtin_image("bench")?,

@@ -110,6 +110,40 @@ pub fn spawn_figures(host: &Host, quick: &Image, count: usize) -> Result<Vec<Fig
     Ok(figures)
 }
 
+/// A VM's life in the kernel: `KVM_CREATE_VM`, one vCPU, and the
+/// teardown, in microseconds; through shoal's VM factory (no debugfs
+/// entries, [`crate::kvm::factory`]) against plain `KVM_CREATE_VM`, in
+/// alternating rounds of `count`; medians of the rounds.
+pub fn vm_life(count: usize) -> Result<Vec<Figure>, BenchError> {
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| BenchError::Kvm(e.to_string()))?;
+    let round = |factory: bool| -> Result<f64, BenchError> {
+        let started = Instant::now();
+        for _ in 0..count {
+            let vm = if factory {
+                crate::kvm::factory::create_vm(&kvm)
+            } else {
+                kvm.create_vm()
+            }
+            .map_err(|e| BenchError::Kvm(e.to_string()))?;
+            drop(
+                vm.create_vcpu(0)
+                    .map_err(|e| BenchError::Kvm(e.to_string()))?,
+            );
+        }
+        Ok(started.elapsed().as_secs_f64() * 1e6 / count.max(1) as f64)
+    };
+    let (mut made, mut plain) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        made.push(round(true)?);
+        plain.push(round(false)?);
+    }
+    let (made, plain) = (median(made), median(plain));
+    Ok(vec![
+        Figure::plain("vm_life_plain_us", plain, "us"),
+        Figure::versus("vm_life_us", made, "us", plain),
+    ])
+}
+
 /// Bring-up rate: `count` idle guests spawned back to back on a sharded
 /// host, as `shoal run --count` spawns more than a shard's worth, until
 /// every one has blocked; the median of three rounds, the first after the

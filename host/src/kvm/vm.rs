@@ -53,7 +53,7 @@ impl Kvm {
     /// Creates a VM whose only memory is `ram`, at guest-physical 0.
     pub fn create_vm(&self, ram: &GuestRam) -> Result<Vm, VmError> {
         let vm = Vm {
-            fd: self.fd.create_vm().map_err(VmError::Create)?,
+            fd: super::factory::create_vm(&self.fd).map_err(VmError::Create)?,
             flush_slot: std::cell::Cell::new(None),
         };
         vm.set_memory(ram)?;
