@@ -191,7 +191,8 @@ impl Guest {
         if parts.trapped_page_tables {
             mmu.active(ram.size()).open_window(&ram)?;
         }
-        vcpu.setup(template.cpu())?;
+        // A debugger reads the registers before the first entry.
+        vcpu.setup(template.cpu(), parts.gdb.is_none())?;
         let devices = match parts.devices {
             Some(devices) => Devices::attach(devices, &vm)?,
             None => Devices::default(),

@@ -152,9 +152,22 @@ impl Vcpu {
     }
 
     /// Puts the vCPU in 64-bit mode at CPL3 with the host's descriptor
-    /// tables, TSS and page tables, at `setup.rip`.
-    pub fn setup(&mut self, setup: &CpuSetup) -> Result<(), VcpuError> {
-        let mut sregs: kvm_sregs = self.fd.get_sregs().map_err(VcpuError::Setup)?;
+    /// tables, TSS and page tables, at `setup.rip`. `at_first_entry`: the
+    /// registers go through the `kvm_run` page and KVM loads them as the
+    /// vCPU first enters, with no ioctl on the spawn path (register
+    /// ioctls before then would not see them); otherwise two ioctls set
+    /// them now.
+    pub fn setup(&mut self, setup: &CpuSetup, at_first_entry: bool) -> Result<(), VcpuError> {
+        // A vCPU that never ran has the reset state, the same for all: one
+        // read serves the process.
+        static RESET: std::sync::OnceLock<kvm_sregs> = std::sync::OnceLock::new();
+        let mut sregs = match RESET.get() {
+            Some(reset) => *reset,
+            None => {
+                let reset = self.fd.get_sregs().map_err(VcpuError::Setup)?;
+                *RESET.get_or_init(|| reset)
+            }
+        };
         let data = segment(selector::USER_DATA, false, 3);
         sregs.cs = segment(selector::USER_CODE, true, 3);
         sregs.ss = data;
@@ -190,7 +203,6 @@ impl Vcpu {
         sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
         sregs.efer = EFER_LME | EFER_LMA | EFER_NXE;
         sregs.cr3 = setup.cr3;
-        self.fd.set_sregs(&sregs).map_err(VcpuError::Setup)?;
         self.user_sregs = sregs;
         // Every exit leaves the general registers in the shared `kvm_run`
         // page, so an exception can be bounced to the guest's handler
@@ -204,6 +216,15 @@ impl Vcpu {
             rflags: RFLAGS_RESERVED | RFLAGS_IF,
             ..Default::default()
         };
+        if at_first_entry {
+            let synced = self.fd.sync_regs_mut();
+            synced.sregs = sregs;
+            synced.regs = regs;
+            self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+            self.fd.set_sync_dirty_reg(SyncReg::Register);
+            return Ok(());
+        }
+        self.fd.set_sregs(&sregs).map_err(VcpuError::Setup)?;
         self.fd.set_regs(&regs).map_err(VcpuError::Setup)
     }
 
