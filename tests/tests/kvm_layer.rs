@@ -35,15 +35,20 @@ fn boot(code: &[u8], idt_limit: u16) -> (shoal_host::kvm::Vcpu, shoal_host::kvm:
     pt.write(&ram).expect("tables");
     let vm = kvm.create_vm(&ram).expect("VM");
     let mut vcpu = vm.create_vcpu().expect("vCPU");
-    vcpu.setup(&CpuSetup {
-        gdt: (descriptors::GDT, descriptors::GDT_LIMIT),
-        idt: (descriptors::IDT, idt_limit),
-        tss: (descriptors::TSS, (descriptors::TSS_SIZE - 1) as u32),
-        cr3: pt.root(),
-        rip: IMAGE_BASE,
-        rsp: 0,
-        rdi: 0,
-    })
+    // As guests without a debugger start: registers loaded at the first
+    // entry.
+    vcpu.setup(
+        &CpuSetup {
+            gdt: (descriptors::GDT, descriptors::GDT_LIMIT),
+            idt: (descriptors::IDT, idt_limit),
+            tss: (descriptors::TSS, (descriptors::TSS_SIZE - 1) as u32),
+            cr3: pt.root(),
+            rip: IMAGE_BASE,
+            rsp: 0,
+            rdi: 0,
+        },
+        true,
+    )
     .expect("setup");
     (vcpu, vm, ram)
 }
