@@ -217,12 +217,19 @@ fn unpack(data: &str) -> String {
     out
 }
 
-/// Reads from `stream` until the reply holds `want`; returns what came.
+/// Reads from `stream` until the reply holds `want` and the packet it is
+/// in has ended (`#` and the two checksum digits), so that nothing of it
+/// is left for the next read; returns what came.
 fn read_until(stream: &mut std::net::TcpStream, want: &str) -> String {
     use std::io::Read;
+    let ended = |got: &str| {
+        got.find(want)
+            .and_then(|at| got[at..].find('#').map(|end| at + end + 3))
+            .is_some_and(|end| got.len() >= end)
+    };
     let mut got = String::new();
     let mut buf = [0u8; 4096];
-    while !got.contains(want) {
+    while !ended(&got) {
         let n = stream.read(&mut buf).expect("the stub answers");
         assert!(n > 0, "the stub hung up; got {got:?}");
         got.push_str(&String::from_utf8_lossy(&buf[..n]));
@@ -249,7 +256,7 @@ fn an_interrupt_stops_a_blocked_guest_where_it_is() {
     read_until(&mut stream, "$S02");
     stream.write_all(b"+").unwrap();
     stream.write_all(&packet("g")).unwrap();
-    let regs = read_until(&mut stream, "#");
+    let regs = read_until(&mut stream, "$");
     let hex = unpack(regs.trim_start_matches('+').trim_start_matches('$'));
     // rip follows the 16 general registers, little-endian.
     let rip: Vec<u8> = (0..8)
