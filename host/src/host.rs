@@ -12,6 +12,7 @@ use crate::kvm::vm::VmError;
 use crate::limits::Limits;
 use crate::loader::Image;
 use crate::local::Local;
+use crate::lock;
 use crate::mmu::Forget;
 use crate::pool::PoolStatus;
 use crate::sched::{DEFAULT_SLICE, SchedulerRef};
@@ -306,6 +307,59 @@ impl Host {
             Engine::Local(local) => local.lans(),
             Engine::Sharded(shards) => shards.lans(),
         }
+    }
+
+    /// Spawns `count` guests of `image`, guest `i` with `config(i)`, from
+    /// one thread per worker at once: a spawn into a shard is a round
+    /// trip to its process, so with several in flight the shards and this
+    /// process work side by side. Returns the guests in index order, each
+    /// with its spawn call's latency (host ids follow the order the calls
+    /// arrived, so they need not follow the indexes). The first failure
+    /// stops the spawning and is returned with its index; the guests
+    /// started by then are killed as their handles drop.
+    pub fn spawn_many(
+        &self,
+        image: &Image,
+        count: usize,
+        config: impl Fn(usize) -> GuestConfig + Sync,
+    ) -> Result<Vec<(GuestHandle, Duration)>, (usize, SpawnError)> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let spawned = std::sync::Mutex::new(Vec::with_capacity(count));
+        let failed = std::sync::Mutex::new(None);
+        let spawner = || {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count || lock(&failed).is_some() {
+                    break;
+                }
+                let config = config(i);
+                let started = std::time::Instant::now();
+                match self.spawn(image, config) {
+                    Ok(guest) => lock(&spawned).push((i, guest, started.elapsed())),
+                    Err(e) => {
+                        lock(&failed).get_or_insert((i, e));
+                        break;
+                    }
+                }
+            }
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..self.workers().min(count) {
+                scope.spawn(spawner);
+            }
+            spawner();
+        });
+        if let Some(failure) = lock(&failed).take() {
+            return Err(failure);
+        }
+        let mut spawned = spawned
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        spawned.sort_by_key(|(i, _, _)| *i);
+        Ok(spawned
+            .into_iter()
+            .map(|(_, guest, took)| (guest, took))
+            .collect())
     }
 
     /// Creates a guest from `image` and makes it runnable.

@@ -59,3 +59,11 @@ pub use limits::{Limit, Limits};
 pub use loader::{Image, LoadError};
 pub use observe::Observe;
 pub use stats::{ExitReason, FrameCounts, StatsSnapshot};
+
+/// Locks `mutex`, going on with its data if a holder panicked (every lock
+/// in the host guards data that stays consistent between statements).
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -144,8 +144,9 @@ pub fn vm_life(count: usize) -> Result<Vec<Figure>, BenchError> {
     ])
 }
 
-/// Bring-up rate: `count` idle guests spawned back to back on a sharded
-/// host, as `shoal run --count` spawns more than a shard's worth, until
+/// Bring-up rate: `count` idle guests spawned back to back
+/// ([`Host::spawn_many`]) on a sharded host, as `shoal run --count`
+/// spawns more than a shard's worth, until
 /// every one has blocked; the median of three rounds, the first after the
 /// machine has settled from earlier runs. Shards keep each process's VMs
 /// few, and so the MMU-notifier calls every VM adds to its process's page
@@ -160,9 +161,15 @@ pub fn bring_up(idle: &Image, count: usize) -> Result<Vec<Figure>, BenchError> {
     for _ in 0..3 {
         std::thread::sleep(Duration::from_secs(2));
         let started = Instant::now();
-        let guests = (0..count)
-            .map(|_| spawn(&host, idle, &["3600s"]))
-            .collect::<Result<Vec<_>, _>>()?;
+        let guests: Vec<GuestHandle> = host
+            .spawn_many(idle, count, |_| GuestConfig {
+                args: vec!["3600s".into()],
+                ..Default::default()
+            })
+            .map_err(|(_, e)| BenchError::Spawn(e))?
+            .into_iter()
+            .map(|(guest, _)| guest)
+            .collect();
         all_blocked(&guests);
         rates.push(count as f64 / started.elapsed().as_secs_f64());
         kill_all(guests);

@@ -99,6 +99,10 @@ impl Progress {
     }
 }
 
+/// How often the progress line and the memory figure are refreshed while
+/// waiting.
+const POLL: Duration = Duration::from_millis(20);
+
 /// Runs `run.count` guests of `image` and prints the summary.
 pub fn run(image: &Image, run: &RunArgs) -> anyhow::Result<ExitCode> {
     let count = run.count;
@@ -119,25 +123,32 @@ pub fn run(image: &Image, run: &RunArgs) -> anyhow::Result<ExitCode> {
     })
     .context("cannot start the host")?;
     let started = Instant::now();
-    let mut spawn_times = Vec::with_capacity(count);
-    let mut guests = Vec::with_capacity(count);
-    for i in 0..count {
-        let config = run.config(i, (console == ConsoleMode::All).then(prefixing_sink));
-        let spawn_started = Instant::now();
-        let guest = host
-            .spawn(image, config)
-            .with_context(|| format!("cannot start guest {} of {}", i + 1, count))?;
-        spawn_times.push(spawn_started.elapsed());
-        guests.push(guest);
-        progress.show(i + 1, 0, count);
-    }
+    let showing = std::sync::Mutex::new(&mut progress);
+    let (guests, mut spawn_times): (Vec<_>, Vec<_>) = host
+        .spawn_many(image, count, |i| {
+            if let Ok(mut progress) = showing.lock() {
+                progress.show(i, 0, count);
+            }
+            run.config(i, (console == ConsoleMode::All).then(prefixing_sink))
+        })
+        .map_err(|(i, e)| {
+            anyhow::Error::new(e).context(format!("cannot start guest {} of {count}", i + 1))
+        })?
+        .into_iter()
+        .unzip();
     let ids: Vec<u64> = guests.iter().map(|guest| guest.id()).collect();
     let _ends = super::host_ends(&host, run, &ids)?;
-    let mut reports: Vec<GuestReport> = Vec::with_capacity(count);
-    for guest in guests {
-        reports.push(guest.wait());
-        progress.show(count, reports.len(), count);
+    // Count ends as they come, in whatever order, sampling memory all
+    // the while; then collect the reports (at once: every guest is over).
+    loop {
+        let ended = guests.iter().filter(|g| g.try_end().is_some()).count();
+        progress.show(count, ended, count);
+        if ended == count {
+            break;
+        }
+        std::thread::sleep(POLL);
     }
+    let reports: Vec<GuestReport> = guests.into_iter().map(|guest| guest.wait()).collect();
     let wall = started.elapsed();
 
     let mut out = std::io::stdout().lock();

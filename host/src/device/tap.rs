@@ -120,9 +120,7 @@ impl Drop for Tap {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::lock;
 
 /// Opens `/dev/net/tun` as TAP device `name`: whole Ethernet frames, no
 /// packet information before them, reads that never wait.

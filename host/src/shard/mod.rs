@@ -41,7 +41,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use trunk::{LanPorts, Port, Trunk};
@@ -54,9 +54,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest a closing shard may take to end its guests and exit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::lock;
 
 /// The shard processes of one host.
 #[derive(Debug)]
