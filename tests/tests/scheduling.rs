@@ -23,12 +23,32 @@ fn spinning_guests_do_not_stop_sleeping_guests_from_waking() {
         .map(|_| common::spawn(&host, "spin", &["forever"]))
         .collect();
     // With every worker taken by a spinner, sleepers only finish if the
-    // scheduler preempts spinners for them.
-    let sleepers: Vec<_> = (0..20)
-        .map(|_| common::spawn(&host, "clock", &["3"]))
+    // scheduler preempts spinners for them, and only wake on time if a
+    // woken guest goes ahead of the spinners. 100 sleepers wake 20 times
+    // each, 50 ms apart, and report how late they ran.
+    let sleepers: Vec<_> = (0..100)
+        .map(|_| common::spawn(&host, "sched", &["20", "50000"]))
         .collect();
     for sleeper in sleepers {
-        common::assert_exited_0(&sleeper.wait());
+        let report = sleeper.wait();
+        common::assert_exited_0(&report);
+        let text = report.console_text();
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let max_ns: u64 = words
+            .iter()
+            .position(|w| *w == "max")
+            .and_then(|at| words.get(at + 1)?.parse().ok())
+            .unwrap_or_else(|| panic!("no lateness in {text:?}"));
+        // Round robin behind four spinners would be 20 ms late; starved,
+        // a sleeper would never run. A bound ten times the first is a
+        // behaviour check, not a latency measurement (`shoal bench
+        // --only wakeup` measures that).
+        assert!(
+            max_ns < 200_000_000,
+            "guest {} woke {} ms late beside spinners",
+            report.id,
+            max_ns / 1_000_000
+        );
     }
     for spinner in &spinners {
         // A spinner is always running or waiting for a worker.
