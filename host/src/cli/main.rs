@@ -68,7 +68,8 @@ struct RunArgs {
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
     cpu_share: Option<u8>,
     /// Run this many guests of the kernel at once. `{i}` in the
-    /// arguments becomes each guest's index.
+    /// arguments becomes each guest's index (from 0; its id may differ,
+    /// as guests are started from several threads).
     #[arg(long, short = 'n', default_value_t = 1)]
     count: usize,
     /// With --count: put at most this many guests in each host process
