@@ -46,7 +46,8 @@ impl Toolstack {
     pub fn shell(&self, mem_size: u64) -> Result<Shell, SpawnError> {
         let ram = GuestRam::new(mem_size)?;
         let vm = self.kvm.create_vm(&ram)?;
-        let vcpu = vm.create_vcpu()?;
+        let mut vcpu = vm.create_vcpu()?;
+        vcpu.prepare_first_run();
         self.scale.get_or_init(|| match vcpu.tsc_khz() {
             Ok(khz) if khz > 0 => TscScale::from_hz(u64::from(khz) * 1000),
             _ => TscScale::measure(Duration::from_millis(20)),
