@@ -33,7 +33,7 @@ use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 /// The process's factory, once started (`None`: it could not start).
@@ -46,6 +46,8 @@ struct Factory {
     anchored: AtomicU64,
     /// VMs made at another number (the number was taken).
     unanchored: AtomicU64,
+    /// The factory thread stopped answering.
+    broken: AtomicBool,
 }
 
 /// VMs the factory made without and with debugfs entries, in this
@@ -68,9 +70,22 @@ pub fn create_vm(kvm: &kvm_ioctls::Kvm) -> Result<VmFd, kvm_ioctls::Error> {
     }) else {
         return kvm.create_vm();
     };
-    let fd = factory.make()?;
-    // SAFETY: `fd` is a VM descriptor KVM just made, and we own it.
-    unsafe { kvm.create_vmfd_from_rawfd(fd.into_raw_fd()) }
+    if factory.broken.load(Ordering::Relaxed) {
+        return kvm.create_vm();
+    }
+    match factory.make() {
+        // SAFETY: `fd` is a VM descriptor KVM just made, and we own it.
+        Ok(fd) => unsafe { kvm.create_vmfd_from_rawfd(fd.into_raw_fd()) },
+        Err(e) if e.errno() == libc::EPIPE => {
+            // The factory is gone (it cannot be, short of a bug): go on
+            // the plain way rather than refuse every VM from now on.
+            if !factory.broken.swap(true, Ordering::Relaxed) {
+                tracing::warn!("the VM factory stopped; VMs are made the plain way");
+            }
+            kvm.create_vm()
+        }
+        Err(e) => Err(e),
+    }
 }
 
 impl Factory {
@@ -88,6 +103,7 @@ impl Factory {
                 link: Mutex::new(ours),
                 anchored: AtomicU64::new(0),
                 unanchored: AtomicU64::new(0),
+                broken: AtomicBool::new(false),
             }),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "VMs are made the plain way");
@@ -105,13 +121,20 @@ impl Factory {
         let mut reply = [0u8; 5];
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
-        let got = rustix::net::recvmsg(
-            link.as_fd(),
-            &mut [IoSliceMut::new(&mut reply)],
-            &mut control,
-            RecvFlags::CMSG_CLOEXEC | RecvFlags::WAITALL,
-        )
-        .map_err(|e| kvm_ioctls::Error::new(e.raw_os_error()))?;
+        let got = loop {
+            // A signal (a kick is one) may interrupt the wait: wait again,
+            // or the reply would be read as the next one's.
+            match rustix::net::recvmsg(
+                link.as_fd(),
+                &mut [IoSliceMut::new(&mut reply)],
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC | RecvFlags::WAITALL,
+            ) {
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => return Err(kvm_ioctls::Error::new(libc::EPIPE)),
+                Ok(got) => break got,
+            }
+        };
         let fd = control.drain().find_map(|message| match message {
             RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
             _ => None,
@@ -171,12 +194,17 @@ fn serve(link: UnixStream, ready: &crossbeam_channel::Sender<std::io::Result<()>
         if let Some(fds) = &fds {
             control.push(SendAncillaryMessage::ScmRights(fds));
         }
-        let sent = rustix::net::sendmsg(
-            link.as_fd(),
-            &[IoSlice::new(&reply)],
-            &mut control,
-            SendFlags::NOSIGNAL,
-        );
+        let sent = loop {
+            match rustix::net::sendmsg(
+                link.as_fd(),
+                &[IoSlice::new(&reply)],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            ) {
+                Err(rustix::io::Errno::INTR) => continue,
+                sent => break sent,
+            }
+        };
         // Our copy goes now: the number is free for the next VM.
         drop(vm);
         if sent.is_err() {
