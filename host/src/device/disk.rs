@@ -90,6 +90,16 @@ pub struct Disk {
 }
 
 impl Disk {
+    /// Gives up the exclusive lock of a writable disk whose guest is gone
+    /// and will do no more I/O (a read-only disk's shared lock stays: other
+    /// guests may share the disk).
+    pub fn release(&self) {
+        if !self.read_only {
+            // SAFETY: `flock` on the file this disk owns.
+            unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        }
+    }
+
     /// Opens and locks the file of `spec`.
     pub fn open(spec: &DiskSpec) -> Result<Self, DiskError> {
         let open_error = |source| DiskError::Open {

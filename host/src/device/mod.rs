@@ -449,6 +449,12 @@ impl Slot {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retire();
+        // No turn runs now (a turn holds the state) and none will do I/O
+        // again, but the device thread may hold the slot a little longer:
+        // free a writable disk for its next guest now, not then.
+        if let Backend::Disk(disk) = &self.backend {
+            disk.release();
+        }
     }
 }
 
