@@ -350,6 +350,12 @@ impl Host {
             spawner();
         });
         if let Some(failure) = lock(&failed).take() {
+            // Kill them all before the handles drop (each drop waits for
+            // its guest's end, a round trip to a shard).
+            let spawned = lock(&spawned);
+            for (_, guest, _) in spawned.iter() {
+                guest.kill();
+            }
             return Err(failure);
         }
         let mut spawned = spawned

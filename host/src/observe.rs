@@ -226,8 +226,8 @@ impl CallStats {
     /// the guest reported it. A guest picks the numbers it calls and
     /// reports, so it cannot make the host keep more than
     /// [`MOST_NUMBERS`] rows: numbers past those share the row
-    /// [`OTHER_NUMBERS`], and a report for a number the host never served
-    /// is not counted.
+    /// [`OTHER_NUMBERS`], and a report for a number with no row of its
+    /// own (never served, or folded into `other`) is not counted.
     fn record(&self, nr: u32, ns: u64, guest_side: bool) {
         let mut calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
         let row = match calls.iter().position(|c| c.nr == nr) {

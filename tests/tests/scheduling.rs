@@ -1,5 +1,7 @@
 //! The scheduler: many guests over a few workers, preemption, wake-ups,
-//! yields, fairness. Behaviour only: no wall-clock assertions.
+//! yields, fairness. Behaviour only: the one bound on time (sleepers
+//! beside spinners) is ten times what plain round robin would give, so
+//! it catches starvation, not slowness.
 
 mod common;
 

@@ -93,19 +93,29 @@ impl Factory {
     /// file table.
     fn start() -> Option<Self> {
         let (ours, theirs) = UnixStream::pair().ok()?;
+        let their_number = theirs.as_raw_fd();
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         std::thread::Builder::new()
             .name("shoal-vm-factory".into())
             .spawn(move || serve(theirs, &ready_tx))
             .ok()?;
-        match ready_rx.recv() {
+        let ready = ready_rx.recv();
+        if matches!(ready, Ok(Ok(())) | Ok(Err((_, true)))) {
+            // The thread has its own table now, with its own copy of its
+            // end: close the process's, so that the end dies with the
+            // thread and a gone factory reads as a closed socket.
+            // SAFETY: no object of this process owns that number any
+            // more (the thread's `UnixStream` owns the copy in its table).
+            unsafe { libc::close(their_number) };
+        }
+        match ready {
             Ok(Ok(())) => Some(Self {
                 link: Mutex::new(ours),
                 anchored: AtomicU64::new(0),
                 unanchored: AtomicU64::new(0),
                 broken: AtomicBool::new(false),
             }),
-            Ok(Err(e)) => {
+            Ok(Err((e, _))) => {
                 tracing::debug!(error = %e, "VMs are made the plain way");
                 None
             }
@@ -166,7 +176,7 @@ impl Factory {
 /// The factory thread: sets up its file table and anchor, says so on
 /// `ready`, then makes a VM for every byte that arrives until the socket
 /// closes.
-fn serve(link: UnixStream, ready: &crossbeam_channel::Sender<std::io::Result<()>>) {
+fn serve(link: UnixStream, ready: &crossbeam_channel::Sender<Result<(), SetUpError>>) {
     let (kvm, number, _anchor) = match set_up(&link) {
         Ok(parts) => parts,
         Err(e) => {
@@ -213,35 +223,44 @@ fn serve(link: UnixStream, ready: &crossbeam_channel::Sender<std::io::Result<()>
     }
 }
 
-/// Gives this thread a file table of its own with only stdio and `link`,
-/// opens `/dev/kvm`, and makes the anchor VM. Returns KVM, the number
-/// every VM will be made at, and the anchor (held elsewhere).
-fn set_up(link: &UnixStream) -> std::io::Result<(kvm_ioctls::Kvm, i32, OwnedFd)> {
+/// Why the factory could not start, and whether its thread had its own
+/// file table by then.
+type SetUpError = (std::io::Error, bool);
+
+/// Gives this thread a file table of its own with only `link`, opens
+/// `/dev/kvm`, and makes the anchor VM. Returns KVM, the number every VM
+/// will be made at, and the anchor (held elsewhere).
+///
+/// From here on this thread must not use a descriptor number of the
+/// process (stdio included): in its table the number is another file or
+/// none.
+fn set_up(link: &UnixStream) -> Result<(kvm_ioctls::Kvm, i32, OwnedFd), SetUpError> {
     // SAFETY: `unshare(CLONE_FILES)` gives this thread a private copy of
     // the file table; the rest of the process is unaffected.
     if unsafe { libc::unshare(libc::CLONE_FILES) } != 0 {
-        return Err(std::io::Error::last_os_error());
+        return Err((std::io::Error::last_os_error(), false));
     }
-    // Close the copies of everything but stdio and our end of the socket,
-    // so that no descriptor of the process stays open because of us.
+    let unshared = |e: std::io::Error| (e, true);
+    // Close the copies of everything but our end of the socket, stdio
+    // included, so that no descriptor of the process stays open because
+    // of us (a pipe's reader waiting for its end, say).
     let keep = link.as_raw_fd() as libc::c_uint;
-    for (first, last) in [(3, keep.saturating_sub(1)), (keep + 1, libc::c_uint::MAX)] {
-        if first <= last {
-            // SAFETY: closes descriptors of this thread's own table only;
-            // none of them is used by this thread.
-            if unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+    let below = keep.checked_sub(1).map(|last| (0, last));
+    for (first, last) in below.into_iter().chain([(keep + 1, libc::c_uint::MAX)]) {
+        // SAFETY: closes descriptors of this thread's own table only;
+        // none of them is used by this thread.
+        if unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) } != 0 {
+            return Err(unshared(std::io::Error::last_os_error()));
         }
     }
-    let kvm = kvm_ioctls::Kvm::new().map_err(std::io::Error::from)?;
-    let first = kvm.create_vm().map_err(std::io::Error::from)?;
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| unshared(e.into()))?;
+    let first = kvm.create_vm().map_err(|e| unshared(e.into()))?;
     let number = first.as_raw_fd();
     // Keep the anchor above the number, and free the number.
     // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own.
     let moved = unsafe { libc::fcntl(number, libc::F_DUPFD_CLOEXEC, number + 1) };
     if moved < 0 {
-        return Err(std::io::Error::last_os_error());
+        return Err(unshared(std::io::Error::last_os_error()));
     }
     drop(first);
     // SAFETY: `moved` is a fresh descriptor we own.

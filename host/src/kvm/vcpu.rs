@@ -168,6 +168,9 @@ impl Vcpu {
                 *RESET.get_or_init(|| reset)
             }
         };
+        // Nothing of a run may travel in the shared copy.
+        sregs.cr2 = 0;
+        sregs.interrupt_bitmap = [0; 4];
         let data = segment(selector::USER_DATA, false, 3);
         sregs.cs = segment(selector::USER_CODE, true, 3);
         sregs.ss = data;

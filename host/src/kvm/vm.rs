@@ -42,6 +42,7 @@ impl Kvm {
         for (cap, name) in [
             (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
             (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+            (Cap::SyncRegs, "KVM_CAP_SYNC_REGS"),
         ] {
             if !fd.check_extension(cap) {
                 return Err(VmError::MissingCap(name));

@@ -247,10 +247,19 @@ impl Inner {
         }
     }
 
-    /// Forgets a guest's run-time limit once it ended.
+    /// Forgets a guest's run-time limit once it ended; its expiry goes
+    /// from the heap in a sweep once such entries outnumber the limited
+    /// guests (as for deadlines).
     fn forget_limit(&self, control: &GuestControl) {
         if control.limits.run_time.is_some() {
-            self.lock_timers().limited.remove(&control.id);
+            let mut timers = self.lock_timers();
+            timers.limited.remove(&control.id);
+            let Timers {
+                expiries, limited, ..
+            } = &mut *timers;
+            if expiries.len() > 2 * limited.len() + 1024 {
+                expiries.retain(|std::cmp::Reverse((_, id))| limited.contains_key(id));
+            }
         }
     }
 

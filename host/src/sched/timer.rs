@@ -75,21 +75,26 @@ pub(super) fn run(inner: &Inner) {
 /// Asks the kernel to run this thread as soon as it wakes, ahead of the
 /// workers: they keep every CPU busy running guests, and a timer thread
 /// that waits its turn behind them is late to wake guests and to preempt.
-/// The thread sleeps between short bursts of work, so a real-time
-/// priority (the lowest, `SCHED_FIFO` 1) costs others little; where that
-/// is not allowed, the highest nice value the process may take, else
-/// nothing.
+/// The thread sleeps between short bursts of work, so the lowest
+/// real-time priority (`SCHED_FIFO` 1, not passed on to anything it
+/// starts) costs others little, and the kernel's real-time throttling
+/// bounds it regardless. Where real-time is refused, nice -10; where
+/// that is refused too, the default.
 fn run_ahead_of_workers() {
     let param = libc::sched_param { sched_priority: 1 };
-    // SAFETY: plain calls on this thread's own scheduling parameters.
-    let fifo =
-        unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    // SAFETY: plain calls on this thread's own scheduling parameters
+    // (pid 0 is the calling thread).
+    let fifo = unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param)
+    };
     if fifo != 0 {
         // SAFETY: as above; `gettid` names this thread.
-        unsafe {
-            let tid = libc::gettid() as libc::id_t;
-            libc::setpriority(libc::PRIO_PROCESS, tid, -10);
-        }
+        let niced =
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -10) };
+        tracing::debug!(
+            niced = niced == 0,
+            "the timer thread runs without real-time priority"
+        );
     }
 }
 
