@@ -239,16 +239,14 @@ impl CallStats {
                 } else {
                     OTHER_NUMBERS
                 };
-                match calls.iter().position(|c| c.nr == nr) {
-                    Some(i) => i,
-                    None => {
-                        calls.push(CallLatency {
-                            nr,
-                            ..Default::default()
-                        });
-                        calls.len() - 1
-                    }
-                }
+                let found = calls.iter().position(|c| c.nr == nr);
+                found.unwrap_or_else(|| {
+                    calls.push(CallLatency {
+                        nr,
+                        ..Default::default()
+                    });
+                    calls.len() - 1
+                })
             }
         };
         let call = &mut calls[row];

@@ -8,15 +8,20 @@ mod common;
 
 use shoal_host::{GuestConfig, GuestEnd};
 
-fn mem_available_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
+/// The `FIELD:   N kB` line `field` of a `/proc` file, in MiB.
+fn proc_mib(path: &str, field: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|t| {
             t.lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or(0, |kib| kib / 1024)
+}
+
+fn mem_available_mib() -> u64 {
+    proc_mib("/proc/meminfo", "MemAvailable")
 }
 
 fn count(dir: &str) -> usize {
@@ -59,14 +64,7 @@ fn mapped_mib_with_a_full_pool(host: &shoal_host::Host) -> u64 {
     while host.pool().ready < host.pool().capacity && std::time::Instant::now() < give_up {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("VmSize:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib / 1024)
+    proc_mib("/proc/self/status", "VmSize")
 }
 
 #[test]

@@ -79,8 +79,8 @@ impl Timers {
     /// lie ahead. Amortized, this costs O(log n) per park.
     fn drop_stale_deadlines(&mut self) {
         let parked = &self.parked;
-        drop_stale(&mut self.heap, parked.len(), |id, generation| {
-            parked.get(&id).is_some_and(|p| p.generation == generation)
+        drop_stale(&mut self.heap, parked.len(), |(_, id, generation)| {
+            parked.get(id).is_some_and(|p| p.generation == *generation)
         });
     }
 
@@ -92,15 +92,16 @@ impl Timers {
     }
 }
 
-/// Keeps only the deadlines `current(id, generation)` accepts, once the
-/// heap holds more than twice the `live` ones (and a margin).
-fn drop_stale(
-    heap: &mut BinaryHeap<std::cmp::Reverse<(Instant, u64, u64)>>,
+/// Keeps only the entries `current` accepts, once the timer heap holds
+/// more than twice the `live` ones (and a margin): entries are never
+/// taken out when their guest wakes early or ends, only swept.
+fn drop_stale<T: Ord>(
+    heap: &mut BinaryHeap<std::cmp::Reverse<T>>,
     live: usize,
-    current: impl Fn(u64, u64) -> bool,
+    current: impl Fn(&T) -> bool,
 ) {
     if heap.len() > 2 * live + 1024 {
-        heap.retain(|std::cmp::Reverse((_, id, generation))| current(*id, *generation));
+        heap.retain(|std::cmp::Reverse(entry)| current(entry));
     }
 }
 
@@ -257,9 +258,7 @@ impl Inner {
             let Timers {
                 expiries, limited, ..
             } = &mut *timers;
-            if expiries.len() > 2 * limited.len() + 1024 {
-                expiries.retain(|std::cmp::Reverse((_, id))| limited.contains_key(id));
-            }
+            drop_stale(expiries, limited.len(), |(_, id)| limited.contains_key(id));
         }
     }
 
@@ -457,11 +456,11 @@ mod tests {
             heap.push(std::cmp::Reverse((far, 7, generation)));
         }
         // Under the margin: nothing is looked at.
-        drop_stale(&mut heap, 1, |_, generation| generation == 1023);
+        drop_stale(&mut heap, 1, |(_, _, generation)| *generation == 1023);
         assert_eq!(heap.len(), 1024);
         for generation in 1024..3000 {
             heap.push(std::cmp::Reverse((far, 7, generation)));
-            drop_stale(&mut heap, 1, |_, g| g == generation);
+            drop_stale(&mut heap, 1, |(_, _, g)| *g == generation);
         }
         assert!(heap.len() <= 1026, "{} deadlines kept", heap.len());
         assert!(heap.iter().any(|r| r.0.2 == 2999), "the current one stays");
