@@ -10,7 +10,7 @@ use std::time::Duration;
 pub struct Limits {
     /// Longest life, from spawn, in real time.
     pub run_time: Option<Duration>,
-    /// Most CPU time (time on a worker, hypercalls included).
+    /// Most CPU time (the guest running and the host serving its exits).
     pub cpu_time: Option<Duration>,
     /// Most exits (hypercalls and null exits) in any one-second window.
     pub exit_rate: Option<u64>,

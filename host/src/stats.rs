@@ -185,7 +185,9 @@ pub struct StatsSnapshot {
     /// Nanoseconds spent runnable but waiting for a worker after the
     /// scheduler preempted the guest.
     pub preempted_ns: u64,
-    /// Nanoseconds spent on a worker (running, or in a hypercall).
+    /// CPU time in nanoseconds: the guest running and the host serving
+    /// its exits, measured on the worker thread's CPU clock (a worker's
+    /// waits for a host CPU are not counted).
     pub cpu_ns: u64,
     /// Times the scheduler took the worker away at the end of a slice.
     pub preemptions: u64,
@@ -294,12 +296,12 @@ impl GuestStats {
         Arc::clone(self.calls.get_or_init(Default::default))
     }
 
-    /// Time on a worker.
+    /// CPU time used on a worker.
     pub fn add_cpu_ns(&self, n: u64) {
         self.cpu_ns.fetch_add(n, Relaxed);
     }
 
-    /// Time on a worker so far, in nanoseconds.
+    /// CPU time so far, in nanoseconds.
     pub fn cpu_ns(&self) -> u64 {
         self.cpu_ns.load(Relaxed)
     }

@@ -148,7 +148,7 @@ fn run_stats_prints_each_calls_count_and_latencies() {
         ),
         "{stderr}"
     );
-    assert!(stderr.contains("  time: on a worker "), "{stderr}");
+    assert!(stderr.contains("  time: CPU "), "{stderr}");
     let row = stderr
         .lines()
         .find(|l| l.trim_start().starts_with("abi_info "))

@@ -124,7 +124,9 @@ fn cpu_share_caps_a_spinner_without_stopping_it() {
     );
     assert_eq!(report.end, GuestEnd::Exited(0), "{}", report.console_text());
     // 20% of one CPU over 1 s is 200 ms, give or take a period's edge
-    // and the kick's delay; the rest of the second it waits, runnable.
+    // and the kick's delay; most of the rest of the second it waits out
+    // its periods (the remainder it holds a worker that waits for a host
+    // CPU, when other tests keep them busy).
     let cpu = Duration::from_nanos(report.stats.cpu_ns);
     let throttled = Duration::from_nanos(report.stats.throttled_ns);
     assert!(
@@ -132,5 +134,5 @@ fn cpu_share_caps_a_spinner_without_stopping_it() {
         "{cpu:?} of CPU: {:?}",
         report.stats
     );
-    assert!(throttled >= wall / 2, "{throttled:?} throttled");
+    assert!(throttled >= wall * 4 / 10, "{throttled:?} throttled");
 }

@@ -59,7 +59,7 @@ fn table(out: &mut String, stats: &[&StatsSnapshot]) {
     );
     let _ = writeln!(
         out,
-        "  time: on a worker {}, blocked {}, preempted {} ({} preemptions), throttled {}",
+        "  time: CPU {}, blocked {}, preempted {} ({} preemptions), throttled {}",
         duration(sum(|s| s.cpu_ns)),
         duration(sum(|s| s.blocked_ns)),
         duration(sum(|s| s.preempted_ns)),

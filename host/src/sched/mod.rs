@@ -139,6 +139,9 @@ struct Inner {
     slice: Duration,
     epoch: Instant,
     shutdown: AtomicBool,
+    /// The timer thread sleeps without looking at workers (it saw none
+    /// busy); a worker that starts a guest then wakes it.
+    timer_idle: AtomicBool,
 }
 
 impl Inner {
@@ -352,6 +355,7 @@ impl Scheduler {
             slice,
             epoch: Instant::now(),
             shutdown: AtomicBool::new(false),
+            timer_idle: AtomicBool::new(false),
         });
         let mut threads = Vec::new();
         for index in 0..inner.workers.len() {

@@ -54,7 +54,12 @@ pub(super) fn run(inner: &Inner) {
                 }
             }
         }
-        let busy = preempt(inner);
+        let mut busy = preempt(inner);
+        if !busy {
+            // Tell workers before the last look (see `worker::run_task`).
+            inner.timer_idle.store(true, Ordering::SeqCst);
+            busy = someone_runs(inner);
+        }
         let next = timers
             .next_event()
             .map(|when| when.saturating_duration_since(now));
@@ -69,7 +74,18 @@ pub(super) fn run(inner: &Inner) {
             .wait_timeout(timers, wait)
             .map(|(t, _)| t)
             .unwrap_or_else(|e| e.into_inner().0);
+        inner.timer_idle.store(false, Ordering::SeqCst);
     }
+}
+
+/// Whether a worker runs a guest or a guest waits for one.
+fn someone_runs(inner: &Inner) -> bool {
+    inner
+        .workers
+        .iter()
+        .any(|slot| slot.running_since.load(Ordering::SeqCst) != 0)
+        || !inner.wake_rx.is_empty()
+        || !inner.run_rx.is_empty()
 }
 
 /// Asks the kernel to run this thread as soon as it wakes, ahead of the

@@ -67,8 +67,15 @@ fn run_task(inner: &Inner, index: usize, mut task: Task) {
         .min()
         .map_or(0, |left| now.saturating_add(left).max(1));
     slot.cpu_deadline.store(cpu_deadline, Ordering::Release);
-    slot.running_since.store(now, Ordering::Release);
-    let started = Instant::now();
+    // Sequentially consistent with the timer thread's `timer_idle` and
+    // its look at the workers: either it sees this guest running, or this
+    // worker sees it idle and wakes it (else a guest that started just
+    // after the timer's look would run unpreempted until its next event).
+    slot.running_since.store(now, Ordering::SeqCst);
+    if inner.timer_idle.load(Ordering::SeqCst) {
+        inner.notify_timer();
+    }
+    let cpu_before = thread_cpu_ns();
     // A panic here (an embedder's console sink, say) ends this guest, not
     // the worker: the other guests keep running.
     let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -82,7 +89,10 @@ fn run_task(inner: &Inner, index: usize, mut task: Task) {
     drop(armed);
     slot.running_since.store(0, Ordering::Release);
     slot.cpu_deadline.store(0, Ordering::Release);
-    let ran = started.elapsed().as_nanos() as u64;
+    // CPU time, not time on the worker: when the host's CPUs are
+    // oversubscribed, a worker thread waits its turn with the guest
+    // still on it, and that wait is not the guest's to pay for.
+    let ran = thread_cpu_ns().saturating_sub(cpu_before);
     control.stats.add_cpu_ns(ran);
     let throttled_until = task
         .share
@@ -118,4 +128,11 @@ fn run_task(inner: &Inner, index: usize, mut task: Task) {
             let _ = inner.reap_tx.send(super::Reap::Ended(task, end));
         }
     }
+}
+
+/// CPU time the calling thread has used, in nanoseconds; a vCPU's time
+/// in guest mode counts (KVM accounts it to the thread in `KVM_RUN`).
+fn thread_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    (t.tv_sec as u64).saturating_mul(1_000_000_000) + t.tv_nsec as u64
 }
