@@ -143,6 +143,57 @@ impl RateWindow {
     }
 }
 
+/// A rate with room for bursts (a token bucket): `rate` a second on
+/// average and up to `burst` ahead of it. Each count is taken to have come
+/// over the time since the one before, as a count read off an eventfd has,
+/// so a counter that is read late is not mistaken for a faster rate; and
+/// unlike a fixed window, a pause made up at once is not either, up to
+/// `burst`.
+#[derive(Clone, Copy, Debug)]
+pub struct Bucket {
+    /// Per second.
+    rate: u64,
+    /// Room, in counts times 10^9 (so that a nanosecond refills `rate`).
+    room: u64,
+    capacity: u64,
+    last_ns: u64,
+}
+
+impl Bucket {
+    /// A full bucket.
+    pub fn new(rate: u64, burst: u64) -> Self {
+        let capacity = burst.saturating_mul(NS_PER_S);
+        Self {
+            rate,
+            room: capacity,
+            capacity,
+            last_ns: 0,
+        }
+    }
+
+    /// Counts `n`, come since the last count, at `now_ns`; false when they
+    /// outran the rate by more than the room left (which is then used up).
+    pub fn allow_n(&mut self, n: u64, now_ns: u64) -> bool {
+        let refill = now_ns
+            .saturating_sub(self.last_ns)
+            .saturating_mul(self.rate);
+        self.last_ns = self.last_ns.max(now_ns);
+        let room = self.room.saturating_add(refill);
+        match room.checked_sub(n.saturating_mul(NS_PER_S)) {
+            Some(left) => {
+                self.room = left.min(self.capacity);
+                true
+            }
+            None => {
+                self.room = 0;
+                false
+            }
+        }
+    }
+}
+
+const NS_PER_S: u64 = 1_000_000_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,5 +233,29 @@ mod tests {
         assert!(!window.allow(99));
         assert!(window.allow_n(2, 100), "the next window starts afresh");
         assert!(!window.allow_n(1, 150));
+    }
+
+    #[test]
+    fn a_bucket_allows_a_catch_up_at_the_average_rate_but_not_a_faster_rate() {
+        const MS: u64 = 1_000_000;
+        // 20 a millisecond at most on average, 200 at once.
+        let mut bucket = Bucket::new(20_000, 200);
+        assert!(bucket.allow_n(200, 0), "a full bucket holds a burst");
+        assert!(!bucket.allow_n(1, 0), "then it is empty");
+        // 15 a millisecond, with a 10 ms pause made up at once: allowed.
+        let mut bucket = Bucket::new(20_000, 200);
+        for ms in 0..50 {
+            assert!(bucket.allow_n(15, ms * MS));
+        }
+        assert!(bucket.allow_n(150, 60 * MS));
+        // A count read 100 ms late, at the average rate: allowed.
+        assert!(bucket.allow_n(1_500, 160 * MS));
+        assert!(!bucket.allow_n(2_201, 260 * MS), "but not one 201 past it");
+        // 25 a millisecond: refused once the burst room is used up.
+        let mut bucket = Bucket::new(20_000, 200);
+        let refused = (0..100).find(|ms| !bucket.allow_n(25, ms * MS));
+        assert_eq!(refused, Some(36), "room 200 + 20 per ms, less 25 per ms");
+        // A time before the last one refills nothing.
+        assert!(!bucket.allow_n(1, 0));
     }
 }
