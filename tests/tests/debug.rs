@@ -241,7 +241,7 @@ fn read_until(stream: &mut std::net::TcpStream, want: &str) -> String {
 fn an_interrupt_stops_a_blocked_guest_where_it_is() {
     use std::io::Write;
     let host = common::host();
-    let (guest, port) = debugged(&host, "idle", &["1s"]);
+    let (guest, port) = debugged(&host, "idle", &["3s"]);
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connects");
     stream
         .set_read_timeout(Some(std::time::Duration::from_secs(10)))
@@ -250,6 +250,9 @@ fn an_interrupt_stops_a_blocked_guest_where_it_is() {
     read_until(&mut stream, "$T05");
     stream.write_all(b"+").unwrap();
     stream.write_all(&packet("c")).unwrap();
+    // Time to reach its `block`, where it sleeps for 3 s (a debugged
+    // guest runs on the stub's thread, outside the scheduler, so its
+    // state does not show the block).
     std::thread::sleep(std::time::Duration::from_millis(200));
     stream.write_all(&[0x03]).unwrap();
     // SIGINT, while the guest sleeps in `block`.

@@ -71,7 +71,7 @@ fn events_raised_around_a_blocking_guest_always_wake_it() {
 #[test]
 fn masked_events_stay_pending_without_waking_the_guest() {
     let host = common::host();
-    let (guest, lines) = spawn_events(&host, &["mask", "300"]);
+    let (guest, lines) = spawn_events(&host, &["mask", "1500"]);
     common::wait_for_state(&guest, GuestState::Blocked);
     guest.raise_events(0b10);
     let line = lines

@@ -278,7 +278,7 @@ fn a_preempted_guest_counts_the_time_it_waited() {
     })
     .expect("host");
     let spinners: Vec<_> = (0..2)
-        .map(|_| common::spawn(&host, "spin", &["300ms"]))
+        .map(|_| common::spawn(&host, "spin", &["1s"]))
         .collect();
     for spinner in spinners {
         let report = spinner.wait();

@@ -36,19 +36,24 @@ fn spinning_guests_do_not_stop_sleeping_guests_from_waking() {
         common::assert_exited_0(&report);
         let text = report.console_text();
         let words: Vec<&str> = text.split_whitespace().collect();
-        let max_ns: u64 = words
-            .iter()
-            .position(|w| *w == "max")
-            .and_then(|at| words.get(at + 1)?.parse().ok())
-            .unwrap_or_else(|| panic!("no lateness in {text:?}"));
+        let figure = |name: &str| -> u64 {
+            words
+                .iter()
+                .position(|w| *w == name)
+                .and_then(|at| words.get(at + 1)?.parse().ok())
+                .unwrap_or_else(|| panic!("no lateness {name} in {text:?}"))
+        };
         // Round robin behind four spinners would be 20 ms late; starved,
-        // a sleeper would never run. A bound ten times the first is a
-        // behaviour check, not a latency measurement (`shoal bench
+        // a sleeper would never run. A bound ten times the first, on all
+        // but the worst of its 20 wakes (the machine itself may stall one),
+        // is a behaviour check, not a latency measurement (`shoal bench
         // --only wakeup` measures that).
+        let (p99_ns, max_ns) = (figure("p99"), figure("max"));
         assert!(
-            max_ns < 200_000_000,
-            "guest {} woke {} ms late beside spinners",
+            p99_ns < 200_000_000 && max_ns < 1_000_000_000,
+            "guest {} woke {} ms late beside spinners (worst {} ms)",
             report.id,
+            p99_ns / 1_000_000,
             max_ns / 1_000_000
         );
     }
@@ -97,9 +102,21 @@ fn spinners_share_the_cpu_roughly_equally() {
     let spinners: Vec<_> = (0..4)
         .map(|_| common::spawn(&host, "spin", &["forever"]))
         .collect();
-    // Let them share one worker for many slices.
-    std::thread::sleep(Duration::from_millis(400));
-    let cpu: Vec<u64> = spinners.iter().map(|s| s.stats().cpu_ns).collect();
+    // Count from when all have run (the first runs alone while the others
+    // are spawned), then let them share one worker for many slices.
+    let cpu_now = || -> Vec<u64> { spinners.iter().map(|s| s.stats().cpu_ns).collect() };
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    while cpu_now().contains(&0) {
+        assert!(std::time::Instant::now() < give_up, "a spinner never ran");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let start = cpu_now();
+    std::thread::sleep(Duration::from_millis(1000));
+    let cpu: Vec<u64> = cpu_now()
+        .iter()
+        .zip(&start)
+        .map(|(now, then)| now - then)
+        .collect();
     for spinner in spinners {
         spinner.kill();
         assert_eq!(spinner.wait().end, GuestEnd::Killed);
