@@ -144,6 +144,73 @@ pub fn vm_life(count: usize) -> Result<Vec<Figure>, BenchError> {
     ])
 }
 
+/// What reusing a VM for the next guest would cost instead of a new one
+/// (see `docs/benchmarks.md`): moving a one-page memory slot, which makes
+/// KVM drop every shadow page of the VM, and setting a vCPU's registers,
+/// special registers, FPU, pending events and debug registers back; each
+/// as wall time and the calling thread's CPU time, in microseconds, over
+/// `count` rounds on a VM with 64 MiB of RAM made as shoal makes them.
+pub fn vm_reuse_parts(count: usize) -> Result<Vec<Figure>, BenchError> {
+    let kvm_err = |e: kvm_ioctls::Error| BenchError::Kvm(e.to_string());
+    let kvm = kvm_ioctls::Kvm::new().map_err(kvm_err)?;
+    let ram =
+        crate::kvm::memory::GuestRam::new(64 << 20).map_err(|e| BenchError::Kvm(e.to_string()))?;
+    let vm = crate::kvm::factory::create_vm(&kvm).map_err(kvm_err)?;
+    let slot = |slot, guest_phys_addr, memory_size| kvm_bindings::kvm_userspace_memory_region {
+        slot,
+        flags: 0,
+        guest_phys_addr,
+        memory_size,
+        userspace_addr: ram.host_base(),
+    };
+    // SAFETY: both regions lie inside `ram`, which outlives `vm`.
+    unsafe {
+        vm.set_user_memory_region(slot(0, 0, ram.size()))
+            .map_err(kvm_err)?;
+        vm.set_user_memory_region(slot(2, 0xf_0000_0000, 4096))
+            .map_err(kvm_err)?;
+    }
+    let vcpu = vm.create_vcpu(0).map_err(kvm_err)?;
+    let (regs, sregs) = (
+        vcpu.get_regs().map_err(kvm_err)?,
+        vcpu.get_sregs().map_err(kvm_err)?,
+    );
+    let (fpu, events) = (
+        vcpu.get_fpu().map_err(kvm_err)?,
+        vcpu.get_vcpu_events().map_err(kvm_err)?,
+    );
+    let debug = vcpu.get_debug_regs().map_err(kvm_err)?;
+    let timed = |what: &mut dyn FnMut(usize) -> Result<(), kvm_ioctls::Error>| {
+        let (wall, cpu) = (Instant::now(), crate::sched::thread_cpu_ns());
+        for i in 0..count {
+            what(i).map_err(kvm_err)?;
+        }
+        let per = |total: f64| total / count.max(1) as f64;
+        Ok::<_, BenchError>((
+            per(wall.elapsed().as_secs_f64() * 1e6),
+            per((crate::sched::thread_cpu_ns() - cpu) as f64 / 1e3),
+        ))
+    };
+    let (move_us, move_cpu_us) = timed(&mut |i| {
+        let at = 0xf_0000_0000 + ((i as u64 + 1) % 2) * 4096;
+        // SAFETY: as above.
+        unsafe { vm.set_user_memory_region(slot(2, at, 4096)) }
+    })?;
+    let (reset_us, reset_cpu_us) = timed(&mut |_| {
+        vcpu.set_regs(&regs)?;
+        vcpu.set_sregs(&sregs)?;
+        vcpu.set_fpu(&fpu)?;
+        vcpu.set_vcpu_events(&events)?;
+        vcpu.set_debug_regs(&debug)
+    })?;
+    Ok(vec![
+        Figure::plain("vm_reuse_slot_move_us", move_us, "us"),
+        Figure::plain("vm_reuse_slot_move_cpu_us", move_cpu_us, "us"),
+        Figure::plain("vm_reuse_vcpu_reset_us", reset_us, "us"),
+        Figure::plain("vm_reuse_vcpu_reset_cpu_us", reset_cpu_us, "us"),
+    ])
+}
+
 /// Bring-up rate: `count` idle guests spawned back to back
 /// ([`Host::spawn_many`]) on a sharded host, as `shoal run --count`
 /// spawns more than a shard's worth, until

@@ -19,6 +19,8 @@
 mod timer;
 mod worker;
 
+pub(crate) use worker::thread_cpu_ns;
+
 use crate::control::{GuestControl, GuestState};
 use crate::end::GuestEnd;
 use crate::guest::Guest;

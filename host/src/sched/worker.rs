@@ -132,7 +132,7 @@ fn run_task(inner: &Inner, index: usize, mut task: Task) {
 
 /// CPU time the calling thread has used, in nanoseconds; a vCPU's time
 /// in guest mode counts (KVM accounts it to the thread in `KVM_RUN`).
-fn thread_cpu_ns() -> u64 {
+pub(crate) fn thread_cpu_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     (t.tv_sec as u64).saturating_mul(1_000_000_000) + t.tv_nsec as u64
 }
