@@ -110,12 +110,17 @@ pub fn spawn_figures(host: &Host, quick: &Image, count: usize) -> Result<Vec<Fig
     Ok(figures)
 }
 
+/// A failed KVM call (or mapping) in a bench that talks to KVM directly.
+fn kvm_err(e: impl std::fmt::Display) -> BenchError {
+    BenchError::Kvm(e.to_string())
+}
+
 /// A VM's life in the kernel: `KVM_CREATE_VM`, one vCPU, and the
 /// teardown, in microseconds; through shoal's VM factory (no debugfs
 /// entries, [`crate::kvm::factory`]) against plain `KVM_CREATE_VM`, in
 /// alternating rounds of `count`; medians of the rounds.
 pub fn vm_life(count: usize) -> Result<Vec<Figure>, BenchError> {
-    let kvm = kvm_ioctls::Kvm::new().map_err(|e| BenchError::Kvm(e.to_string()))?;
+    let kvm = kvm_ioctls::Kvm::new().map_err(kvm_err)?;
     let round = |factory: bool| -> Result<f64, BenchError> {
         let started = Instant::now();
         for _ in 0..count {
@@ -124,11 +129,8 @@ pub fn vm_life(count: usize) -> Result<Vec<Figure>, BenchError> {
             } else {
                 kvm.create_vm()
             }
-            .map_err(|e| BenchError::Kvm(e.to_string()))?;
-            drop(
-                vm.create_vcpu(0)
-                    .map_err(|e| BenchError::Kvm(e.to_string()))?,
-            );
+            .map_err(kvm_err)?;
+            drop(vm.create_vcpu(0).map_err(kvm_err)?);
         }
         Ok(started.elapsed().as_secs_f64() * 1e6 / count.max(1) as f64)
     };
@@ -151,10 +153,8 @@ pub fn vm_life(count: usize) -> Result<Vec<Figure>, BenchError> {
 /// as wall time and the calling thread's CPU time, in microseconds, over
 /// `count` rounds on a VM with 64 MiB of RAM made as shoal makes them.
 pub fn vm_reuse_parts(count: usize) -> Result<Vec<Figure>, BenchError> {
-    let kvm_err = |e: kvm_ioctls::Error| BenchError::Kvm(e.to_string());
     let kvm = kvm_ioctls::Kvm::new().map_err(kvm_err)?;
-    let ram =
-        crate::kvm::memory::GuestRam::new(64 << 20).map_err(|e| BenchError::Kvm(e.to_string()))?;
+    let ram = crate::kvm::memory::GuestRam::new(64 << 20).map_err(kvm_err)?;
     let vm = crate::kvm::factory::create_vm(&kvm).map_err(kvm_err)?;
     let slot = |slot, guest_phys_addr, memory_size| kvm_bindings::kvm_userspace_memory_region {
         slot,
