@@ -16,7 +16,7 @@ use crate::kvm::{Vcpu, Vm};
 use crate::limits::{Limit, RateWindow};
 use crate::mmu::{Forget, GuestMmu, TABLES_ALIAS, TABLES_LEN, Translations};
 use crate::observe::{Observe, Observer};
-use crate::pool::Shell;
+use crate::pool::{Recycler, Shell};
 use crate::stats::{ExitReason, GuestStats};
 use crate::trap::{self, Traps};
 use kvm_bindings::kvm_regs;
@@ -24,6 +24,7 @@ use shoal_abi::layout::{
     EXCEPTION_PORT_BASE, EXCEPTION_VECTORS, HYPERCALL_PORT, NULL_EXIT_PORT, PAGE_TABLE_AREA_START,
 };
 use std::cell::{Cell, RefCell};
+use std::mem::ManuallyDrop;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use zerocopy::IntoBytes;
@@ -52,6 +53,10 @@ pub enum SpawnError {
     /// is in use).
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
+    /// A VM could not be reset for another guest (the state of a new
+    /// vCPU is not known yet); it is destroyed instead.
+    #[error("cannot reset a VM for another guest before a new one was made")]
+    Reset,
     /// The trace file ([`crate::Observe::trace_file`]) could not be
     /// opened.
     #[error("cannot open the hypercall trace file")]
@@ -78,13 +83,18 @@ pub enum Step {
     Ended(GuestEnd),
 }
 
-/// A guest ready to run. Fields drop in order: vCPU, VM, then RAM.
+/// A guest ready to run. Its vCPU, VM and RAM go, when it is dropped, to
+/// its pool's [`Recycler`] or are dropped in that order.
 #[derive(Debug)]
 pub struct Guest {
     id: u64,
-    vcpu: Vcpu,
-    vm: Vm,
-    ram: GuestRam,
+    vcpu: ManuallyDrop<Vcpu>,
+    vm: ManuallyDrop<Vm>,
+    ram: ManuallyDrop<GuestRam>,
+    /// The vCPU's TSC minus the host's.
+    tsc_offset: i64,
+    /// Where its VM goes when it is dropped, if it can be reused.
+    recycler: Option<Recycler>,
     clock: GuestClock,
     features: u64,
     console: Arc<Console>,
@@ -134,6 +144,8 @@ pub struct GuestParts<'a> {
     pub observe: &'a Observe,
     /// Serve a debugger on this listener before the first instruction.
     pub gdb: Option<std::net::TcpListener>,
+    /// Where its VM goes when it is over.
+    pub recycler: Option<Recycler>,
 }
 
 impl Drop for Guest {
@@ -144,6 +156,20 @@ impl Drop for Guest {
         self.devices.detach();
         self.events.detach();
         self.stats.release_memory(&self.ram);
+        // SAFETY: each is taken once, here, and never used again: the
+        // guest is being dropped, and no other field refers to them.
+        let shell = unsafe {
+            Shell {
+                vcpu: ManuallyDrop::take(&mut self.vcpu),
+                vm: ManuallyDrop::take(&mut self.vm),
+                ram: ManuallyDrop::take(&mut self.ram),
+                tsc_offset: self.tsc_offset,
+            }
+        };
+        match &self.recycler {
+            Some(recycler) => recycler.give(shell),
+            None => drop(shell),
+        }
     }
 }
 
@@ -209,9 +235,11 @@ impl Guest {
         );
         Ok(Self {
             id: parts.id,
-            vcpu,
-            vm,
-            ram,
+            vcpu: ManuallyDrop::new(vcpu),
+            vm: ManuallyDrop::new(vm),
+            ram: ManuallyDrop::new(ram),
+            tsc_offset,
+            recycler: parts.recycler,
             clock,
             features,
             console: parts.console,

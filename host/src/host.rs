@@ -127,8 +127,9 @@ pub struct HostConfig {
     /// Longest a guest keeps a worker while others wait.
     pub slice: Duration,
     /// VMs kept created ahead of demand, for guests of
-    /// [`DEFAULT_MEMORY`] (0: every spawn creates its VM), in each
-    /// process that runs guests.
+    /// [`DEFAULT_MEMORY`] (0: every spawn creates its VM and every ended
+    /// guest's VM is destroyed), in each process that runs guests; as
+    /// many again of ended guests' VMs are kept reset for reuse.
     pub pool: usize,
     /// `None`: run every guest in this process. `Some(n)`: run guests in
     /// shard processes of at most `n` guests each, started as needed

@@ -16,7 +16,7 @@ use crate::pool::{Pool, PoolStatus, Templates, Toolstack};
 use crate::sched::{Scheduler, SchedulerRef, Task};
 use crate::stats::GuestStats;
 use shoal_abi::layout::DEFAULT_MEMORY;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Guests of this process.
 #[derive(Debug)]
@@ -43,10 +43,7 @@ impl Local {
     /// holds a VM and a vCPU file descriptor.
     pub(crate) fn start(config: &HostConfig) -> Result<Self, HostError> {
         raise_fd_limit();
-        let toolstack = Arc::new(Toolstack {
-            kvm: Kvm::open()?,
-            scale: OnceLock::new(),
-        });
+        let toolstack = Arc::new(Toolstack::new(Kvm::open()?));
         let pool = Pool::start(&toolstack, config.pool, DEFAULT_MEMORY)
             .map(Arc::new)
             .map_err(HostError::Threads)?;
@@ -138,6 +135,7 @@ impl Local {
                 custom: Arc::clone(&self.custom),
                 observe: &config.observe,
                 gdb: config.gdb.take(),
+                recycler: self.pool.recycler(),
             },
         )?;
         if let Some(hook) = relay_end {

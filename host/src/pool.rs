@@ -4,22 +4,29 @@
 //! memory layout is built once into a [`Template`] that guests map
 //! copy-on-write. Spawning a guest is then taking a shell, mapping the
 //! template into it, writing its boot info and entering it.
+//!
+//! A guest's VM outlives the guest where it can ([`Recycler`]): the
+//! filler resets it (new RAM, every translation dropped, the vCPU's state
+//! put back) and keeps it ready beside the new shells, so that a host
+//! whose guests come and go makes and destroys few VMs.
+//! `SHOAL_NO_VM_REUSE=1` has every VM destroyed instead, to compare.
 
 use crate::boot::{BootError, Template};
 use crate::clock::{TscScale, rdtsc};
 use crate::guest::SpawnError;
 use crate::kvm::memory::GuestRam;
-use crate::kvm::{Kvm, Vcpu, Vm};
+use crate::kvm::{Kvm, PristineState, Vcpu, Vm};
 use crate::loader::Image;
-use crossbeam_channel::{Receiver, Sender, bounded};
+use crossbeam_channel::{Receiver, Sender, bounded, select};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// A VM that has never run, with blank RAM registered and vCPU 0 created.
-/// Fields drop in order: vCPU, VM, then RAM.
+/// A VM ready for a guest: blank RAM registered and vCPU 0 created, new
+/// or reset after another guest ([`Toolstack::reset`]). Fields drop in
+/// order: vCPU, VM, then RAM.
 #[derive(Debug)]
 pub struct Shell {
     /// The vCPU.
@@ -36,17 +43,33 @@ pub struct Shell {
 #[derive(Debug)]
 pub struct Toolstack {
     /// `/dev/kvm`.
-    pub kvm: Kvm,
+    kvm: Kvm,
     /// The TSC frequency, learnt from the first vCPU.
-    pub scale: OnceLock<TscScale>,
+    scale: OnceLock<TscScale>,
+    /// The state of a vCPU that never ran, read from the first one.
+    pristine: OnceLock<PristineState>,
 }
 
 impl Toolstack {
+    /// A toolstack on `kvm`.
+    pub fn new(kvm: Kvm) -> Self {
+        Self {
+            kvm,
+            scale: OnceLock::new(),
+            pristine: OnceLock::new(),
+        }
+    }
+
     /// Creates a shell with `mem_size` bytes of RAM.
     pub fn shell(&self, mem_size: u64) -> Result<Shell, SpawnError> {
         let ram = GuestRam::new(mem_size)?;
         let vm = self.kvm.create_vm(&ram)?;
         let mut vcpu = vm.create_vcpu()?;
+        if self.pristine.get().is_none()
+            && let Ok(pristine) = vcpu.pristine()
+        {
+            let _ = self.pristine.set(pristine);
+        }
         vcpu.prepare_first_run();
         self.scale.get_or_init(|| match vcpu.tsc_khz() {
             Ok(khz) if khz > 0 => TscScale::from_hz(u64::from(khz) * 1000),
@@ -64,6 +87,20 @@ impl Toolstack {
         })
     }
 
+    /// Makes a guest's VM ready for another guest, as a new shell is: its
+    /// RAM renewed (nothing of the old guest's memory stays, nor any
+    /// translation of it), every other translation dropped by a slot move
+    /// (shadow page tables built from the old guest's tables included),
+    /// and the vCPU's state put back. Only for a VM that is
+    /// [`Vm::reusable`]; on an error the shell must be destroyed.
+    pub fn reset(&self, shell: &mut Shell) -> Result<(), SpawnError> {
+        let pristine = self.pristine.get().ok_or(SpawnError::Reset)?;
+        shell.ram.renew()?;
+        shell.vm.forget_all_translations(&shell.ram)?;
+        shell.vcpu.reset(pristine)?;
+        Ok(())
+    }
+
     /// The TSC scale (known once a shell exists).
     pub fn scale(&self) -> TscScale {
         *self
@@ -72,16 +109,22 @@ impl Toolstack {
     }
 }
 
-/// Shells of one memory size made ahead of demand by a filler thread.
+/// Shells of one memory size made ahead of demand by a filler thread,
+/// and guests' VMs reset for the next guests.
 ///
-/// Shells are never reused: a VM that ran a guest is destroyed. (Reusing
-/// one safely means dropping every shadow mapping KVM built for the old
-/// guest, a memory-slot change that waits for an SRCU grace period: it
-/// measured slower than making a new VM.)
+/// Resetting a VM waits for an SRCU grace period (the slot move): done on
+/// a spawn's path it measured slower than making a new VM, so the filler
+/// does it, after the guest ended and before the next spawn asks.
 #[derive(Debug)]
 pub struct Pool {
     stop: Arc<AtomicBool>,
     ready: Option<Receiver<Shell>>,
+    /// Guests' VMs reset for reuse, taken before new shells.
+    reset: Option<Receiver<Shell>>,
+    /// Where guests' VMs go to be reset (`None`: no pool).
+    used: Option<Sender<Shell>>,
+    /// `SHOAL_NO_VM_REUSE=1` asked for every VM to be destroyed.
+    no_reuse: bool,
     /// Asks the filler to top the pool up.
     refill: Option<Sender<()>>,
     mem_size: u64,
@@ -114,6 +157,8 @@ impl Room {
 struct Counters {
     created: AtomicU64,
     misses: AtomicU64,
+    recycled: AtomicU64,
+    reused: AtomicU64,
 }
 
 /// What a pool holds and has done.
@@ -128,6 +173,10 @@ pub struct PoolStatus {
     /// Spawns that found no shell ready (or asked for another memory size)
     /// and made their VM themselves.
     pub misses: u64,
+    /// Guests' VMs the filler reset for another guest.
+    pub recycled: u64,
+    /// Spawns that took a reset VM.
+    pub reused: u64,
 }
 
 impl Pool {
@@ -147,6 +196,9 @@ impl Pool {
             return Ok(Self {
                 stop: Arc::default(),
                 ready: None,
+                reset: None,
+                used: None,
+                no_reuse: false,
                 refill: None,
                 mem_size,
                 counters,
@@ -155,6 +207,9 @@ impl Pool {
             });
         }
         let (tx, rx) = bounded(capacity);
+        let (reset_tx, reset_rx) = bounded(capacity);
+        let (used, used_rx) = bounded(capacity);
+        let no_reuse = std::env::var_os("SHOAL_NO_VM_REUSE").is_some_and(|v| v == "1");
         let (refill, refill_rx) = bounded(1);
         let _ = refill.try_send(());
         let stop = Arc::new(AtomicBool::new(false));
@@ -166,6 +221,9 @@ impl Pool {
                     toolstack,
                     tx,
                     rx: rx.clone(),
+                    reset_tx,
+                    reset_rx: reset_rx.clone(),
+                    used: used_rx,
                     refill: refill_rx,
                     mem_size,
                     stop: Arc::clone(&stop),
@@ -177,6 +235,9 @@ impl Pool {
         Ok(Self {
             stop,
             ready: Some(rx),
+            reset: Some(reset_rx),
+            used: Some(used),
+            no_reuse,
             refill: Some(refill),
             mem_size,
             counters,
@@ -186,11 +247,15 @@ impl Pool {
     }
 
     /// A ready shell of `mem_size` bytes, if there is one (the pool
-    /// holds shells of one size only).
+    /// holds shells of one size only): a reset VM first, else a new one.
     pub fn take(&self, mem_size: u64) -> Option<Shell> {
         let ready = self.ready.as_ref()?;
         let shell = if mem_size == self.mem_size {
-            ready.try_recv().ok()
+            let reset = self.reset.as_ref().and_then(|r| r.try_recv().ok());
+            if reset.is_some() {
+                self.counters.reused.fetch_add(1, Ordering::Relaxed);
+            }
+            reset.or_else(|| ready.try_recv().ok())
         } else {
             None
         };
@@ -220,10 +285,23 @@ impl Pool {
         }
     }
 
+    /// Where the guests given shells of this pool hand their VMs when
+    /// they end (`None`: the pool keeps no shells).
+    pub fn recycler(&self) -> Option<Recycler> {
+        if self.no_reuse {
+            return None;
+        }
+        Some(Recycler {
+            used: self.used.clone()?,
+            mem_size: self.mem_size,
+        })
+    }
+
     /// What the pool holds and has done.
     pub fn status(&self) -> PoolStatus {
         PoolStatus {
-            ready: self.ready.as_ref().map_or(0, Receiver::len),
+            ready: self.ready.as_ref().map_or(0, Receiver::len)
+                + self.reset.as_ref().map_or(0, Receiver::len),
             capacity: self
                 .ready
                 .as_ref()
@@ -231,6 +309,28 @@ impl Pool {
                 .unwrap_or(0),
             created: self.counters.created.load(Ordering::Relaxed),
             misses: self.counters.misses.load(Ordering::Relaxed),
+            recycled: self.counters.recycled.load(Ordering::Relaxed),
+            reused: self.counters.reused.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Where an ended guest's VM goes: to its pool's filler, to be reset for
+/// another guest, when it can be reused; destroyed otherwise.
+#[derive(Clone, Debug)]
+pub struct Recycler {
+    used: Sender<Shell>,
+    mem_size: u64,
+}
+
+impl Recycler {
+    /// Hands over the VM, vCPU and RAM of a guest that is over (no vCPU
+    /// runs, nothing looks at its RAM). A VM the guest attached devices or
+    /// an alias to, of another memory size than the pool's, or beyond what
+    /// the filler has waiting, is destroyed here.
+    pub fn give(&self, shell: Shell) {
+        if shell.ram.size() == self.mem_size && shell.vm.reusable() {
+            let _ = self.used.try_send(shell);
         }
     }
 }
@@ -241,6 +341,8 @@ impl Drop for Pool {
         // stops it in the middle of filling.
         self.stop.store(true, Ordering::Release);
         self.ready = None;
+        self.reset = None;
+        self.used = None;
         self.refill = None;
         if let Some(filler) = self.filler.take() {
             let _ = filler.join();
@@ -254,6 +356,11 @@ struct Filler {
     tx: Sender<Shell>,
     /// To destroy shells beyond the room.
     rx: Receiver<Shell>,
+    /// Reset VMs, and (to destroy those beyond the room) their other end.
+    reset_tx: Sender<Shell>,
+    reset_rx: Receiver<Shell>,
+    /// Guests' VMs to reset.
+    used: Receiver<Shell>,
     refill: Receiver<()>,
     mem_size: u64,
     stop: Arc<AtomicBool>,
@@ -262,34 +369,77 @@ struct Filler {
 }
 
 impl Filler {
-    /// At each request, destroys shells beyond the room, then makes shells
-    /// until the pool is full or has no more room.
+    /// Resets each VM that guests hand back, and at each request destroys
+    /// shells beyond the room, then makes shells until the pool is full
+    /// or has no more room. Until the pool is dropped.
     fn run(&self) {
-        while self.refill.recv().is_ok() {
-            while self.tx.len() > self.room.limits().0 {
-                drop(self.rx.try_recv());
-            }
-            while !self.tx.is_full() && self.tx.len() < self.room.limits().1 {
-                if self.stop.load(Ordering::Acquire) {
-                    return;
-                }
-                match self.toolstack.shell(self.mem_size) {
-                    Ok(shell) => {
-                        self.counters.created.fetch_add(1, Ordering::Relaxed);
-                        if self.tx.send(shell).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        // Out of file descriptors or memory, say: spawns
-                        // fall back to cold starts, which report the
-                        // error; try again later.
-                        tracing::warn!(error = %e, "cannot make a shell ahead of demand");
-                        std::thread::sleep(Duration::from_millis(50));
+        loop {
+            select! {
+                recv(self.used) -> shell => match shell {
+                    Ok(shell) => self.recycle(shell),
+                    Err(_) => return,
+                },
+                recv(self.refill) -> request => {
+                    if request.is_err() || !self.top_up() {
+                        return;
                     }
                 }
             }
         }
+    }
+
+    /// Resets a guest's VM and keeps it ready, if there is room for it
+    /// (else it is destroyed).
+    fn recycle(&self, mut shell: Shell) {
+        if self.reset_tx.len() >= self.room.limits().0 {
+            return;
+        }
+        match self.toolstack.reset(&mut shell) {
+            // Counted once it can be taken.
+            Ok(()) => {
+                if self.reset_tx.try_send(shell).is_ok() {
+                    self.counters.recycled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reset a VM for reuse; destroyed"),
+        }
+    }
+
+    /// Destroys shells beyond the room, then makes new ones up to it,
+    /// resetting guests' VMs first as they come. `false`: the pool is
+    /// being dropped.
+    fn top_up(&self) -> bool {
+        let keep = self.room.limits().0;
+        while self.tx.len() > keep {
+            drop(self.rx.try_recv());
+        }
+        while self.reset_tx.len() > keep {
+            drop(self.reset_rx.try_recv());
+        }
+        while !self.tx.is_full() && self.tx.len() < self.room.limits().1 {
+            if self.stop.load(Ordering::Acquire) {
+                return false;
+            }
+            while let Ok(shell) = self.used.try_recv() {
+                self.recycle(shell);
+            }
+            match self.toolstack.shell(self.mem_size) {
+                Ok(shell) => {
+                    self.counters.created.fetch_add(1, Ordering::Relaxed);
+                    if self.tx.send(shell).is_err() {
+                        return false;
+                    }
+                }
+                Err(e) => {
+                    // Out of file descriptors or memory, say: spawns
+                    // fall back to cold starts, which report the
+                    // error; try again later.
+                    tracing::warn!(error = %e, "cannot make a shell ahead of demand");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        true
     }
 }
 

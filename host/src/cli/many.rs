@@ -201,8 +201,8 @@ pub fn run(image: &Image, run: &RunArgs) -> anyhow::Result<ExitCode> {
     let pool = host.pool();
     let _ = writeln!(
         out,
-        "VMs made ahead of demand: {}, made on demand: {}",
-        pool.created, pool.misses
+        "VMs made ahead of demand: {}, made on demand: {}, reused: {}",
+        pool.created, pool.misses, pool.reused
     );
     drop(out);
     if let Some(view) = run.stats {

@@ -50,6 +50,8 @@ pub enum MemoryError {
 struct Mapping {
     addr: usize,
     len: usize,
+    /// A file's pages, shared (else anonymous and private).
+    shared: bool,
 }
 
 impl Mapping {
@@ -79,6 +81,7 @@ impl Mapping {
         Ok(Self {
             addr: addr as usize,
             len,
+            shared: shared.is_some(),
         })
     }
 }
@@ -176,6 +179,37 @@ impl GuestRam {
                 Mapping::PROT,
                 libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
                 template.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Replaces all of this RAM with new pages that read as zero, as if
+    /// it had just been mapped: the old pages (the guest's and any
+    /// template overlay's) go back to the host kernel, and KVM drops its
+    /// translations of them through the MMU notifier. For giving a VM to
+    /// another guest; call only while no vCPU runs on the RAM and no host
+    /// code looks at it. Private RAM only (not a template being built).
+    pub fn renew(&self) -> Result<(), MemoryError> {
+        if self.mapping.shared {
+            return Err(MemoryError::Mmap(std::io::Error::from(
+                std::io::ErrorKind::Unsupported,
+            )));
+        }
+        // SAFETY: the new mapping replaces exactly this RAM's own mapping,
+        // with the same protections and flags; the host holds no reference
+        // into it (the caller's promise).
+        let addr = unsafe {
+            libc::mmap(
+                self.mapping.addr as *mut libc::c_void,
+                self.mapping.len,
+                Mapping::PROT,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
                 0,
             )
         };

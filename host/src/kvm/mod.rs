@@ -14,5 +14,5 @@ pub mod vcpu;
 pub mod vm;
 
 pub use memory::GuestRam;
-pub use vcpu::{Exit, Kick, KickGuard, Vcpu};
+pub use vcpu::{Exit, Kick, KickGuard, PristineState, Vcpu};
 pub use vm::{Kvm, Vm};

@@ -116,6 +116,14 @@ pub enum Exit {
     Other(&'static str),
 }
 
+/// What [`Vcpu::reset`] puts back, read from a vCPU that never ran.
+#[derive(Debug)]
+pub struct PristineState {
+    xsave: Box<kvm_bindings::kvm_xsave>,
+    events: kvm_bindings::kvm_vcpu_events,
+    debug: kvm_bindings::kvm_debugregs,
+}
+
 /// A vCPU.
 #[derive(Debug)]
 pub struct Vcpu {
@@ -241,6 +249,44 @@ impl Vcpu {
         self.fd.set_kvm_immediate_exit(1);
         let _ = self.fd.run();
         self.fd.set_kvm_immediate_exit(0);
+    }
+
+    /// The state a vCPU that never ran has, where the guest can change it
+    /// and [`Vcpu::setup`] does not set it: x87, SSE and other XSAVE state
+    /// (`KVM_SET_FPU` would leave `MXCSR` as the guest left it), pending
+    /// events, debug registers (three ioctls; once per process).
+    pub fn pristine(&self) -> Result<PristineState, VcpuError> {
+        Ok(PristineState {
+            xsave: Box::new(self.fd.get_xsave().map_err(VcpuError::Read)?),
+            events: self.fd.get_vcpu_events().map_err(VcpuError::Read)?,
+            debug: self.fd.get_debug_regs().map_err(VcpuError::Read)?,
+        })
+    }
+
+    /// Puts back what one guest may have left in this vCPU, so that it can
+    /// run another: `pristine`'s state (three ioctls), no register change
+    /// or kick pending in the `kvm_run` page, and no I/O the last exit
+    /// left for KVM to complete (one `KVM_RUN` that returns before the
+    /// guest would run, as [`Vcpu::prepare_first_run`]). The general and
+    /// special registers are not touched: [`Vcpu::setup`] sets every one
+    /// of them for the next guest. Nothing else of a vCPU can be changed from
+    /// CPL3 without an exit the host refuses (no MSR writes, no control
+    /// registers, no `XSETBV`).
+    pub fn reset(&mut self, pristine: &PristineState) -> Result<(), VcpuError> {
+        // SAFETY: `KVM_SET_XSAVE` reads as many bytes as the vCPU's XSAVE
+        // state has; `KVM_GET_XSAVE` filled this buffer and refuses a state
+        // larger than it, and every vCPU of the process has the same size.
+        unsafe { self.fd.set_xsave(&pristine.xsave) }.map_err(VcpuError::Setup)?;
+        self.fd
+            .set_vcpu_events(&pristine.events)
+            .map_err(VcpuError::Setup)?;
+        self.fd
+            .set_debug_regs(&pristine.debug)
+            .map_err(VcpuError::Setup)?;
+        self.fd.get_kvm_run().kvm_dirty_regs = 0;
+        self.prepare_first_run();
+        self.user_sregs = kvm_sregs::default();
+        Ok(())
     }
 
     /// The guest's TSC now (one `KVM_GET_MSRS`).

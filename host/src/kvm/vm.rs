@@ -56,6 +56,7 @@ impl Kvm {
         let vm = Vm {
             fd: super::factory::create_vm(&self.fd).map_err(VmError::Create)?,
             flush_slot: std::cell::Cell::new(None),
+            attached: std::cell::Cell::new(false),
         };
         vm.set_memory(ram)?;
         Ok(vm)
@@ -68,6 +69,9 @@ pub struct Vm {
     fd: VmFd,
     /// Where the flush slot sits now (`None` until first used).
     flush_slot: std::cell::Cell<Option<u64>>,
+    /// A guest attached something of its own beyond RAM: a read-only
+    /// alias or a notification port.
+    attached: std::cell::Cell<bool>,
 }
 
 /// The memory slot moved to flush every translation.
@@ -95,6 +99,13 @@ impl Vm {
         unsafe { self.fd.set_user_memory_region(region) }.map_err(VmError::Memory)
     }
 
+    /// Whether the VM holds nothing of its guest but its RAM and vCPU (no
+    /// alias, no notification port), so that, with those reset, it can
+    /// run another guest ([`crate::pool::Recycler`]).
+    pub fn reusable(&self) -> bool {
+        !self.attached.get()
+    }
+
     /// Makes `len` bytes of `ram` from `offset` also appear, read-only, at
     /// guest-physical `addr` (memory slot 1): reads see the RAM, writes
     /// exit to the host as MMIO. The caller keeps `ram` alive as long as
@@ -116,6 +127,7 @@ impl Vm {
             memory_size: len,
             userspace_addr: ram.host_base() + offset,
         };
+        self.attached.set(true);
         // SAFETY: the region lies inside `ram`'s mapping (checked above),
         // which the caller keeps alive as long as the VM.
         unsafe { self.fd.set_user_memory_region(region) }.map_err(VmError::Memory)
@@ -155,6 +167,7 @@ impl Vm {
     /// Makes a 32-bit `out` of `value` to `port` signal `eventfd` inside
     /// the kernel, without an exit to this process.
     pub fn notify_on(&self, eventfd: &EventFd, port: u16, value: u32) -> Result<(), VmError> {
+        self.attached.set(true);
         self.fd
             .register_ioevent(eventfd, &IoEventAddress::Pio(u64::from(port)), value)
             .map_err(VmError::IoEvent)

@@ -103,6 +103,8 @@ impl Shards {
                 capacity: sum.capacity + s.capacity,
                 created: sum.created + s.created,
                 misses: sum.misses + s.misses,
+                recycled: sum.recycled + s.recycled,
+                reused: sum.reused + s.reused,
             })
     }
 

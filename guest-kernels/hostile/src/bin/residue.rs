@@ -1,17 +1,29 @@
 //! residue: looks for what an earlier guest left behind. `residue write`
 //! stamps a secret over its data segment, heap, stack and SSE registers,
-//! then exits; `residue check` (started later, perhaps in the same VM the
-//! host reused, perhaps sharing the same image pages) reads its whole
-//! memory and registers and exits 1 if the secret shows anywhere.
+//! maps a stamped page at [`WINDOW`], changes the SSE and x87 control
+//! words, then exits; `residue check` (started later, perhaps in the same
+//! VM the host reset for it, perhaps sharing the same image pages) reads
+//! its whole memory, registers and control words and exits 1 if anything
+//! of that shows. `residue check touch` then reads [`WINDOW`], which it
+//! never mapped: the host must stop it with a page fault there.
 #![no_std]
 #![no_main]
 
+use shoal_guest::mmu::{self, Batch, WRITE};
 use shoal_guest::{boot, println};
 
 shoal_guest::entry!(main);
 
 const SECRET: u64 = 0x5ec2_e75e_c2e7_5ec2;
 const PRISTINE: u64 = 0x0123_4567_89ab_cdef;
+/// Where `write` maps a stamped page.
+const WINDOW: u64 = 0x50_0000_0000;
+/// The SSE control word `write` leaves (round toward zero); a new vCPU
+/// has `0x1f80`.
+const LEFT_MXCSR: u32 = 0x7f80;
+/// The x87 control word `write` leaves (single precision); a new vCPU has
+/// `0x37f`.
+const LEFT_FCW: u16 = 0x07f;
 
 /// In the image's writable data: every guest must start with PRISTINE,
 /// whatever an earlier guest of the same image wrote here.
@@ -19,12 +31,21 @@ static mut MARK: u64 = PRISTINE;
 
 fn main() -> i32 {
     // Read the SSE registers before anything else can use them.
-    let xmm = sse_registers();
-    match boot::args().next() {
-        Some("write") => write(),
-        Some("check") => check(&xmm),
+    let sse = sse_state();
+    let mut args = boot::args();
+    match (args.next(), args.next()) {
+        (Some("write"), None) => write(),
+        (Some("check"), None) => check(&sse),
+        (Some("check"), Some("touch")) => match check(&sse) {
+            0 => {
+                // SAFETY: a read of an address this guest never mapped:
+                // the host stops the guest here.
+                unsafe { (WINDOW as *const u64).read_volatile() as i32 }
+            }
+            failed => failed,
+        },
         _ => {
-            println!("usage: residue write|check");
+            println!("usage: residue write|check [touch]");
             2
         }
     }
@@ -44,24 +65,49 @@ fn write() -> i32 {
         unsafe { core::ptr::write_volatile(word, SECRET) };
     }
     core::hint::black_box(&stack);
-    // SAFETY: only loads SSE registers, which this code does not rely on.
+    // The top page of the stamped heap, mapped once more at WINDOW.
+    let mut frame = [0u64];
+    let mut batch = Batch::new();
+    if mmu::take_heap(1).is_err()
+        || mmu::alloc_frames(&mut frame).is_err()
+        || batch.map(WINDOW, frame[0], WRITE).is_err()
+        || batch.flush().is_err()
+    {
+        println!("cannot map {WINDOW:#x}");
+        return 1;
+    }
+    // SAFETY: mapped writable just now.
+    unsafe { (WINDOW as *mut u64).write_volatile(SECRET) };
+    // SAFETY: loads SSE registers, which this code does not rely on, and
+    // valid control words from two locals.
     unsafe {
         core::arch::asm!(
             "movq xmm0, {s}", "movq xmm1, {s}", "movq xmm2, {s}", "movq xmm3, {s}",
             "movq xmm4, {s}", "movq xmm5, {s}", "movq xmm6, {s}", "movq xmm7, {s}",
             "movq xmm8, {s}", "movq xmm9, {s}", "movq xmm10, {s}", "movq xmm11, {s}",
             "movq xmm12, {s}", "movq xmm13, {s}", "movq xmm14, {s}", "movq xmm15, {s}",
+            "ldmxcsr [{m}]",
+            "fldcw [{f}]",
             s = in(reg) SECRET,
-            options(nomem, nostack),
+            m = in(reg) &LEFT_MXCSR,
+            f = in(reg) &LEFT_FCW,
+            options(readonly, nostack),
         );
     }
     0
 }
 
-fn check(xmm: &[u64; 16]) -> i32 {
+fn check(sse: &Sse) -> i32 {
     let mut found = 0;
-    if let Some(i) = xmm.iter().position(|&r| r == SECRET) {
+    if let Some(i) = sse.xmm.iter().position(|&r| r == SECRET) {
         println!("secret in xmm{i}");
+        found += 1;
+    }
+    if (sse.mxcsr, sse.fcw) != (0x1f80, 0x37f) {
+        println!(
+            "control words {:#x} and {:#x}, not a new vCPU's",
+            sse.mxcsr, sse.fcw
+        );
         found += 1;
     }
     // SAFETY: the guest is single-threaded; nothing else touches MARK.
@@ -92,8 +138,16 @@ fn check(xmm: &[u64; 16]) -> i32 {
     0
 }
 
-fn sse_registers() -> [u64; 16] {
+/// The SSE registers (low quadwords) and the SSE and x87 control words.
+struct Sse {
+    xmm: [u64; 16],
+    mxcsr: u32,
+    fcw: u16,
+}
+
+fn sse_state() -> Sse {
     let mut regs = [0u64; 16];
+    let (mut mxcsr, mut fcw) = (0u32, 0u16);
     // SAFETY: stores the low quadwords of the SSE registers into `regs`,
     // which is valid for 16 writes.
     unsafe {
@@ -108,5 +162,20 @@ fn sse_registers() -> [u64; 16] {
             options(nostack),
         );
     }
-    regs
+    // SAFETY: stores the control words into two locals, which changes no
+    // register.
+    unsafe {
+        core::arch::asm!(
+            "stmxcsr [{m}]",
+            "fnstcw [{f}]",
+            m = in(reg) &mut mxcsr,
+            f = in(reg) &mut fcw,
+            options(nostack, preserves_flags),
+        );
+    }
+    Sse {
+        xmm: regs,
+        mxcsr,
+        fcw,
+    }
 }

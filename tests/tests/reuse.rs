@@ -1,0 +1,134 @@
+//! A guest's VM runs a later guest: the pool resets it in between, and
+//! nothing of the first guest reaches the second.
+
+mod common;
+
+use shoal_host::{Crash, GuestConfig, GuestEnd, Host};
+use std::time::{Duration, Instant};
+
+/// Where the `residue` guest maps the page it stamps.
+const WINDOW: u64 = 0x50_0000_0000;
+
+/// Waits until the pool has reset at least `recycled` VMs in all.
+fn wait_for_recycled(host: &Host, recycled: u64) {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while host.pool().recycled < recycled {
+        assert!(
+            Instant::now() < give_up,
+            "no VM was reset: {:?}",
+            host.pool()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn nothing_of_a_guest_reaches_the_next_guest_on_its_vm() {
+    let host = common::host();
+    let residue = common::image("residue");
+    let recycled = host.pool().recycled;
+    let wrote = host
+        .spawn(&residue, common::config(&["write"]))
+        .expect("spawns")
+        .wait();
+    common::assert_exited_0(&wrote);
+    // The one VM reset is the one `write` ran on (no other guest ended),
+    // and the next spawn takes it before any new one.
+    wait_for_recycled(&host, recycled + 1);
+    let reused = host.pool().reused;
+    let checked = host
+        .spawn(&residue, common::config(&["check", "touch"]))
+        .expect("spawns")
+        .wait();
+    assert_eq!(host.pool().reused, reused + 1, "{:?}", host.pool());
+    let text = checked.console_text();
+    assert!(text.starts_with("clean:"), "{text}");
+    // Its first touch of the page the last guest mapped faults: no
+    // translation of the old guest's survived the reset.
+    match checked.end {
+        GuestEnd::Crashed(Crash::Exception {
+            vector: 14,
+            fault_addr: Some(WINDOW),
+            ..
+        }) => {}
+        ref other => panic!("expected a page fault at {WINDOW:#x}, got {other}: {text}"),
+    }
+}
+
+#[test]
+fn a_vm_with_something_of_its_guest_attached_is_not_reused() {
+    let host = common::host();
+    let mmu = common::image("mmu");
+    let recycled = host.pool().recycled;
+    // The trapped page-table window is a memory slot of the guest's own.
+    let trapped = host
+        .spawn(
+            &mmu,
+            GuestConfig {
+                trapped_page_tables: true,
+                ..common::config(&["trapped", "10"])
+            },
+        )
+        .expect("spawns")
+        .wait();
+    common::assert_exited_0(&trapped);
+    // VMs are reset in the order guests end: once a later plain guest's
+    // VM is, the trapped guest's would have been counted first.
+    common::assert_exited_0(
+        &host
+            .spawn(&mmu, common::config(&["heap"]))
+            .expect("spawns")
+            .wait(),
+    );
+    wait_for_recycled(&host, recycled + 1);
+    // A second reset would follow within microseconds; a second is room.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(host.pool().recycled, recycled + 1, "{:?}", host.pool());
+}
+
+#[test]
+fn a_vm_whose_guest_crashed_or_was_killed_runs_the_next_guest() {
+    // A triple fault, a page fault stopped in an exception stub (at CPL0,
+    // on an `out`), a guest killed in the middle of its loop: the reset
+    // VM runs `hello` as a new one would.
+    let host = common::host();
+    let hello = common::image("hello");
+    let ends = [
+        ("triple-fault", &[][..], false),
+        ("mmu", &["unmap-fault"][..], false),
+        ("spin", &["forever"][..], true),
+    ];
+    // Every guest here leaves a reusable VM: once as many are reset as
+    // guests ended, the one reset VM is the last guest's.
+    let mut ended = host.pool().recycled;
+    for (name, args, kill) in ends {
+        // It takes the last `hello`'s VM, and leaves its own the only one.
+        wait_for_recycled(&host, ended);
+        let guest = common::spawn(&host, name, args);
+        if kill {
+            // Killed in the middle of its hypercall-free loop.
+            let give_up = Instant::now() + Duration::from_secs(30);
+            while guest.console().is_empty() {
+                assert!(Instant::now() < give_up, "{name} never started");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            guest.kill();
+        }
+        let end = guest.wait().end;
+        assert!(
+            matches!(end, GuestEnd::Crashed(_) | GuestEnd::Killed),
+            "{name}: {end}"
+        );
+        ended += 1;
+        wait_for_recycled(&host, ended);
+        let reused = host.pool().reused;
+        let arg = format!("after-{name}");
+        let report = host
+            .spawn(&hello, common::config(&[&arg]))
+            .expect("spawns")
+            .wait();
+        assert_eq!(host.pool().reused, reused + 1, "{:?}", host.pool());
+        common::assert_hello(&report, &arg);
+        ended += 1;
+    }
+}
