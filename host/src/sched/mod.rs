@@ -13,8 +13,9 @@
 //!   wait, or any busy worker when a woken guest waits, is kicked (a signal
 //!   that makes `KVM_RUN` return), and its guest goes to the back of the run
 //!   queue.
-//! - The reaper thread frees ended guests, so tearing a VM down (a few
-//!   hundred microseconds in the kernel) never holds up a worker.
+//! - The reaper thread frees ended guests (their VMs go back to the pool
+//!   to be reset, or are torn down: a few hundred microseconds in the
+//!   kernel), so that never holds up a worker.
 
 mod timer;
 mod worker;
@@ -432,9 +433,10 @@ impl Scheduler {
     }
 }
 
-/// The reaper loop: frees each ended guest's VM, vCPU and memory (a few
-/// hundred microseconds of kernel work), then publishes its end, so that a
-/// waiter that sees the end also sees everything freed.
+/// The reaper loop: frees each ended guest (its VM, vCPU and memory go to
+/// the pool to be reset, or are torn down: a few hundred microseconds of
+/// kernel work), then publishes its end, so that a waiter that sees the
+/// end also sees everything of the guest freed or handed back.
 fn reap(rx: &Receiver<Reap>) {
     while let Ok(Reap::Ended(task, end)) = rx.recv() {
         let control = Arc::clone(&task.control);
