@@ -164,9 +164,9 @@ struct Counters {
 /// What a pool holds and has done.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PoolStatus {
-    /// Shells ready now.
+    /// Shells ready now: new ones and guests' VMs reset.
     pub ready: usize,
-    /// Most shells kept ready.
+    /// Most new shells kept ready (as many reset VMs may wait beside them).
     pub capacity: usize,
     /// Shells the filler made.
     pub created: u64,

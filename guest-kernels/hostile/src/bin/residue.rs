@@ -78,8 +78,8 @@ fn write() -> i32 {
     }
     // SAFETY: mapped writable just now.
     unsafe { (WINDOW as *mut u64).write_volatile(SECRET) };
-    // SAFETY: loads SSE registers, which this code does not rely on, and
-    // valid control words from two locals.
+    // SAFETY: loads SSE registers (declared clobbered) and valid control
+    // words from two constants.
     unsafe {
         core::arch::asm!(
             "movq xmm0, {s}", "movq xmm1, {s}", "movq xmm2, {s}", "movq xmm3, {s}",
@@ -91,6 +91,10 @@ fn write() -> i32 {
             s = in(reg) SECRET,
             m = in(reg) &LEFT_MXCSR,
             f = in(reg) &LEFT_FCW,
+            out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _,
+            out("xmm4") _, out("xmm5") _, out("xmm6") _, out("xmm7") _,
+            out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
+            out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
             options(readonly, nostack),
         );
     }
