@@ -91,10 +91,12 @@ impl Toolstack {
     /// RAM renewed (nothing of the old guest's memory stays, nor any
     /// translation of it), every other translation dropped by a slot move
     /// (shadow page tables built from the old guest's tables included),
-    /// and the vCPU's state put back. Only for a VM that is
-    /// [`Vm::reusable`]; on an error the shell must be destroyed.
+    /// and the vCPU's state put back; what the guest attached beyond RAM
+    /// (notification ports, the read-only alias) is taken off first. On an
+    /// error the shell must be destroyed.
     pub fn reset(&self, shell: &mut Shell) -> Result<(), SpawnError> {
         let pristine = self.pristine.get().ok_or(SpawnError::Reset)?;
+        shell.vm.detach_guest()?;
         shell.ram.renew()?;
         shell.vm.forget_all_translations(&shell.ram)?;
         shell.vcpu.reset(pristine)?;
@@ -325,11 +327,11 @@ pub struct Recycler {
 
 impl Recycler {
     /// Hands over the VM, vCPU and RAM of a guest that is over (no vCPU
-    /// runs, nothing looks at its RAM). A VM the guest attached devices or
-    /// an alias to, of another memory size than the pool's, or beyond what
-    /// the filler has waiting, is destroyed here.
+    /// runs, nothing looks at its RAM, its devices are detached). A VM of
+    /// another memory size than the pool's, or beyond what the filler has
+    /// waiting, is destroyed here.
     pub fn give(&self, shell: Shell) {
-        if shell.ram.size() == self.mem_size && shell.vm.reusable() {
+        if shell.ram.size() == self.mem_size {
             let _ = self.used.try_send(shell);
         }
     }

@@ -4,6 +4,7 @@ use super::memory::GuestRam;
 use super::vcpu::{Vcpu, VcpuError};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Cap, IoEventAddress, VmFd};
+use std::cell::{Cell, RefCell};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Why KVM could not be opened or a VM created.
@@ -55,8 +56,9 @@ impl Kvm {
     pub fn create_vm(&self, ram: &GuestRam) -> Result<Vm, VmError> {
         let vm = Vm {
             fd: super::factory::create_vm(&self.fd).map_err(VmError::Create)?,
-            flush_slot: std::cell::Cell::new(None),
-            attached: std::cell::Cell::new(false),
+            flush_slot: Cell::new(None),
+            notifications: RefCell::default(),
+            aliased: Cell::new(false),
         };
         vm.set_memory(ram)?;
         Ok(vm)
@@ -68,10 +70,12 @@ impl Kvm {
 pub struct Vm {
     fd: VmFd,
     /// Where the flush slot sits now (`None` until first used).
-    flush_slot: std::cell::Cell<Option<u64>>,
-    /// A guest attached something of its own beyond RAM: a read-only
-    /// alias or a notification port.
-    attached: std::cell::Cell<bool>,
+    flush_slot: Cell<Option<u64>>,
+    /// The guest's notification ports: port, value and a copy of the
+    /// eventfd (KVM knows a port by all three).
+    notifications: RefCell<Vec<(u16, u32, EventFd)>>,
+    /// The guest has the read-only alias (memory slot 1).
+    aliased: Cell<bool>,
 }
 
 /// The memory slot moved to flush every translation.
@@ -99,11 +103,25 @@ impl Vm {
         unsafe { self.fd.set_user_memory_region(region) }.map_err(VmError::Memory)
     }
 
-    /// Whether the VM holds nothing of its guest but its RAM and vCPU (no
-    /// alias, no notification port), so that, with those reset, it can
-    /// run another guest ([`crate::pool::Recycler`]).
-    pub fn reusable(&self) -> bool {
-        !self.attached.get()
+    /// Takes off what its guest attached beyond RAM, its notification
+    /// ports and the read-only alias, so that the VM can run another
+    /// guest ([`crate::pool::Toolstack::reset`]).
+    pub fn detach_guest(&self) -> Result<(), VmError> {
+        for (port, value, eventfd) in self.notifications.take() {
+            self.fd
+                .unregister_ioevent(&eventfd, &IoEventAddress::Pio(u64::from(port)), value)
+                .map_err(VmError::IoEvent)?;
+        }
+        if self.aliased.replace(false) {
+            // A slot of no size is deleted.
+            let region = kvm_userspace_memory_region {
+                slot: 1,
+                ..Default::default()
+            };
+            // SAFETY: deleting a slot maps nothing.
+            unsafe { self.fd.set_user_memory_region(region) }.map_err(VmError::Memory)?;
+        }
+        Ok(())
     }
 
     /// Makes `len` bytes of `ram` from `offset` also appear, read-only, at
@@ -127,7 +145,7 @@ impl Vm {
             memory_size: len,
             userspace_addr: ram.host_base() + offset,
         };
-        self.attached.set(true);
+        self.aliased.set(true);
         // SAFETY: the region lies inside `ram`'s mapping (checked above),
         // which the caller keeps alive as long as the VM.
         unsafe { self.fd.set_user_memory_region(region) }.map_err(VmError::Memory)
@@ -167,10 +185,16 @@ impl Vm {
     /// Makes a 32-bit `out` of `value` to `port` signal `eventfd` inside
     /// the kernel, without an exit to this process.
     pub fn notify_on(&self, eventfd: &EventFd, port: u16, value: u32) -> Result<(), VmError> {
-        self.attached.set(true);
+        let copy = eventfd.try_clone().map_err(|e| {
+            VmError::IoEvent(kvm_ioctls::Error::new(
+                e.raw_os_error().unwrap_or(libc::EIO),
+            ))
+        })?;
         self.fd
             .register_ioevent(eventfd, &IoEventAddress::Pio(u64::from(port)), value)
-            .map_err(VmError::IoEvent)
+            .map_err(VmError::IoEvent)?;
+        self.notifications.borrow_mut().push((port, value, copy));
+        Ok(())
     }
 
     /// Creates vCPU 0.
