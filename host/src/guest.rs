@@ -174,8 +174,8 @@ impl Drop for Guest {
 }
 
 impl Guest {
-    /// Loads the template into `shell` (a VM that never ran, with RAM of
-    /// the template's size) and sets the vCPU at the entry point.
+    /// Loads the template into `shell` (a new or reset VM with RAM of the
+    /// template's size) and sets the vCPU at the entry point.
     pub fn create(
         shell: Shell,
         scale: TscScale,

@@ -272,9 +272,10 @@ impl Pool {
         shell
     }
 
-    /// Keeps at most `room` shells ready (never more than the capacity):
-    /// a shard with room for only a few more guests keeps only that many
-    /// VMs waiting, and none once it is full. The filler destroys shells
+    /// Keeps at most `room` new shells ready (never more than the
+    /// capacity), and as many reset VMs: a shard with room for only a few
+    /// more guests keeps only that many VMs of each kind waiting, and none
+    /// once it is full. The filler destroys shells
     /// beyond a smaller room at once; it fills a larger room at the next
     /// spawn (guests ending do not make VMs nobody may ask for).
     pub fn set_room(&self, room: usize) {
@@ -393,7 +394,7 @@ impl Filler {
     /// Resets a guest's VM and keeps it ready, if there is room for it
     /// (else it is destroyed).
     fn recycle(&self, mut shell: Shell) {
-        if self.reset_tx.len() >= self.room.limits().0 {
+        if self.stop.load(Ordering::Acquire) || self.reset_tx.len() >= self.room.limits().0 {
             return;
         }
         match self.toolstack.reset(&mut shell) {

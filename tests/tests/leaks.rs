@@ -92,6 +92,12 @@ fn guests_that_exit_or_crash_leave_no_fds_or_threads_behind() {
             .expect("spawns")
             .wait();
     }
+    // Their VMs go back to the pool: count from when both are reset (a
+    // VM on its way is counted nowhere).
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while host.pool().recycled < 2 && std::time::Instant::now() < give_up {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let mapped = mapped_mib_with_a_full_pool(&host);
     let fds = fds_outside_pool(&host, None);
     let threads = threads_outside_vms();

@@ -108,22 +108,30 @@ fn a_vm_whose_guest_had_a_disk_or_the_trapped_tables_runs_the_next_one() {
 #[test]
 fn a_vm_whose_guest_crashed_or_was_killed_runs_the_next_guest() {
     // A triple fault, a page fault stopped in an exception stub (at CPL0,
-    // on an `out`), a guest killed in the middle of its loop: the reset
-    // VM runs `hello` as a new one would.
+    // on an `out`), a guest killed in the middle of its loop, a guest
+    // stopped in the middle of a split MMIO write: the reset VM runs
+    // `hello` as a new one would.
     let host = common::host();
     let hello = common::image("hello");
+    let trapped = |args: &[&str]| GuestConfig {
+        trapped_page_tables: true,
+        ..common::config(args)
+    };
     let ends = [
-        ("triple-fault", &[][..], false),
-        ("mmu", &["unmap-fault"][..], false),
-        ("spin", &["forever"][..], true),
+        ("triple-fault", common::config(&[]), false),
+        ("mmu", common::config(&["unmap-fault"]), false),
+        ("spin", common::config(&["forever"]), true),
+        // Stopped at the first of three pieces of one MMIO write: the
+        // other two must not reach the next guest as its first exits.
+        ("mmu", trapped(&["trapped-split"]), false),
     ];
     // Every guest here leaves a reusable VM: once as many are reset as
     // guests ended, the one reset VM is the last guest's.
     let mut ended = host.pool().recycled;
-    for (name, args, kill) in ends {
+    for (name, config, kill) in ends {
         // It takes the last `hello`'s VM, and leaves its own the only one.
         wait_for_recycled(&host, ended);
-        let guest = common::spawn(&host, name, args);
+        let guest = host.spawn(&common::image(name), config).expect("spawns");
         if kill {
             // Killed in the middle of its hypercall-free loop.
             let give_up = Instant::now() + Duration::from_secs(30);

@@ -22,6 +22,10 @@
 //!   entry reads back as zero. Prints `trapped ok`.
 //! - `mmu trapped-forbidden`: writes an entry mapping a page-table frame
 //!   through the window; the host must stop it.
+//! - `mmu trapped-split`: one 16-byte write across two pages of the
+//!   window, which KVM splits into three exits; the host must stop it at
+//!   the first (the rest stay pending in the vCPU, for the host to clear
+//!   before the VM runs another guest).
 //! - `mmu scatter [ROUNDS]`: maps 64 pages at [`WINDOW`], each to one of
 //!   its own two patterned frames, and remaps all of them to the other
 //!   one in one batch, ROUNDS times (default 200), reading every page's
@@ -410,6 +414,19 @@ fn trapped_forbidden() -> i32 {
     1
 }
 
+fn trapped_split() -> i32 {
+    if !trapped::available() {
+        println!("no trapping window (run with --trapped-page-tables)");
+        return 1;
+    }
+    let at = shoal_guest::abi::layout::TRAPPED_TABLES_WINDOW + PAGE_SIZE - 12;
+    println!("16 bytes across two pages of the window");
+    // SAFETY: a store into the window, which the host traps and refuses.
+    unsafe { core::arch::asm!("movdqu [{at}], xmm0", at = in(reg) at, options(nostack)) };
+    println!("the write was applied");
+    1
+}
+
 /// Pages `scatter` remaps in each batch, with two frames each.
 const SCATTER: usize = 64;
 
@@ -525,6 +542,7 @@ fn main() -> i32 {
             }
         }
         "trapped-forbidden" => trapped_forbidden(),
+        "trapped-split" => trapped_split(),
         "heap" if heap() => {
             println!("heap ok");
             0
@@ -532,7 +550,7 @@ fn main() -> i32 {
         "heap" => 1,
         other => {
             println!(
-                "usage: mmu [check [REMAPS] | scatter [ROUNDS] | unmap-fault | protect-fault | catch | trapped [REMAPS] | trapped-forbidden | heap], not {other}"
+                "usage: mmu [check [REMAPS] | scatter [ROUNDS] | unmap-fault | protect-fault | catch | trapped [REMAPS] | trapped-forbidden | trapped-split | heap], not {other}"
             );
             2
         }

@@ -49,6 +49,7 @@ pub enum MemoryError {
 #[derive(Debug)]
 struct Mapping {
     addr: usize,
+    /// 0 once given up ([`GuestRam::renew`] failed): nothing is unmapped.
     len: usize,
     /// A file's pages, shared (else anonymous and private).
     shared: bool,
@@ -88,10 +89,12 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: `addr..addr + len` is a mapping this value created and
-        // owns; nothing refers to it any more (`GuestRam` drops its
-        // `vm-memory` view first).
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+        if self.len > 0 {
+            // SAFETY: `addr..addr + len` is a mapping this value created
+            // and owns; nothing refers to it any more (`GuestRam` drops its
+            // `vm-memory` view first).
+            unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+        }
     }
 }
 
@@ -194,7 +197,10 @@ impl GuestRam {
     /// translations of them through the MMU notifier. For giving a VM to
     /// another guest; call only while no vCPU runs on the RAM and no host
     /// code looks at it. Private RAM only (not a template being built).
-    pub fn renew(&self) -> Result<(), MemoryError> {
+    /// On an error the RAM is unusable (part of it may be unmapped) and
+    /// must be dropped, which then leaves its range alone: another
+    /// mapping may have been placed in the hole.
+    pub fn renew(&mut self) -> Result<(), MemoryError> {
         if self.mapping.shared {
             return Err(MemoryError::Mmap(std::io::Error::from(
                 std::io::ErrorKind::Unsupported,
@@ -214,7 +220,9 @@ impl GuestRam {
             )
         };
         if addr == libc::MAP_FAILED {
-            return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
+            let error = std::io::Error::last_os_error();
+            self.mapping.len = 0;
+            return Err(MemoryError::Mmap(error));
         }
         Ok(())
     }

@@ -264,15 +264,19 @@ impl Vcpu {
     }
 
     /// Puts back what one guest may have left in this vCPU, so that it can
-    /// run another: `pristine`'s state (three ioctls), no register change
-    /// or kick pending in the `kvm_run` page, and no I/O the last exit
-    /// left for KVM to complete (one `KVM_RUN` that returns before the
-    /// guest would run, as [`Vcpu::prepare_first_run`]). The general and
-    /// special registers are not touched: [`Vcpu::setup`] sets every one
-    /// of them for the next guest. Nothing else of a vCPU can be changed from
-    /// CPL3 without an exit the host refuses (no MSR writes, no control
-    /// registers, no `XSETBV`).
+    /// run another. First whatever the last exit left for KVM to complete
+    /// (a port access, or the rest of an MMIO write KVM split into
+    /// pieces) is completed against the old guest, by `KVM_RUN`s that
+    /// return before the guest would run; then `pristine`'s state is set
+    /// (three ioctls), and no register change is left pending in the
+    /// `kvm_run` page. The general and special registers are not touched:
+    /// [`Vcpu::setup`] sets every one of them for the next guest. Nothing
+    /// else of a vCPU can be changed from CPL3 without an exit the host
+    /// refuses (no MSR writes, no control registers, no `XSETBV`). The
+    /// TSC runs on: a guest can tell how old its VM is, nothing more.
     pub fn reset(&mut self, pristine: &PristineState) -> Result<(), VcpuError> {
+        self.fd.get_kvm_run().kvm_dirty_regs = 0;
+        self.finish_pending_io()?;
         // SAFETY: `KVM_SET_XSAVE` reads as many bytes as the vCPU's XSAVE
         // state has; `KVM_GET_XSAVE` filled this buffer and refuses a state
         // larger than it, and every vCPU of the process has the same size.
@@ -283,10 +287,28 @@ impl Vcpu {
         self.fd
             .set_debug_regs(&pristine.debug)
             .map_err(VcpuError::Setup)?;
-        self.fd.get_kvm_run().kvm_dirty_regs = 0;
-        self.prepare_first_run();
         self.user_sregs = kvm_sregs::default();
         Ok(())
+    }
+
+    /// Enters `KVM_RUN` with `immediate_exit` set until KVM returns
+    /// `EINTR`, which it does once nothing of the last exit is left to
+    /// complete: each further piece of a split MMIO write comes out as
+    /// one more exit first (a 16-byte write across two pages is three).
+    /// An error if it does not settle within a few rounds.
+    fn finish_pending_io(&mut self) -> Result<(), VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let mut settled = Err(VcpuError::Run(kvm_ioctls::Error::new(libc::EBUSY)));
+        for _ in 0..8 {
+            match self.fd.run() {
+                Ok(_) => continue,
+                Err(e) if e.errno() == libc::EINTR => settled = Ok(()),
+                Err(e) => settled = Err(VcpuError::Run(e)),
+            }
+            break;
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        settled
     }
 
     /// The guest's TSC now (one `KVM_GET_MSRS`).
