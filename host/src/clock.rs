@@ -82,6 +82,11 @@ impl GuestClock {
         Self { page, tsc_offset }
     }
 
+    /// Guest TSC minus host TSC.
+    pub fn tsc_offset(&self) -> i64 {
+        self.tsc_offset
+    }
+
     /// Writes the clock page into the guest's RAM.
     pub fn publish(&self, ram: &GuestRam) -> Result<(), MemoryError> {
         ram.write_host(CLOCK_PAGE, self.page.as_bytes())

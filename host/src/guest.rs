@@ -91,8 +91,6 @@ pub struct Guest {
     vcpu: ManuallyDrop<Vcpu>,
     vm: ManuallyDrop<Vm>,
     ram: ManuallyDrop<GuestRam>,
-    /// The vCPU's TSC minus the host's.
-    tsc_offset: i64,
     /// Where its VM goes when it is dropped, if it can be reused.
     recycler: Option<Recycler>,
     clock: GuestClock,
@@ -163,7 +161,7 @@ impl Drop for Guest {
                 vcpu: ManuallyDrop::take(&mut self.vcpu),
                 vm: ManuallyDrop::take(&mut self.vm),
                 ram: ManuallyDrop::take(&mut self.ram),
-                tsc_offset: self.tsc_offset,
+                tsc_offset: self.clock.tsc_offset(),
             }
         };
         match &self.recycler {
@@ -238,7 +236,6 @@ impl Guest {
             vcpu: ManuallyDrop::new(vcpu),
             vm: ManuallyDrop::new(vm),
             ram: ManuallyDrop::new(ram),
-            tsc_offset,
             recycler: parts.recycler,
             clock,
             features,

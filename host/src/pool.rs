@@ -275,9 +275,9 @@ impl Pool {
     /// Keeps at most `room` new shells ready (never more than the
     /// capacity), and as many reset VMs: a shard with room for only a few
     /// more guests keeps only that many VMs of each kind waiting, and none
-    /// once it is full. The filler destroys shells
-    /// beyond a smaller room at once; it fills a larger room at the next
-    /// spawn (guests ending do not make VMs nobody may ask for).
+    /// once it is full. The filler destroys shells beyond a smaller room
+    /// at once; it fills a larger room at the next spawn (guests ending do
+    /// not make VMs nobody may ask for).
     pub fn set_room(&self, room: usize) {
         let before = self.room.keep.swap(room, Ordering::Relaxed);
         self.room.fill.fetch_min(room, Ordering::Relaxed);
@@ -413,11 +413,10 @@ impl Filler {
     /// being dropped.
     fn top_up(&self) -> bool {
         let keep = self.room.limits().0;
-        while self.tx.len() > keep {
-            drop(self.rx.try_recv());
-        }
-        while self.reset_tx.len() > keep {
-            drop(self.reset_rx.try_recv());
+        for (tx, rx) in [(&self.tx, &self.rx), (&self.reset_tx, &self.reset_rx)] {
+            while tx.len() > keep {
+                drop(rx.try_recv());
+            }
         }
         while !self.tx.is_full() && self.tx.len() < self.room.limits().1 {
             if self.stop.load(Ordering::Acquire) {

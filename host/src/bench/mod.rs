@@ -266,7 +266,7 @@ pub fn run_all(host: &Host, sizes: Sizes, only: &[String]) -> Result<Vec<Figure>
     }
     if wanted("spawn") {
         figures.extend(sched::vm_life(200)?);
-        figures.extend(sched::vm_reuse_parts(200)?);
+        figures.extend(sched::vm_reset(200)?);
         figures.extend(sched::spawn_figures(
             host,
             &builtin_image("bench")?,

@@ -85,6 +85,34 @@ impl Mapping {
             shared: shared.is_some(),
         })
     }
+
+    /// Maps the first `len` bytes of `file` (private, copy-on-write), or
+    /// new anonymous memory, over the start of this mapping, in place of
+    /// what was there. `len` must be page-aligned and at most the
+    /// mapping's length; nothing may hold a reference into the range.
+    fn map_over(&self, len: usize, file: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+        let (flags, fd) = match file {
+            Some(fd) => (0, fd.as_raw_fd()),
+            None => (libc::MAP_ANONYMOUS, -1),
+        };
+        // SAFETY: the new mapping replaces pages inside this mapping only
+        // (the caller's bounds), with the same protections; the caller
+        // promises no reference into them is held.
+        let addr = unsafe {
+            libc::mmap(
+                self.addr as *mut libc::c_void,
+                len,
+                Self::PROT,
+                flags | libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                fd,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Mapping {
@@ -172,23 +200,9 @@ impl GuestRam {
         if !len.is_multiple_of(PAGE_SIZE) || len > self.size {
             return Err(MemoryError::BadSize(len));
         }
-        // SAFETY: the new mapping replaces pages inside this RAM's own
-        // mapping only (`len <= size`, page-aligned), with the same
-        // protections; the host holds no reference into them.
-        let addr = unsafe {
-            libc::mmap(
-                self.mapping.addr as *mut libc::c_void,
-                len as usize,
-                Mapping::PROT,
-                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                template.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
-        }
-        Ok(())
+        self.mapping
+            .map_over(len as usize, Some(template))
+            .map_err(MemoryError::Mmap)
     }
 
     /// Replaces all of this RAM with new pages that read as zero, as if
@@ -206,25 +220,11 @@ impl GuestRam {
                 std::io::ErrorKind::Unsupported,
             )));
         }
-        // SAFETY: the new mapping replaces exactly this RAM's own mapping,
-        // with the same protections and flags; the host holds no reference
-        // into it (the caller's promise).
-        let addr = unsafe {
-            libc::mmap(
-                self.mapping.addr as *mut libc::c_void,
-                self.mapping.len,
-                Mapping::PROT,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            let error = std::io::Error::last_os_error();
+        let len = self.mapping.len;
+        self.mapping.map_over(len, None).map_err(|e| {
             self.mapping.len = 0;
-            return Err(MemoryError::Mmap(error));
-        }
-        Ok(())
+            MemoryError::Mmap(e)
+        })
     }
 
     /// Makes KVM forget every translation to guest-physical
