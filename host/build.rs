@@ -83,6 +83,10 @@ const GUESTS: &[(&str, &str)] = &[
         "hostile: breaks its disk's ring (loop, index, next, outside, past-end, rings, huge, indirect, ahead, cut, storm; setup: bad queue_setup calls)",
     ),
     (
+        "console-ring",
+        "uses and misuses the console ring (flood N, spin, tail, overrun)",
+    ),
+    (
         "residue",
         "leaves a secret behind (write) or looks for one (check)",
     ),

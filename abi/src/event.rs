@@ -22,7 +22,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 pub const EVENTS: u32 = 64;
 
 /// The event page's first bytes (the rest of the page is reserved, zero,
-/// apart from the [`CallTiming`] record at [`CALL_TIMING_OFFSET`]).
+/// apart from the [`CallTiming`] record at [`CALL_TIMING_OFFSET`] and the
+/// console ring at [`CONSOLE_RING_OFFSET`] and [`CONSOLE_RING_DATA`]).
 #[repr(C)]
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
@@ -66,3 +67,42 @@ pub struct CallTiming {
 const _: () = assert!(size_of::<CallTiming>() == 16);
 const _: () = assert!(offset_of!(CallTiming, ticks) == 8);
 const _: () = assert!(CALL_TIMING_OFFSET as usize >= size_of::<EventPage>());
+
+/// Offset of the [`ConsoleRing`] indices in the event page (feature
+/// [`crate::features::CONSOLE_RING`]; their own cache line).
+pub const CONSOLE_RING_OFFSET: u64 = 128;
+
+/// Offset of the console ring's bytes in the event page: its second half.
+pub const CONSOLE_RING_DATA: u64 = 2048;
+
+/// Bytes the console ring holds.
+pub const CONSOLE_RING_SIZE: u32 = 2048;
+
+/// Console output without an exit (feature
+/// [`crate::features::CONSOLE_RING`]). The guest appends bytes to the ring
+/// and the host takes them whenever the guest exits: at every hypercall
+/// (before serving it), exception, preemption and end. Both indices count
+/// bytes since boot and wrap at 2^32; byte `i` of the output is at
+/// [`CONSOLE_RING_DATA`] + `i % CONSOLE_RING_SIZE`.
+///
+/// The guest writes the bytes, then `head` with a release store; it has
+/// `CONSOLE_RING_SIZE - (head - tail)` bytes of room. The host keeps its
+/// own copy of `tail`, writes it here after taking bytes, and stops a
+/// guest whose `head` is more than [`CONSOLE_RING_SIZE`] ahead of it.
+/// Bytes past the guest's console limit are dropped. A guest that never
+/// writes `head` leaves the ring empty.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct ConsoleRing {
+    /// Bytes written by the guest. Written by the guest only.
+    pub head: u32,
+    /// Bytes taken by the host. Written by the host only.
+    pub tail: u32,
+}
+const _: () = assert!(size_of::<ConsoleRing>() == 8);
+const _: () = assert!(offset_of!(ConsoleRing, tail) == 4);
+const _: () = assert!(CONSOLE_RING_OFFSET >= CALL_TIMING_OFFSET + size_of::<CallTiming>() as u64);
+const _: () = assert!(CONSOLE_RING_DATA + CONSOLE_RING_SIZE as u64 == crate::layout::PAGE_SIZE);
+const _: () = assert!(CONSOLE_RING_SIZE.is_power_of_two());

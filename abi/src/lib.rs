@@ -79,6 +79,11 @@ pub mod features {
     /// [`ALL_V1`].
     pub const CALL_TIMING: u64 = 1 << 10;
 
+    /// The console ring in the event page is served: console output
+    /// without an exit ([`crate::event::ConsoleRing`]). Offered unless
+    /// the host is asked to withhold it.
+    pub const CONSOLE_RING: u64 = 1 << 11;
+
     /// The features every host offers every guest: those of ABI v1 as
     /// first released (bits 0 to 9) but [`TRAPPED_PAGE_TABLES`], which,
     /// like [`CALL_TIMING`] since, is offered only when asked for.

@@ -130,6 +130,15 @@ pub enum Crash {
         /// What the guest did.
         reason: String,
     },
+    /// The guest's console ring claimed more bytes than the ring holds
+    /// (see [`shoal_abi::event::ConsoleRing`]).
+    #[error("console ring broken: head {head} is more than the ring ahead of tail {tail}")]
+    ConsoleRing {
+        /// The guest's `head`.
+        head: u32,
+        /// The bytes the host had taken.
+        tail: u32,
+    },
     /// The handler of a custom hypercall failed or panicked.
     #[error("custom hypercall {nr:#x}: {reason}")]
     CustomHypercall {

@@ -3,7 +3,7 @@
 
 use crate::boot::{BootError, BootParams, Template, descriptors};
 use crate::clock::{GuestClock, TscScale};
-use crate::console::Console;
+use crate::console::{Console, RingReader};
 use crate::device::{DeviceParts, Devices};
 use crate::end::{Crash, GuestEnd};
 use crate::event::Events;
@@ -96,6 +96,8 @@ pub struct Guest {
     clock: GuestClock,
     features: u64,
     console: Arc<Console>,
+    /// The host's end of the console ring, if it is offered.
+    console_ring: Option<RingReader>,
     stats: Arc<GuestStats>,
     exit_rate: Option<RateWindow>,
     mmu: RefCell<GuestMmu>,
@@ -240,6 +242,8 @@ impl Guest {
             clock,
             features,
             console: parts.console,
+            console_ring: (features & shoal_abi::features::CONSOLE_RING != 0)
+                .then(RingReader::default),
             stats: parts.stats,
             exit_rate: parts.exit_rate.map(RateWindow::new),
             mmu: RefCell::new(mmu),
@@ -294,7 +298,11 @@ impl Guest {
             if preempt.load(Ordering::Relaxed) && preempt.swap(false, Ordering::SeqCst) {
                 return Step::Preempted;
             }
-            let exit = match self.vcpu.run() {
+            let exit = self.vcpu.run();
+            if let Err(crash) = self.take_console() {
+                return Step::Ended(GuestEnd::Crashed(crash));
+            }
+            let exit = match exit {
                 Ok(exit) => exit,
                 Err(e) => return Step::Ended(GuestEnd::Crashed(Crash::Internal(e.to_string()))),
             };
@@ -322,6 +330,19 @@ impl Guest {
                 Flow::End(end) => return Step::Ended(end),
             }
         }
+    }
+
+    /// Takes what the guest has put in its console ring (after every
+    /// exit, so that nothing is lost however the guest goes on); the crash
+    /// if it broke the ring.
+    fn take_console(&mut self) -> Result<(), Crash> {
+        if let Some(ring) = self.console_ring.as_mut() {
+            let taken = ring.take(&self.ram, &self.console)?;
+            if taken > 0 {
+                self.stats.add_console_bytes(taken);
+            }
+        }
+        Ok(())
     }
 
     /// Serves one exit, classified by [`exit_reason`] (the only place

@@ -43,6 +43,10 @@ pub struct GuestConfig {
     /// `TRAPPED_PAGE_TABLES`): the trap-and-emulate side of the
     /// `mmu_update` comparison in `shoal bench`.
     pub trapped_page_tables: bool,
+    /// Offer the console ring (feature `CONSOLE_RING`, on by default):
+    /// the guest's output reaches the host at its next exit, with no exit
+    /// of its own. Off, the SDK makes one `console_write` per `print!`.
+    pub console_ring: bool,
     /// How the host drops the translations a page-table change takes
     /// away (the default picks per change; the others are for measuring).
     pub forget: Forget,
@@ -70,6 +74,7 @@ impl Default for GuestConfig {
             console_sink: None,
             limits: Limits::default(),
             trapped_page_tables: false,
+            console_ring: true,
             forget: Forget::default(),
             disks: Vec::new(),
             net: None,

@@ -124,7 +124,12 @@ impl Local {
                 id,
                 template: &template,
                 args: &config.args,
-                features: shoal_abi::features::ALL_V1,
+                features: shoal_abi::features::ALL_V1
+                    | if config.console_ring {
+                        shoal_abi::features::CONSOLE_RING
+                    } else {
+                        0
+                    },
                 console: Arc::clone(&console),
                 stats: Arc::clone(&stats),
                 exit_rate: config.limits.exit_rate,

@@ -175,7 +175,14 @@ fn run_trace_writes_a_line_per_hypercall() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("hello.trace");
     std::fs::write(&path, "stale contents\n").expect("writable");
-    let out = shoal(&["run", "--trace", path.to_str().unwrap(), "hello"]);
+    // Without the console ring, each line is a console_write.
+    let out = shoal(&[
+        "run",
+        "--trace",
+        path.to_str().unwrap(),
+        "--no-console-ring",
+        "hello",
+    ]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
     let trace = std::fs::read_to_string(&path).expect("trace written");
     let mut lines = trace.lines();

@@ -3,8 +3,9 @@
 //! The images in `tests/fixtures/abi-v1/` were built once, from the commit
 //! and with the recipe in that directory's README, and are never rebuilt.
 //! The host has since gained features those guests do not know (feature
-//! bit `CALL_TIMING`, the event page's `CallTiming` record); these tests
-//! run the old images on today's host, with the new features offered.
+//! bits `CALL_TIMING`, the event page's `CallTiming` record, and
+//! `CONSOLE_RING`, the event page's console ring); these tests run the old
+//! images on today's host, with the new features offered.
 
 mod common;
 
@@ -46,8 +47,10 @@ fn run_old(name: &str, args: &[&str]) -> GuestReport {
 fn the_host_offers_features_the_fixtures_do_not_know() {
     assert_eq!(shoal_abi::features::ALL_V1 & !FIXTURE_FEATURES, 0);
     assert_ne!(shoal_abi::features::CALL_TIMING & !FIXTURE_FEATURES, 0);
-    // Today's guests take the new feature up under the same configuration
-    // (so it is offered), and the old ones below run beside it.
+    assert_ne!(shoal_abi::features::CONSOLE_RING & !FIXTURE_FEATURES, 0);
+    // Today's guests take the new features up under the same
+    // configuration (so they are offered: the console goes through the
+    // ring, not `console_write`), and the old ones below run beside them.
     let today = common::run_with(
         "hello",
         GuestConfig {
@@ -59,6 +62,8 @@ fn the_host_offers_features_the_fixtures_do_not_know() {
         },
     );
     assert!(today.stats.calls.iter().any(|c| c.guest.count() > 0));
+    assert!(today.console_text().ends_with("arg 0: x\n1 args\n"));
+    assert_eq!(today.stats.hypercall(HypercallNr::ConsoleWrite), 0);
 }
 
 #[test]
@@ -74,6 +79,8 @@ fn a_v1_hello_boots_reads_its_arguments_and_exits() {
         text.ends_with("arg 0: first\narg 1: with space\n2 args\n"),
         "{text}"
     );
+    // The old guest wrote its console by hypercall, one per line.
+    assert_eq!(report.stats.hypercall(HypercallNr::ConsoleWrite), 6);
     // The host timed its calls; the old guest reported no round trips.
     assert!(report.stats.calls.iter().all(|c| c.guest.count() == 0));
     assert!(report.stats.calls.iter().any(|c| c.host.count() > 0));

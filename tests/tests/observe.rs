@@ -134,6 +134,8 @@ fn a_trace_file_has_a_line_per_call_from_guests_in_several_processes() {
                 &common::image("clock"),
                 GuestConfig {
                     observe: observe.clone(),
+                    // Output by hypercall, so that the trace shows it.
+                    console_ring: false,
                     ..common::config(&[&(i + 2).to_string()])
                 },
             )

@@ -87,6 +87,10 @@ struct RunArgs {
     /// (trap-and-emulate; feature TRAPPED_PAGE_TABLES).
     #[arg(long)]
     trapped_page_tables: bool,
+    /// Do not offer the console ring (feature CONSOLE_RING): the guest's
+    /// SDK then makes one console_write hypercall, one exit, per print.
+    #[arg(long)]
+    no_console_ring: bool,
     /// How the host makes KVM forget the translations a page-table change
     /// takes away: the MMU notifier for small changes and the slot move
     /// for large ones (auto), or always one of them (for measuring).
@@ -160,6 +164,7 @@ impl RunArgs {
                 cpu_share: self.cpu_share,
             },
             trapped_page_tables: self.trapped_page_tables,
+            console_ring: !self.no_console_ring,
             forget: self.forget,
             disks: self
                 .disks

@@ -297,7 +297,11 @@ impl Session<'_> {
         if let Some((regs, from_kernel)) = resume {
             guest.vcpu.resume_user(regs, from_kernel);
         }
-        let exit = match guest.vcpu.run() {
+        let exit = guest.vcpu.run();
+        if let Err(crash) = guest.take_console() {
+            return Ran::Ended(GuestEnd::Crashed(crash));
+        }
+        let exit = match exit {
             Ok(Exit::Kicked) => {
                 guest.stats.count_kick();
                 return Ran::Served;
