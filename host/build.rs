@@ -84,7 +84,7 @@ const GUESTS: &[(&str, &str)] = &[
     ),
     (
         "console-ring",
-        "uses and misuses the console ring (flood N, spin, tail, overrun)",
+        "uses and misuses the console ring (flood N, fill, spin, tail, overrun)",
     ),
     (
         "residue",

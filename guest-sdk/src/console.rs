@@ -36,7 +36,10 @@ pub fn flush() {
 }
 
 /// Set while [`ring_put`] runs, so that a trap handler that prints in the
-/// middle of it does not write the same bytes of the ring.
+/// middle of it does not write the same bytes of the ring (its output goes
+/// by hypercall, ahead of the interrupted print's). A handler that never
+/// returns to the interrupted code leaves it set: later output then goes
+/// by hypercall too.
 static IN_RING: AtomicBool = AtomicBool::new(false);
 
 /// Appends `bytes` to the console ring: false if the host offers none,

@@ -115,8 +115,16 @@ impl RingReader {
         let mut ring = ConsoleRing::new_zeroed();
         ram.read_host(EVENT_PAGE + CONSOLE_RING_OFFSET, ring.as_mut_bytes())
             .map_err(host)?;
+        let tail_at =
+            EVENT_PAGE + CONSOLE_RING_OFFSET + core::mem::offset_of!(ConsoleRing, tail) as u64;
         let len = ring.head.wrapping_sub(self.tail);
         if len == 0 {
+            if ring.tail != self.tail {
+                // The guest wrote the host's word: put it right, or the
+                // guest would find no room again.
+                ram.write_host(tail_at, self.tail.as_bytes())
+                    .map_err(host)?;
+            }
             return Ok(0);
         }
         if len > CONSOLE_RING_SIZE {
@@ -133,8 +141,6 @@ impl RingReader {
             .map_err(host)?;
         ram.read_host(data, &mut bytes[first..len]).map_err(host)?;
         self.tail = ring.head;
-        let tail_at =
-            EVENT_PAGE + CONSOLE_RING_OFFSET + core::mem::offset_of!(ConsoleRing, tail) as u64;
         ram.write_host(tail_at, self.tail.as_bytes())
             .map_err(host)?;
         Ok(console.write(&bytes[..len]) as u64)
@@ -208,6 +214,24 @@ mod tests {
         ram.read_host(EVENT_PAGE + CONSOLE_RING_OFFSET + 4, tail.as_mut_bytes())
             .expect("reads");
         assert_eq!(tail, 2100);
+    }
+
+    #[test]
+    fn a_full_ring_is_taken_whole_and_a_wrong_tail_is_put_right() {
+        let ram = GuestRam::new(shoal_abi::layout::MIN_MEMORY).expect("maps");
+        let console = Console::new(1, 1 << 20, None);
+        let mut reader = RingReader::default();
+        put(&ram, &[b'x'; CONSOLE_RING_SIZE as usize]);
+        assert_eq!(
+            reader.take(&ram, &console),
+            Ok(u64::from(CONSOLE_RING_SIZE))
+        );
+        let tail_at = EVENT_PAGE + CONSOLE_RING_OFFSET + 4;
+        ram.write_host(tail_at, 7u32.as_bytes()).expect("writes");
+        assert_eq!(reader.take(&ram, &console), Ok(0));
+        let mut tail = 0u32;
+        ram.read_host(tail_at, tail.as_mut_bytes()).expect("reads");
+        assert_eq!(tail, CONSOLE_RING_SIZE);
     }
 
     #[test]

@@ -130,15 +130,6 @@ pub enum Crash {
         /// What the guest did.
         reason: String,
     },
-    /// The guest's console ring claimed more bytes than the ring holds
-    /// (see [`shoal_abi::event::ConsoleRing`]).
-    #[error("console ring broken: head {head} is more than the ring ahead of tail {tail}")]
-    ConsoleRing {
-        /// The guest's `head`.
-        head: u32,
-        /// The bytes the host had taken.
-        tail: u32,
-    },
     /// The handler of a custom hypercall failed or panicked.
     #[error("custom hypercall {nr:#x}: {reason}")]
     CustomHypercall {
@@ -156,6 +147,15 @@ pub enum Crash {
     /// The host failed while serving this guest (KVM error).
     #[error("internal host error: {0}")]
     Internal(String),
+    /// The guest's console ring claimed more bytes than the ring holds
+    /// (see [`shoal_abi::event::ConsoleRing`]).
+    #[error("console ring broken: head {head} is more than the ring ahead of tail {tail}")]
+    ConsoleRing {
+        /// The guest's `head`.
+        head: u32,
+        /// The bytes the host had taken.
+        tail: u32,
+    },
 }
 
 #[cfg(test)]

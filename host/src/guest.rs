@@ -299,20 +299,22 @@ impl Guest {
                 return Step::Preempted;
             }
             let exit = self.vcpu.run();
-            if let Err(crash) = self.take_console() {
-                return Step::Ended(GuestEnd::Crashed(crash));
-            }
+            // Whatever the exit, what the guest put in its ring is taken.
+            let taken = self.take_console();
             let exit = match exit {
                 Ok(exit) => exit,
                 Err(e) => return Step::Ended(GuestEnd::Crashed(Crash::Internal(e.to_string()))),
             };
-            if exit == Exit::Kicked {
-                // The loop's checks decide: killed, preempted, or a stale kick.
-                self.stats.count_kick();
-                continue;
+            let reason = (exit != Exit::Kicked).then(|| exit_reason(&exit));
+            match reason {
+                Some(reason) => self.stats.count_exit(reason),
+                None => self.stats.count_kick(),
             }
-            let reason = exit_reason(&exit);
-            self.stats.count_exit(reason);
+            if let Err(crash) = taken {
+                return Step::Ended(GuestEnd::Crashed(crash));
+            }
+            // A kick: the loop's checks decide (killed, preempted, or stale).
+            let Some(reason) = reason else { continue };
             if let Some(window) = self.exit_rate.as_mut()
                 && !window.allow(self.clock.now_ns())
             {

@@ -45,7 +45,8 @@ pub struct GuestConfig {
     pub trapped_page_tables: bool,
     /// Offer the console ring (feature `CONSOLE_RING`, on by default):
     /// the guest's output reaches the host at its next exit, with no exit
-    /// of its own. Off, the SDK makes one `console_write` per `print!`.
+    /// of its own. Off, the SDK makes one `console_write` per `print!`
+    /// (per 512 bytes of it).
     pub console_ring: bool,
     /// How the host drops the translations a page-table change takes
     /// away (the default picks per change; the others are for measuring).

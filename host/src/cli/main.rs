@@ -88,7 +88,8 @@ struct RunArgs {
     #[arg(long)]
     trapped_page_tables: bool,
     /// Do not offer the console ring (feature CONSOLE_RING): the guest's
-    /// SDK then makes one console_write hypercall, one exit, per print.
+    /// SDK then makes one console_write hypercall, one exit, per print
+    /// (per 512 bytes of it).
     #[arg(long)]
     no_console_ring: bool,
     /// How the host makes KVM forget the translations a page-table change

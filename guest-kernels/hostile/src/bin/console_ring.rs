@@ -5,8 +5,11 @@
 //!   full; all must arrive, in order.
 //! - `spin`: prints a line into the ring and computes forever without an
 //!   exit; the host must take the line when it stops the guest.
+//! - `fill`: prints four lines of 512 bytes, exactly what the ring holds,
+//!   with no exit: none may need a hypercall.
 //! - `tail`: writes a wrong `tail` (the host's word), then prints: the SDK
-//!   falls back to hypercalls, and the output must still arrive.
+//!   falls back to a hypercall, at which the host must put the tail right,
+//!   and the output must still arrive.
 //! - `overrun`: prints a line and hands it over, then claims more bytes
 //!   than the ring holds and makes a hypercall: the host must stop it.
 #![no_std]
@@ -44,6 +47,14 @@ fn main() -> i32 {
                 x = core::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
             }
         }
+        "fill" => {
+            let line = [b'f'; 511];
+            let line = core::str::from_utf8(&line).unwrap_or_default();
+            for _ in 0..4 {
+                println!("{line}");
+            }
+            0
+        }
         "tail" => {
             let head = ring_word(0).load(Ordering::Relaxed);
             ring_word(1).store(head.wrapping_add(1000), Ordering::Release);
@@ -62,7 +73,7 @@ fn main() -> i32 {
             1
         }
         _ => {
-            println!("usage: console-ring flood|spin|tail|overrun [N]");
+            println!("usage: console-ring flood|fill|spin|tail|overrun [N]");
             2
         }
     }
