@@ -16,7 +16,7 @@ use crate::kvm::{Vcpu, Vm};
 use crate::limits::{Limit, RateWindow};
 use crate::mmu::{Forget, GuestMmu, TABLES_ALIAS, TABLES_LEN, Translations};
 use crate::observe::{Observe, Observer};
-use crate::pool::{Recycler, Shell};
+use crate::pool::{Recycler, Shadow, Shell};
 use crate::stats::{ExitReason, GuestStats};
 use crate::trap::{self, Traps};
 use kvm_bindings::kvm_regs;
@@ -156,6 +156,10 @@ impl Drop for Guest {
         self.devices.detach();
         self.events.detach();
         self.stats.release_memory(&self.ram);
+        let shadow = match self.ram.overlay_key() {
+            Some(key) if self.mmu.get_mut().is_template() => Shadow::Template(key),
+            _ => Shadow::Stale,
+        };
         // SAFETY: each is taken once, here, and never used again: the
         // guest is being dropped, and no other field refers to them.
         let shell = unsafe {
@@ -164,6 +168,7 @@ impl Drop for Guest {
                 vm: ManuallyDrop::take(&mut self.vm),
                 ram: ManuallyDrop::take(&mut self.ram),
                 tsc_offset: self.clock.tsc_offset(),
+                shadow,
             }
         };
         match &self.recycler {
@@ -184,8 +189,9 @@ impl Guest {
         let Shell {
             mut vcpu,
             vm,
-            ram,
+            mut ram,
             tsc_offset,
+            shadow,
         } = shell;
         let template = parts.template;
         let mut mmu = GuestMmu::new(
@@ -207,13 +213,21 @@ impl Guest {
             features |= shoal_abi::features::TRAPPED_PAGE_TABLES;
         }
         template.load(
-            &ram,
+            &mut ram,
             &BootParams {
                 guest_id: parts.id,
                 features,
                 args: parts.args,
             },
         )?;
+        // KVM may still shadow the last guest's tables: drop them unless
+        // this guest starts with the very same ones.
+        if shadow != Shadow::Empty
+            && (shadow != Shadow::Template(template.key()) || parts.trapped_page_tables)
+        {
+            vm.forget_all_translations(&ram)?;
+            parts.stats.count_slot_move();
+        }
         if parts.trapped_page_tables {
             mmu.active(ram.size()).open_window(&ram)?;
         }

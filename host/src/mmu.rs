@@ -155,6 +155,11 @@ impl GuestMmu {
         }
     }
 
+    /// Whether the guest still has its template's tables, untouched.
+    pub fn is_template(&self) -> bool {
+        self.own.is_none()
+    }
+
     /// The guest's own state, set up on first use.
     pub fn active(&mut self, mem_size: u64) -> &mut Mmu {
         let (template, overlay_len, forget) = (&self.template, self.overlay_len, self.forget);

@@ -33,10 +33,29 @@ pub struct Shell {
     pub vcpu: Vcpu,
     /// The VM.
     pub vm: Vm,
-    /// Its RAM, all zero.
+    /// Its RAM, all zero (or showing the template it last mapped, as
+    /// new: see [`GuestRam::clear`]).
     pub ram: GuestRam,
     /// The vCPU's TSC minus the host's.
     pub tsc_offset: i64,
+    /// What KVM's shadow page tables of the VM were built from.
+    pub shadow: Shadow,
+}
+
+/// What the shadow page tables KVM keeps for a VM were built from. KVM
+/// shadows the guest's page tables and does not see the host write them,
+/// so a VM whose next guest starts with other tables must first have its
+/// shadow tables dropped (the slot move of [`Vm::forget_all_translations`]);
+/// one whose next guest starts with the very same tables need not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shadow {
+    /// None: the VM never ran a guest, or they were all dropped.
+    Empty,
+    /// The tables of the template with this key, as every guest of it
+    /// starts with them: the last guest never changed its tables.
+    Template(u64),
+    /// Tables a guest changed.
+    Stale,
 }
 
 /// What every shell of a host shares.
@@ -84,6 +103,7 @@ impl Toolstack {
             vm,
             ram,
             tsc_offset: guest_tsc.wrapping_sub(host_tsc) as i64,
+            shadow: Shadow::Empty,
         })
     }
 
@@ -94,13 +114,31 @@ impl Toolstack {
     /// and the vCPU's state put back; what the guest attached beyond RAM
     /// (notification ports, the read-only alias) is taken off first. On an
     /// error the shell must be destroyed.
-    pub fn reset(&self, shell: &mut Shell) -> Result<(), SpawnError> {
+    ///
+    /// If the guest left its template's page tables as they were, the
+    /// RAM keeps the template mapped (its pages dropped, so it reads as
+    /// the template and zero again) and KVM keeps its shadow tables of
+    /// them, without the slot move's SRCU grace period: a next guest of
+    /// the same template starts with the same tables, and
+    /// [`crate::guest::Guest::create`] drops them for any other. Returns
+    /// whether the shadow tables were kept.
+    pub fn reset(&self, shell: &mut Shell) -> Result<bool, SpawnError> {
         let pristine = self.pristine.get().ok_or(SpawnError::Reset)?;
         shell.vm.detach_guest()?;
-        shell.ram.renew()?;
-        shell.vm.forget_all_translations(&shell.ram)?;
+        let kept = match shell.shadow {
+            Shadow::Template(key) if shell.ram.overlay_key() == Some(key) => {
+                shell.ram.clear()?;
+                true
+            }
+            _ => {
+                shell.ram.renew()?;
+                shell.vm.forget_all_translations(&shell.ram)?;
+                shell.shadow = Shadow::Empty;
+                false
+            }
+        };
         shell.vcpu.reset(pristine)?;
-        Ok(())
+        Ok(kept)
     }
 
     /// The TSC scale (known once a shell exists).
@@ -160,6 +198,7 @@ struct Counters {
     created: AtomicU64,
     misses: AtomicU64,
     recycled: AtomicU64,
+    tables_kept: AtomicU64,
     reused: AtomicU64,
 }
 
@@ -177,6 +216,9 @@ pub struct PoolStatus {
     pub misses: u64,
     /// Guests' VMs the filler reset for another guest.
     pub recycled: u64,
+    /// Of those, VMs whose shadow page tables were kept, their last
+    /// guest having left its template's tables unchanged.
+    pub tables_kept: u64,
     /// Spawns that took a reset VM.
     pub reused: u64,
 }
@@ -313,6 +355,7 @@ impl Pool {
             created: self.counters.created.load(Ordering::Relaxed),
             misses: self.counters.misses.load(Ordering::Relaxed),
             recycled: self.counters.recycled.load(Ordering::Relaxed),
+            tables_kept: self.counters.tables_kept.load(Ordering::Relaxed),
             reused: self.counters.reused.load(Ordering::Relaxed),
         }
     }
@@ -399,9 +442,12 @@ impl Filler {
         }
         match self.toolstack.reset(&mut shell) {
             // Counted once it can be taken.
-            Ok(()) => {
+            Ok(kept) => {
                 if self.reset_tx.try_send(shell).is_ok() {
                     self.counters.recycled.fetch_add(1, Ordering::Relaxed);
+                    if kept {
+                        self.counters.tables_kept.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot reset a VM for reuse; destroyed"),

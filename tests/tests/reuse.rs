@@ -26,7 +26,7 @@ fn wait_for_recycled(host: &Host, recycled: u64) {
 fn nothing_of_a_guest_reaches_the_next_guest_on_its_vm() {
     let host = common::host();
     let residue = common::image("residue");
-    let recycled = host.pool().recycled;
+    let (recycled, kept) = (host.pool().recycled, host.pool().tables_kept);
     let wrote = host
         .spawn(&residue, common::config(&["write"]))
         .expect("spawns")
@@ -35,6 +35,8 @@ fn nothing_of_a_guest_reaches_the_next_guest_on_its_vm() {
     // The one VM reset is the one `write` ran on (no other guest ended),
     // and the next spawn takes it before any new one.
     wait_for_recycled(&host, recycled + 1);
+    // `write` changed its page tables: KVM's shadow of them was dropped.
+    assert_eq!(host.pool().tables_kept, kept, "{:?}", host.pool());
     let reused = host.pool().reused;
     let checked = host
         .spawn(&residue, common::config(&["check", "touch"]))
@@ -53,6 +55,54 @@ fn nothing_of_a_guest_reaches_the_next_guest_on_its_vm() {
         }) => {}
         ref other => panic!("expected a page fault at {WINDOW:#x}, got {other}: {text}"),
     }
+}
+
+#[test]
+fn a_vm_whose_guest_left_its_page_tables_alone_keeps_their_shadow_for_the_same_image_only() {
+    let host = common::host();
+    let residue = common::image("residue");
+    let run_next = |args: &[&str], image: &shoal_host::Image| {
+        let (recycled, kept, reused) = {
+            let pool = host.pool();
+            (pool.recycled, pool.tables_kept, pool.reused)
+        };
+        let report = host
+            .spawn(image, common::config(args))
+            .expect("spawns")
+            .wait();
+        // Its VM is reset with the shadow tables kept, and the next guest
+        // takes that VM.
+        wait_for_recycled(&host, recycled + 1);
+        assert_eq!(host.pool().tables_kept, kept + 1, "{:?}", host.pool());
+        (report, reused)
+    };
+    let (wrote, _) = run_next(&["write", "tables"], &residue);
+    common::assert_exited_0(&wrote);
+    // The same image: nothing dropped at spawn, and no secret in memory
+    // that reads as the template again.
+    let (checked, reused) = run_next(&["check"], &residue);
+    assert_eq!(host.pool().reused, reused + 1, "{:?}", host.pool());
+    common::assert_exited_0(&checked);
+    assert!(
+        checked.console_text().starts_with("clean:"),
+        "{}",
+        checked.console_text()
+    );
+    assert_eq!(checked.stats.slot_moves, 0);
+    // Another image on that VM: its spawn drops residue's shadow tables.
+    let reused = host.pool().reused;
+    let hello = host
+        .spawn(&common::image("hello"), common::config(&["after residue"]))
+        .expect("spawns")
+        .wait();
+    assert_eq!(host.pool().reused, reused + 1, "{:?}", host.pool());
+    common::assert_exited_0(&hello);
+    assert!(
+        hello
+            .console_text()
+            .ends_with("arg 0: after residue\n1 args\n")
+    );
+    assert_eq!(hello.stats.slot_moves, 1);
 }
 
 #[test]

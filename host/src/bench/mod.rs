@@ -266,12 +266,9 @@ pub fn run_all(host: &Host, sizes: Sizes, only: &[String]) -> Result<Vec<Figure>
     }
     if wanted("spawn") {
         figures.extend(sched::vm_life(200)?);
-        figures.extend(sched::vm_reset(200)?);
-        figures.extend(sched::spawn_figures(
-            host,
-            &builtin_image("bench")?,
-            sizes.spawns,
-        )?);
+        let bench = builtin_image("bench")?;
+        figures.extend(sched::vm_reset(&bench, 200)?);
+        figures.extend(sched::spawn_figures(host, &bench, sizes.spawns)?);
         figures.extend(sched::bring_up(&builtin_image("idle")?, sizes.bring_up)?);
     }
     if wanted("memory") {

@@ -152,12 +152,17 @@ pub fn vm_life(count: usize) -> Result<Vec<Figure>, BenchError> {
 /// ([`crate::pool::Toolstack::shell`]): wall time and the calling thread's
 /// CPU time per VM, in microseconds, over `count` rounds each. Before each
 /// reset the host writes to 16 pages of the VM's RAM, as a small guest
-/// would (the renewal gives them back).
-pub fn vm_reset(count: usize) -> Result<Vec<Figure>, BenchError> {
-    use crate::pool::Toolstack;
+/// would (the reset gives them back). The reset is timed twice: after a
+/// guest that changed its page tables (the RAM renewed, the slot moved),
+/// and after one of `image` that did not (its template kept mapped, the
+/// shadow tables kept).
+pub fn vm_reset(image: &Image, count: usize) -> Result<Vec<Figure>, BenchError> {
+    use crate::boot::{BootParams, Template};
+    use crate::pool::{Shadow, Toolstack};
     use shoal_abi::layout::{DEFAULT_MEMORY, IMAGE_BASE, PAGE_SIZE};
     let toolstack = Toolstack::new(crate::kvm::Kvm::open().map_err(kvm_err)?);
     let mut shell = toolstack.shell(DEFAULT_MEMORY).map_err(kvm_err)?;
+    let template = Template::build(image, DEFAULT_MEMORY).map_err(kvm_err)?;
     let timed = |what: &mut dyn FnMut() -> Result<(), crate::guest::SpawnError>| {
         let (wall, cpu) = (Instant::now(), crate::sched::thread_cpu_ns());
         for _ in 0..count {
@@ -169,18 +174,30 @@ pub fn vm_reset(count: usize) -> Result<Vec<Figure>, BenchError> {
             per((crate::sched::thread_cpu_ns() - cpu) as f64 / 1e3),
         ))
     };
-    let (reset_us, reset_cpu_us) = timed(&mut || {
+    let reset = |shell: &mut crate::pool::Shell, shadow: Shadow| {
         for page in 0..16 {
             shell.ram.write_host(IMAGE_BASE + page * PAGE_SIZE, &[1])?;
         }
-        toolstack.reset(&mut shell)
-    })?;
+        shell.shadow = shadow;
+        toolstack.reset(shell).map(drop)
+    };
+    let (reset_us, reset_cpu_us) = timed(&mut || reset(&mut shell, Shadow::Stale))?;
+    let params = BootParams {
+        guest_id: 1,
+        features: 0,
+        args: &[],
+    };
+    template.load(&mut shell.ram, &params).map_err(kvm_err)?;
+    let kept = Shadow::Template(template.key());
+    let (kept_us, kept_cpu_us) = timed(&mut || reset(&mut shell, kept))?;
     let (new_us, new_cpu_us) = timed(&mut || toolstack.shell(DEFAULT_MEMORY).map(drop))?;
     Ok(vec![
         Figure::plain("vm_new_us", new_us, "us"),
         Figure::versus("vm_reset_us", reset_us, "us", new_us),
+        Figure::versus("vm_reset_kept_us", kept_us, "us", new_us),
         Figure::plain("vm_new_cpu_us", new_cpu_us, "us"),
         Figure::versus("vm_reset_cpu_us", reset_cpu_us, "us", new_cpu_us),
+        Figure::versus("vm_reset_kept_cpu_us", kept_cpu_us, "us", new_cpu_us),
     ])
 }
 

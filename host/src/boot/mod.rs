@@ -77,6 +77,8 @@ pub fn encode_args(args: &[String]) -> Result<Vec<u8>, BootError> {
 /// state.
 #[derive(Debug)]
 pub struct Template {
+    /// Unique in the process: names the template to RAM that maps it.
+    key: u64,
     file: OwnedFd,
     len: u64,
     mem_size: u64,
@@ -163,7 +165,9 @@ impl Template {
             rsp: mem_size,
             rdi: BOOT_INFO_PAGE,
         };
+        static KEYS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(Self {
+            key: KEYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             file,
             len: image.end(),
             mem_size,
@@ -171,6 +175,11 @@ impl Template {
             boot_info,
             tables: std::sync::Arc::new(pt),
         })
+    }
+
+    /// The template's key, unique in the process.
+    pub fn key(&self) -> u64 {
+        self.key
     }
 
     /// Guest memory size the template was laid out for.
@@ -201,12 +210,12 @@ impl Template {
 
     /// Maps the template into `ram` (of the template's size, not yet run)
     /// and writes the guest's own boot info. Returns the boot info.
-    pub fn load(&self, ram: &GuestRam, params: &BootParams<'_>) -> Result<BootInfo, BootError> {
+    pub fn load(&self, ram: &mut GuestRam, params: &BootParams<'_>) -> Result<BootInfo, BootError> {
         if ram.size() != self.mem_size {
             return Err(BootError::Memory(MemoryError::BadSize(ram.size())));
         }
         let args = encode_args(params.args)?;
-        ram.overlay(self.file.as_fd(), self.len)?;
+        ram.overlay(self.file.as_fd(), self.len, self.key)?;
         let boot_info = BootInfo {
             argc: params.args.len() as u32,
             features: params.features,

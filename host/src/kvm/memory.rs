@@ -149,6 +149,8 @@ pub struct GuestRam {
     mem: GuestMemoryMmap<()>,
     mapping: Mapping,
     size: u64,
+    /// The key of the template file mapped over the start, if any.
+    overlay: Option<u64>,
 }
 
 impl GuestRam {
@@ -188,21 +190,74 @@ impl GuestRam {
         let mem = GuestRegionMmap::new(region, GuestAddress(0))
             .and_then(|region| GuestMemoryMmap::from_regions(vec![region]).ok())
             .ok_or(MemoryError::BadSize(size))?;
-        Ok(Self { mem, mapping, size })
+        Ok(Self {
+            mem,
+            mapping,
+            size,
+            overlay: None,
+        })
     }
 
     /// Maps the first `len` bytes of `template` over this RAM,
     /// copy-on-write: the guest reads the template's pages until it writes
-    /// to them. Whatever RAM held there before is gone. Call only before
-    /// the guest first runs: KVM drops its mappings of the replaced pages,
-    /// but nothing else may be looking at them.
-    pub fn overlay(&self, template: BorrowedFd<'_>, len: u64) -> Result<(), MemoryError> {
+    /// to them. Whatever RAM held there before is gone. `key` names the
+    /// template: RAM that already shows it, fresh from [`GuestRam::clear`],
+    /// is left as it is. Call only before the guest first runs: KVM drops
+    /// its mappings of the replaced pages, but nothing else may be looking
+    /// at them.
+    pub fn overlay(
+        &mut self,
+        template: BorrowedFd<'_>,
+        len: u64,
+        key: u64,
+    ) -> Result<(), MemoryError> {
         if !len.is_multiple_of(PAGE_SIZE) || len > self.size {
             return Err(MemoryError::BadSize(len));
         }
+        match self.overlay {
+            Some(mapped) if mapped == key => return Ok(()),
+            // Another template's pages past `len` must not stay.
+            Some(_) => self.renew()?,
+            None => {}
+        }
         self.mapping
             .map_over(len as usize, Some(template))
-            .map_err(MemoryError::Mmap)
+            .map_err(MemoryError::Mmap)?;
+        self.overlay = Some(key);
+        Ok(())
+    }
+
+    /// The key of the template mapped over this RAM, if any.
+    pub fn overlay_key(&self) -> Option<u64> {
+        self.overlay
+    }
+
+    /// Gives every page of this RAM back to the host kernel, keeping the
+    /// mappings (`MADV_DONTNEED`): the anonymous part reads as zero again,
+    /// the template overlay as the template again (the guest's private
+    /// copies are gone), and KVM drops its translations of all of it
+    /// through the MMU notifier. For giving a VM to another guest of the
+    /// same template, under the same conditions as [`GuestRam::renew`];
+    /// on an error the RAM must be dropped.
+    pub fn clear(&mut self) -> Result<(), MemoryError> {
+        if self.mapping.shared {
+            return Err(MemoryError::Mmap(std::io::Error::from(
+                std::io::ErrorKind::Unsupported,
+            )));
+        }
+        // SAFETY: the range is this RAM's own private mapping; dropping
+        // its pages only makes them read as zero or as the template file.
+        let dropped = unsafe {
+            libc::madvise(
+                self.mapping.addr as *mut libc::c_void,
+                self.mapping.len,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if dropped != 0 {
+            return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(())
     }
 
     /// Replaces all of this RAM with new pages that read as zero, as if
@@ -221,6 +276,7 @@ impl GuestRam {
             )));
         }
         let len = self.mapping.len;
+        self.overlay = None;
         self.mapping.map_over(len, None).map_err(|e| {
             self.mapping.len = 0;
             MemoryError::Mmap(e)

@@ -104,6 +104,7 @@ impl Shards {
                 created: sum.created + s.created,
                 misses: sum.misses + s.misses,
                 recycled: sum.recycled + s.recycled,
+                tables_kept: sum.tables_kept + s.tables_kept,
                 reused: sum.reused + s.reused,
             })
     }

@@ -6,6 +6,9 @@
 //! its whole memory, registers and control words and exits 1 if anything
 //! of that shows. `residue check touch` then reads [`WINDOW`], which it
 //! never mapped: the host must stop it with a page fault there.
+//! `residue write tables` writes everything but the page at [`WINDOW`],
+//! leaving its page tables as the image's template has them (the host may
+//! then keep KVM's shadow of them for the next guest).
 #![no_std]
 #![no_main]
 
@@ -34,7 +37,8 @@ fn main() -> i32 {
     let sse = sse_state();
     let mut args = boot::args();
     match (args.next(), args.next()) {
-        (Some("write"), None) => write(),
+        (Some("write"), None) => write(true),
+        (Some("write"), Some("tables")) => write(false),
         (Some("check"), None) => check(&sse),
         (Some("check"), Some("touch")) => match check(&sse) {
             0 => {
@@ -45,13 +49,14 @@ fn main() -> i32 {
             failed => failed,
         },
         _ => {
-            println!("usage: residue write|check [touch]");
+            println!("usage: residue write [tables] | check [touch]");
             2
         }
     }
 }
 
-fn write() -> i32 {
+/// Stamps the secret everywhere; `map_window`: at [`WINDOW`] too.
+fn write(map_window: bool) -> i32 {
     // SAFETY: the guest is single-threaded; nothing else touches MARK.
     unsafe { core::ptr::addr_of_mut!(MARK).write_volatile(SECRET) };
     let info = boot::info();
@@ -65,19 +70,21 @@ fn write() -> i32 {
         unsafe { core::ptr::write_volatile(word, SECRET) };
     }
     core::hint::black_box(&stack);
-    // The top page of the stamped heap, mapped once more at WINDOW.
-    let mut frame = [0u64];
-    let mut batch = Batch::new();
-    if mmu::take_heap(1).is_err()
-        || mmu::alloc_frames(&mut frame).is_err()
-        || batch.map(WINDOW, frame[0], WRITE).is_err()
-        || batch.flush().is_err()
-    {
-        println!("cannot map {WINDOW:#x}");
-        return 1;
+    if map_window {
+        // The top page of the stamped heap, mapped once more at WINDOW.
+        let mut frame = [0u64];
+        let mut batch = Batch::new();
+        if mmu::take_heap(1).is_err()
+            || mmu::alloc_frames(&mut frame).is_err()
+            || batch.map(WINDOW, frame[0], WRITE).is_err()
+            || batch.flush().is_err()
+        {
+            println!("cannot map {WINDOW:#x}");
+            return 1;
+        }
+        // SAFETY: mapped writable just now.
+        unsafe { (WINDOW as *mut u64).write_volatile(SECRET) };
     }
-    // SAFETY: mapped writable just now.
-    unsafe { (WINDOW as *mut u64).write_volatile(SECRET) };
     // SAFETY: loads SSE registers (declared clobbered) and valid control
     // words from two constants.
     unsafe {
