@@ -125,6 +125,11 @@ impl Toolstack {
     pub fn reset(&self, shell: &mut Shell) -> Result<bool, SpawnError> {
         let pristine = self.pristine.get().ok_or(SpawnError::Reset)?;
         shell.vm.detach_guest()?;
+        // First, while the old guest's memory is still there: KVM
+        // completes what its last exit left (a string `in` writes guest
+        // memory through the guest's page tables, which a light reset
+        // would have brought back for the next guest).
+        shell.vcpu.reset(pristine)?;
         let kept = match shell.shadow {
             Shadow::Template(key) if shell.ram.overlay_key() == Some(key) => {
                 shell.ram.clear()?;
@@ -137,7 +142,6 @@ impl Toolstack {
                 false
             }
         };
-        shell.vcpu.reset(pristine)?;
         Ok(kept)
     }
 

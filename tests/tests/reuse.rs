@@ -78,6 +78,15 @@ fn a_vm_whose_guest_left_its_page_tables_alone_keeps_their_shadow_for_the_same_i
     };
     let (wrote, _) = run_next(&["write", "tables"], &residue);
     common::assert_exited_0(&wrote);
+    // A string `in` the host refused: KVM completes it at the reset, into
+    // the memory of the guest that made it, before that goes.
+    let (refused, _) = run_next(&["write", "ins"], &residue);
+    assert!(
+        matches!(refused.end, GuestEnd::Crashed(Crash::BadPortAccess { .. })),
+        "{}",
+        refused.end
+    );
+    assert_eq!(refused.console_text(), "");
     // The same image: nothing dropped at spawn, and no secret in memory
     // that reads as the template again.
     let (checked, reused) = run_next(&["check"], &residue);

@@ -85,7 +85,13 @@ pub struct Template {
     cpu: CpuSetup,
     boot_info: BootInfo,
     tables: std::sync::Arc<PageTables>,
+    /// Pages a guest is likely to write: copied for it before it runs
+    /// (see [`GuestRam::overlay`]).
+    written: Vec<std::ops::Range<u64>>,
 }
+
+/// Most pages of writable image segments copied for a guest at load.
+const WRITTEN_PAGES_MAX: u64 = 8;
 
 impl Template {
     /// Lays out `image` in `mem_size` bytes of guest memory.
@@ -165,6 +171,19 @@ impl Template {
             rsp: mem_size,
             rdi: BOOT_INFO_PAGE,
         };
+        // The event page (the console ring, event masks) and the first
+        // pages of the writable segments (the SDK's statics among them).
+        let mut written = Vec::new();
+        written.push(EVENT_PAGE..EVENT_PAGE + PAGE_SIZE);
+        let mut budget = WRITTEN_PAGES_MAX * PAGE_SIZE;
+        for segment in image.segments().iter().filter(|s| s.writable) {
+            let start = page_start(segment.vaddr);
+            let end = page_end(segment.end()).min(start + budget);
+            budget -= end - start;
+            if end > start {
+                written.push(start..end);
+            }
+        }
         static KEYS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(Self {
             key: KEYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -174,6 +193,7 @@ impl Template {
             cpu,
             boot_info,
             tables: std::sync::Arc::new(pt),
+            written,
         })
     }
 
@@ -215,7 +235,7 @@ impl Template {
             return Err(BootError::Memory(MemoryError::BadSize(ram.size())));
         }
         let args = encode_args(params.args)?;
-        ram.overlay(self.file.as_fd(), self.len, self.key)?;
+        ram.overlay(self.file.as_fd(), self.len, self.key, &self.written)?;
         let boot_info = BootInfo {
             argc: params.args.len() as u32,
             features: params.features,

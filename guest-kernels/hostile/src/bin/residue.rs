@@ -8,7 +8,10 @@
 //! never mapped: the host must stop it with a page fault there.
 //! `residue write tables` writes everything but the page at [`WINDOW`],
 //! leaving its page tables as the image's template has them (the host may
-//! then keep KVM's shadow of them for the next guest).
+//! then keep KVM's shadow of them for the next guest). `residue write
+//! ins` does the same, then ends in a string `in` into its data segment,
+//! which the host refuses: KVM completes it as the host resets the VM,
+//! and it must land in this guest's memory, not the next one's.
 #![no_std]
 #![no_main]
 
@@ -39,6 +42,10 @@ fn main() -> i32 {
     match (args.next(), args.next()) {
         (Some("write"), None) => write(true),
         (Some("write"), Some("tables")) => write(false),
+        (Some("write"), Some("ins")) => match write(false) {
+            0 => pending_ins(),
+            failed => failed,
+        },
         (Some("check"), None) => check(&sse),
         (Some("check"), Some("touch")) => match check(&sse) {
             0 => {
@@ -49,7 +56,7 @@ fn main() -> i32 {
             failed => failed,
         },
         _ => {
-            println!("usage: residue write [tables] | check [touch]");
+            println!("usage: residue write [tables|ins] | check [touch]");
             2
         }
     }
@@ -106,6 +113,31 @@ fn write(map_window: bool) -> i32 {
         );
     }
     0
+}
+
+/// Leaves the secret in KVM's port data (a null exit's `out`), then makes
+/// a string `in` of two words to [`MARK`]: the host stops the guest at it,
+/// and KVM copies the port data there when it completes the instruction.
+fn pending_ins() -> i32 {
+    use shoal_guest::abi::layout::NULL_EXIT_PORT;
+    // SAFETY: a 32-bit `out` to the null-exit port: the host resumes.
+    unsafe {
+        core::arch::asm!("out dx, eax", in("dx") NULL_EXIT_PORT, in("eax") SECRET as u32,
+            options(nomem, nostack));
+    }
+    // SAFETY: writes at most the 8 bytes of MARK; the host stops the
+    // guest here anyway.
+    unsafe {
+        core::arch::asm!(
+            "rep insd",
+            in("dx") NULL_EXIT_PORT,
+            inout("rdi") core::ptr::addr_of_mut!(MARK) => _,
+            inout("rcx") 2u64 => _,
+            options(nostack),
+        );
+    }
+    println!("the host let a string in through");
+    1
 }
 
 fn check(sse: &Sse) -> i32 {
