@@ -18,7 +18,7 @@ use crate::kvm::memory::GuestRam;
 use crate::kvm::{Kvm, PristineState, Vcpu, Vm};
 use crate::loader::Image;
 use crossbeam_channel::{Receiver, Sender, bounded, select};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -164,7 +164,7 @@ pub struct Pool {
     stop: Arc<AtomicBool>,
     ready: Option<Receiver<Shell>>,
     /// Guests' VMs reset for reuse, taken before new shells.
-    reset: Option<Receiver<Shell>>,
+    reset: Option<Arc<Resets>>,
     /// Where guests' VMs go to be reset (`None`: no pool).
     used: Option<Sender<Shell>>,
     /// `SHOAL_NO_VM_REUSE=1` asked for every VM to be destroyed.
@@ -211,6 +211,8 @@ struct Counters {
 pub struct PoolStatus {
     /// Shells ready now: new ones and guests' VMs reset.
     pub ready: usize,
+    /// Of those, guests' VMs reset.
+    pub ready_reset: usize,
     /// Most new shells kept ready (as many reset VMs may wait beside them).
     pub capacity: usize,
     /// Shells the filler made.
@@ -255,7 +257,10 @@ impl Pool {
             });
         }
         let (tx, rx) = bounded(capacity);
-        let (reset_tx, reset_rx) = bounded(capacity);
+        let resets = Arc::new(Resets {
+            shells: Mutex::default(),
+            capacity,
+        });
         let (used, used_rx) = bounded(capacity);
         let no_reuse = std::env::var_os("SHOAL_NO_VM_REUSE").is_some_and(|v| v == "1");
         let (refill, refill_rx) = bounded(1);
@@ -269,8 +274,7 @@ impl Pool {
                     toolstack,
                     tx,
                     rx: rx.clone(),
-                    reset_tx,
-                    reset_rx: reset_rx.clone(),
+                    resets: Arc::clone(&resets),
                     used: used_rx,
                     refill: refill_rx,
                     mem_size,
@@ -283,7 +287,7 @@ impl Pool {
         Ok(Self {
             stop,
             ready: Some(rx),
-            reset: Some(reset_rx),
+            reset: Some(resets),
             used: Some(used),
             no_reuse,
             refill: Some(refill),
@@ -294,16 +298,28 @@ impl Pool {
         })
     }
 
-    /// A ready shell of `mem_size` bytes, if there is one (the pool
-    /// holds shells of one size only): a reset VM first, else a new one.
-    pub fn take(&self, mem_size: u64) -> Option<Shell> {
+    /// A ready shell of `mem_size` bytes for a guest of the template
+    /// with `key`, if there is one (the pool holds shells of one size
+    /// only): a reset VM first, one that needs nothing more for this
+    /// template if there is one (it kept this template's shadow tables,
+    /// or none), else the oldest (whose spawn then remaps its RAM and
+    /// drops another template's shadow tables: see [`Shadow`]); else a
+    /// new one.
+    pub fn take(&self, mem_size: u64, key: u64) -> Option<Shell> {
         let ready = self.ready.as_ref()?;
-        let shell = if mem_size == self.mem_size {
-            let reset = self.reset.as_ref().and_then(|r| r.try_recv().ok());
-            if reset.is_some() {
+        let resets = self.reset.as_deref();
+        let reused = |shell: Option<Shell>| {
+            if shell.is_some() {
                 self.counters.reused.fetch_add(1, Ordering::Relaxed);
             }
-            reset.or_else(|| ready.try_recv().ok())
+            shell
+        };
+        let shell = if mem_size == self.mem_size {
+            reused(resets.and_then(|r| {
+                r.take(|s| *s == Shadow::Template(key) || *s == Shadow::Empty)
+                    .or_else(|| r.take(|_| true))
+            }))
+            .or_else(|| ready.try_recv().ok())
         } else {
             None
         };
@@ -348,9 +364,10 @@ impl Pool {
 
     /// What the pool holds and has done.
     pub fn status(&self) -> PoolStatus {
+        let ready_reset = self.reset.as_deref().map_or(0, Resets::len);
         PoolStatus {
-            ready: self.ready.as_ref().map_or(0, Receiver::len)
-                + self.reset.as_ref().map_or(0, Receiver::len),
+            ready: self.ready.as_ref().map_or(0, Receiver::len) + ready_reset,
+            ready_reset,
             capacity: self
                 .ready
                 .as_ref()
@@ -362,6 +379,45 @@ impl Pool {
             tables_kept: self.counters.tables_kept.load(Ordering::Relaxed),
             reused: self.counters.reused.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// Guests' VMs reset for reuse, oldest first.
+#[derive(Debug)]
+struct Resets {
+    shells: Mutex<VecDeque<Shell>>,
+    capacity: usize,
+}
+
+impl Resets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Shell>> {
+        self.shells.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `shell`, if there is room (else destroys it, outside the
+    /// lock).
+    fn push(&self, shell: Shell) -> bool {
+        let refused = {
+            let mut shells = self.lock();
+            if shells.len() >= self.capacity {
+                Some(shell)
+            } else {
+                shells.push_back(shell);
+                None
+            }
+        };
+        refused.is_none()
+    }
+
+    /// The oldest shell whose shadow tables `fits`.
+    fn take(&self, fits: impl Fn(&Shadow) -> bool) -> Option<Shell> {
+        let mut shells = self.lock();
+        let at = shells.iter().position(|s| fits(&s.shadow))?;
+        shells.remove(at)
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
     }
 }
 
@@ -406,9 +462,8 @@ struct Filler {
     tx: Sender<Shell>,
     /// To destroy shells beyond the room.
     rx: Receiver<Shell>,
-    /// Reset VMs, and (to destroy those beyond the room) their other end.
-    reset_tx: Sender<Shell>,
-    reset_rx: Receiver<Shell>,
+    /// Reset VMs.
+    resets: Arc<Resets>,
     /// Guests' VMs to reset.
     used: Receiver<Shell>,
     refill: Receiver<()>,
@@ -441,13 +496,13 @@ impl Filler {
     /// Resets a guest's VM and keeps it ready, if there is room for it
     /// (else it is destroyed).
     fn recycle(&self, mut shell: Shell) {
-        if self.stop.load(Ordering::Acquire) || self.reset_tx.len() >= self.room.limits().0 {
+        if self.stop.load(Ordering::Acquire) || self.resets.len() >= self.room.limits().0 {
             return;
         }
         match self.toolstack.reset(&mut shell) {
             // Counted once it can be taken.
             Ok(kept) => {
-                if self.reset_tx.try_send(shell).is_ok() {
+                if self.resets.push(shell) {
                     self.counters.recycled.fetch_add(1, Ordering::Relaxed);
                     if kept {
                         self.counters.tables_kept.fetch_add(1, Ordering::Relaxed);
@@ -463,10 +518,11 @@ impl Filler {
     /// being dropped.
     fn top_up(&self) -> bool {
         let keep = self.room.limits().0;
-        for (tx, rx) in [(&self.tx, &self.rx), (&self.reset_tx, &self.reset_rx)] {
-            while tx.len() > keep {
-                drop(rx.try_recv());
-            }
+        while self.tx.len() > keep {
+            drop(self.rx.try_recv());
+        }
+        while self.resets.len() > keep {
+            drop(self.resets.take(|_| true));
         }
         while !self.tx.is_full() && self.tx.len() < self.room.limits().1 {
             if self.stop.load(Ordering::Acquire) {

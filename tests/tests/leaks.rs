@@ -71,10 +71,13 @@ fn kvm_fds(kind: &str) -> usize {
 }
 
 /// The size of this process's mappings in MiB (`VmSize`), once the pool
-/// is full again (each ready VM holds its RAM and `kvm_run` mappings).
+/// is full again (each ready VM holds its RAM and `kvm_run` mappings):
+/// new shells up to its capacity, so that none is being made (a VM
+/// without its vCPU yet would count one fd outside the pool).
 fn mapped_mib_with_a_full_pool(host: &shoal_host::Host) -> u64 {
     let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while host.pool().ready < host.pool().capacity && std::time::Instant::now() < give_up {
+    let full = |p: shoal_host::pool::PoolStatus| p.ready - p.ready_reset >= p.capacity;
+    while !full(host.pool()) && std::time::Instant::now() < give_up {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     proc_mib("/proc/self/status", "VmSize")

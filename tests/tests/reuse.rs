@@ -115,6 +115,37 @@ fn a_vm_whose_guest_left_its_page_tables_alone_keeps_their_shadow_for_the_same_i
 }
 
 #[test]
+fn a_guest_that_opens_the_trapped_window_on_a_vm_with_kept_tables_drops_them_first() {
+    let host = common::host();
+    let bench = common::image("bench");
+    let recycled = host.pool().recycled;
+    let plain = host
+        .spawn(&bench, common::config(&["floor", "1"]))
+        .expect("spawns")
+        .wait();
+    common::assert_exited_0(&plain);
+    wait_for_recycled(&host, recycled + 1);
+    assert_eq!(host.pool().tables_kept, 1, "{:?}", host.pool());
+    let reused = host.pool().reused;
+    let trapped = host
+        .spawn(
+            &bench,
+            GuestConfig {
+                trapped_page_tables: true,
+                // Changes dropped through the notifier only: the one slot
+                // move is the spawn's.
+                forget: shoal_host::mmu::Forget::Notifier,
+                ..common::config(&["trapped", "10", "4"])
+            },
+        )
+        .expect("spawns")
+        .wait();
+    assert_eq!(host.pool().reused, reused + 1, "{:?}", host.pool());
+    common::assert_exited_0(&trapped);
+    assert_eq!(trapped.stats.slot_moves, 1, "{:?}", trapped.stats);
+}
+
+#[test]
 fn a_vm_whose_guest_had_a_disk_or_the_trapped_tables_runs_the_next_one() {
     let host = common::host();
     // A port KVM still routed to the last guest's device would make the

@@ -161,7 +161,7 @@ fn a_pool_keeps_no_more_vms_waiting_than_its_room() {
     pool.set_room(3);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(pool.status().ready, 0);
-    assert!(pool.take(shoal_abi::layout::DEFAULT_MEMORY).is_none());
+    assert!(pool.take(shoal_abi::layout::DEFAULT_MEMORY, 0).is_none());
     settles_at(3);
     assert_eq!(pool.status().created, 7);
 }

@@ -100,6 +100,7 @@ impl Shards {
             })
             .fold(PoolStatus::default(), |sum, s| PoolStatus {
                 ready: sum.ready + s.ready,
+                ready_reset: sum.ready_reset + s.ready_reset,
                 capacity: sum.capacity + s.capacity,
                 created: sum.created + s.created,
                 misses: sum.misses + s.misses,
