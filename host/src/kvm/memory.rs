@@ -159,7 +159,7 @@ struct Overlay {
     /// The template's key.
     key: u64,
     /// Pages made writable in the host whenever the RAM shows the
-    /// template anew ([`GuestRam::populate_writable`]).
+    /// template anew (`MADV_POPULATE_WRITE`).
     written: Vec<std::ops::Range<u64>>,
 }
 
@@ -214,7 +214,7 @@ impl GuestRam {
     /// template: RAM that already shows it, fresh from [`GuestRam::clear`],
     /// is left as it is. The pages of `written` are made writable in the
     /// host now and after every [`GuestRam::clear`]
-    /// ([`GuestRam::populate_writable`]). Call only before the guest first
+    /// (`MADV_POPULATE_WRITE`). Call only before the guest first
     /// runs: KVM drops its mappings of the replaced pages, but nothing else
     /// may be looking at them.
     pub fn overlay(
