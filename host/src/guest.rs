@@ -312,21 +312,10 @@ impl Guest {
             if preempt.load(Ordering::Relaxed) && preempt.swap(false, Ordering::SeqCst) {
                 return Step::Preempted;
             }
-            let exit = self.vcpu.run();
-            // Whatever the exit, what the guest put in its ring is taken.
-            let taken = self.take_console();
-            let exit = match exit {
-                Ok(exit) => exit,
-                Err(e) => return Step::Ended(GuestEnd::Crashed(Crash::Internal(e.to_string()))),
+            let (exit, reason) = match self.enter() {
+                Ok(entered) => entered,
+                Err(crash) => return Step::Ended(GuestEnd::Crashed(crash)),
             };
-            let reason = (exit != Exit::Kicked).then(|| exit_reason(&exit));
-            match reason {
-                Some(reason) => self.stats.count_exit(reason),
-                None => self.stats.count_kick(),
-            }
-            if let Err(crash) = taken {
-                return Step::Ended(GuestEnd::Crashed(crash));
-            }
             // A kick: the loop's checks decide (killed, preempted, or stale).
             let Some(reason) = reason else { continue };
             if let Some(window) = self.exit_rate.as_mut()
@@ -348,17 +337,27 @@ impl Guest {
         }
     }
 
-    /// Takes what the guest has put in its console ring (after every
-    /// exit, so that nothing is lost however the guest goes on); the crash
-    /// if it broke the ring.
-    fn take_console(&mut self) -> Result<(), Crash> {
-        if let Some(ring) = self.console_ring.as_mut() {
-            let taken = ring.take(&self.ram, &self.console)?;
-            if taken > 0 {
-                self.stats.add_console_bytes(taken);
-            }
+    /// Runs the guest until its next exit, counts the exit (its reason;
+    /// `None` for a kick) and takes what the guest has put in its console
+    /// ring, so that nothing is lost however the guest goes on. The crash
+    /// if KVM failed or the guest broke its ring.
+    fn enter(&mut self) -> Result<(Exit, Option<ExitReason>), Crash> {
+        let exit = self.vcpu.run();
+        let taken = match self.console_ring.as_mut() {
+            Some(ring) => ring.take(&self.ram, &self.console),
+            None => Ok(0),
+        };
+        if let Ok(bytes @ 1..) = taken {
+            self.stats.add_console_bytes(bytes);
         }
-        Ok(())
+        let exit = exit.map_err(|e| Crash::Internal(e.to_string()))?;
+        let reason = (exit != Exit::Kicked).then(|| exit_reason(&exit));
+        match reason {
+            Some(reason) => self.stats.count_exit(reason),
+            None => self.stats.count_kick(),
+        }
+        taken?;
+        Ok((exit, reason))
     }
 
     /// Serves one exit, classified by [`exit_reason`] (the only place

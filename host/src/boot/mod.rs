@@ -87,7 +87,7 @@ pub struct Template {
     tables: std::sync::Arc<PageTables>,
     /// Pages a guest is likely to write: copied for it before it runs
     /// (see [`GuestRam::overlay`]).
-    written: Vec<std::ops::Range<u64>>,
+    written: std::sync::Arc<[std::ops::Range<u64>]>,
 }
 
 /// Most pages of writable image segments copied for a guest at load.
@@ -193,7 +193,7 @@ impl Template {
             cpu,
             boot_info,
             tables: std::sync::Arc::new(pt),
-            written,
+            written: written.into(),
         })
     }
 

@@ -16,7 +16,7 @@
 //! takes the breakpoints out and lets the guest run on as if never
 //! stopped; a debugger that disconnects is a detach.
 
-use super::{Guest, exit_reason};
+use super::Guest;
 use crate::end::{Crash, GuestEnd};
 use crate::hypercall::{self, Flow};
 use crate::kvm::vcpu::{Exit, selector};
@@ -297,20 +297,11 @@ impl Session<'_> {
         if let Some((regs, from_kernel)) = resume {
             guest.vcpu.resume_user(regs, from_kernel);
         }
-        let exit = guest.vcpu.run();
-        if let Err(crash) = guest.take_console() {
-            return Ran::Ended(GuestEnd::Crashed(crash));
-        }
-        let exit = match exit {
-            Ok(Exit::Kicked) => {
-                guest.stats.count_kick();
-                return Ran::Served;
-            }
-            Ok(exit) => exit,
-            Err(e) => return Ran::Ended(GuestEnd::Crashed(Crash::Internal(e.to_string()))),
+        let (exit, reason) = match guest.enter() {
+            Ok((exit, Some(reason))) => (exit, reason),
+            Ok((_, None)) => return Ran::Served,
+            Err(crash) => return Ran::Ended(GuestEnd::Crashed(crash)),
         };
-        let reason = exit_reason(&exit);
-        guest.stats.count_exit(reason);
         if let (ExitReason::Exception, Exit::Out { port, .. }) = (reason, &exit) {
             let vector = (port - EXCEPTION_PORT_BASE) as u8;
             if let Some(stop) = self.claims(vector) {

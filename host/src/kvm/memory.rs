@@ -16,6 +16,7 @@
 
 use shoal_abi::layout::{IMAGE_BASE, MAX_MEMORY, MIN_MEMORY, PAGE_SIZE};
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
@@ -160,7 +161,7 @@ struct Overlay {
     key: u64,
     /// Pages made writable in the host whenever the RAM shows the
     /// template anew (`MADV_POPULATE_WRITE`).
-    written: Vec<std::ops::Range<u64>>,
+    written: Arc<[std::ops::Range<u64>]>,
 }
 
 impl GuestRam {
@@ -222,7 +223,7 @@ impl GuestRam {
         template: BorrowedFd<'_>,
         len: u64,
         key: u64,
-        written: &[std::ops::Range<u64>],
+        written: &Arc<[std::ops::Range<u64>]>,
     ) -> Result<(), MemoryError> {
         if !len.is_multiple_of(PAGE_SIZE) || len > self.size {
             return Err(MemoryError::BadSize(len));
@@ -238,7 +239,7 @@ impl GuestRam {
             .map_err(MemoryError::Mmap)?;
         let overlay = Overlay {
             key,
-            written: written.to_vec(),
+            written: Arc::clone(written),
         };
         self.populate(&overlay.written);
         self.overlay = Some(overlay);
@@ -258,23 +259,8 @@ impl GuestRam {
     /// same template, under the same conditions as [`GuestRam::renew`];
     /// on an error the RAM must be dropped.
     pub fn clear(&mut self) -> Result<(), MemoryError> {
-        if self.mapping.shared {
-            return Err(MemoryError::Mmap(std::io::Error::from(
-                std::io::ErrorKind::Unsupported,
-            )));
-        }
-        // SAFETY: the range is this RAM's own private mapping; dropping
-        // its pages only makes them read as zero or as the template file.
-        let dropped = unsafe {
-            libc::madvise(
-                self.mapping.addr as *mut libc::c_void,
-                self.mapping.len,
-                libc::MADV_DONTNEED,
-            )
-        };
-        if dropped != 0 {
-            return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
-        }
+        self.private_only()?;
+        self.advise(0, self.size, libc::MADV_DONTNEED)?;
         if let Some(overlay) = &self.overlay {
             self.populate(&overlay.written);
         }
@@ -291,11 +277,7 @@ impl GuestRam {
     /// must be dropped, which then leaves its range alone: another
     /// mapping may have been placed in the hole.
     pub fn renew(&mut self) -> Result<(), MemoryError> {
-        if self.mapping.shared {
-            return Err(MemoryError::Mmap(std::io::Error::from(
-                std::io::ErrorKind::Unsupported,
-            )));
-        }
+        self.private_only()?;
         let len = self.mapping.len;
         self.overlay = None;
         self.mapping.map_over(len, None).map_err(|e| {
@@ -346,11 +328,31 @@ impl GuestRam {
     /// host kernel: they read as zero afterwards, and KVM forgets their
     /// translations.
     pub fn discard(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        self.advise(addr, len, libc::MADV_DONTNEED)
+    }
+
+    /// Refuses RAM that maps a file shared (a template being built): only
+    /// private RAM may be handed from guest to guest.
+    fn private_only(&self) -> Result<(), MemoryError> {
+        if self.mapping.shared {
+            return Err(MemoryError::Mmap(std::io::Error::from(
+                std::io::ErrorKind::Unsupported,
+            )));
+        }
+        Ok(())
+    }
+
+    /// `madvise(advice)` over `addr..addr + len` (page-aligned, inside
+    /// RAM): here only `MADV_DONTNEED`, after which pages read as zero or
+    /// as the file they map, and `MADV_POPULATE_WRITE`, which changes no
+    /// byte.
+    fn advise(&self, addr: u64, len: u64, advice: libc::c_int) -> Result<(), MemoryError> {
         self.check_host_range(addr, len)?;
         let host = (self.mapping.addr as u64 + addr) as *mut libc::c_void;
-        // SAFETY: the range lies inside this RAM's own private mapping;
-        // dropping its pages only makes them read as zero.
-        if unsafe { libc::madvise(host, len as usize, libc::MADV_DONTNEED) } != 0 {
+        // SAFETY: the range lies inside this RAM's own mapping, and both
+        // advices leave it mapped with its protections; what they do to
+        // its contents is what the callers ask for.
+        if unsafe { libc::madvise(host, len as usize, advice) } != 0 {
             return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
         }
         Ok(())
@@ -366,13 +368,7 @@ impl GuestRam {
     fn populate(&self, ranges: &[std::ops::Range<u64>]) {
         for range in ranges {
             let len = range.end.saturating_sub(range.start);
-            if self.check_host_range(range.start, len).is_err() {
-                continue;
-            }
-            let host = (self.mapping.addr as u64 + range.start) as *mut libc::c_void;
-            // SAFETY: the range lies inside this RAM's own mapping;
-            // populating it changes no byte of it.
-            let _ = unsafe { libc::madvise(host, len as usize, libc::MADV_POPULATE_WRITE) };
+            let _ = self.advise(range.start, len, libc::MADV_POPULATE_WRITE);
         }
     }
 
@@ -554,14 +550,10 @@ mod tests {
         use std::os::fd::AsFd;
         let (big, small) = (template(4), template(2));
         let mut ram = GuestRam::new(MIN_MEMORY).expect("maps");
-        let second_page = PAGE_SIZE..2 * PAGE_SIZE;
-        ram.overlay(
-            big.as_fd(),
-            4 * PAGE_SIZE,
-            1,
-            std::slice::from_ref(&second_page),
-        )
-        .expect("overlays");
+        let second_page: Arc<[_]> = std::iter::once(PAGE_SIZE..2 * PAGE_SIZE).collect();
+        let none: Arc<[_]> = Arc::new([]);
+        ram.overlay(big.as_fd(), 4 * PAGE_SIZE, 1, &second_page)
+            .expect("overlays");
         assert_eq!(ram.overlay_key(), Some(1));
         // The guest's writes: into template pages and past them.
         for page in [1, 3, 8] {
@@ -574,11 +566,11 @@ mod tests {
             assert_eq!(byte_at(&ram, page * PAGE_SIZE + 7), expected, "page {page}");
         }
         // The same template again: nothing to map.
-        ram.overlay(big.as_fd(), 4 * PAGE_SIZE, 1, &[])
+        ram.overlay(big.as_fd(), 4 * PAGE_SIZE, 1, &none)
             .expect("overlays");
         assert_eq!(byte_at(&ram, 3 * PAGE_SIZE), 4);
         // A shorter one: the longer one's last pages read as zero.
-        ram.overlay(small.as_fd(), 2 * PAGE_SIZE, 2, &[])
+        ram.overlay(small.as_fd(), 2 * PAGE_SIZE, 2, &none)
             .expect("overlays");
         assert_eq!(ram.overlay_key(), Some(2));
         for (page, expected) in [(0, 1), (1, 2), (2, 0), (3, 0)] {
