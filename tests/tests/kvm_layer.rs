@@ -13,10 +13,27 @@ fn boot(code: &[u8], idt_limit: u16) -> (shoal_host::kvm::Vcpu, shoal_host::kvm:
     let _ = common::host();
     let kvm = Kvm::open().expect("KVM opens");
     let ram = GuestRam::new(4 << 20).expect("maps");
-    descriptors::write(&ram).expect("system area");
+    let setup = lay_out(&ram, code, idt_limit, &[]);
+    let vm = kvm.create_vm(&ram).expect("VM");
+    let mut vcpu = vm.create_vcpu().expect("vCPU");
+    // As guests without a debugger start: registers loaded at the first
+    // entry.
+    vcpu.setup(&setup, true).expect("setup");
+    (vcpu, vm, ram)
+}
+
+/// Writes the system area, `code` at `IMAGE_BASE` and identity-mapped
+/// page tables into `ram`, with the pages of `writable` mapped writable
+/// too; returns the CPU state that starts `code`.
+fn lay_out(ram: &GuestRam, code: &[u8], idt_limit: u16, writable: &[u64]) -> CpuSetup {
+    descriptors::write(ram).expect("system area");
     ram.write_host(IMAGE_BASE, code).expect("code");
     let mut pt = paging::PageTables::new();
     pt.map(IMAGE_BASE, IMAGE_BASE, paging::USER).expect("maps");
+    for &page in writable {
+        pt.map(page, page, paging::USER | paging::WRITABLE)
+            .expect("maps");
+    }
     pt.map(descriptors::GDT, descriptors::GDT, paging::WRITABLE)
         .expect("maps");
     pt.map(descriptors::IDT, descriptors::IDT, 0).expect("maps");
@@ -32,25 +49,16 @@ fn boot(code: &[u8], idt_limit: u16) -> (shoal_host::kvm::Vcpu, shoal_host::kvm:
         paging::WRITABLE,
     )
     .expect("maps");
-    pt.write(&ram).expect("tables");
-    let vm = kvm.create_vm(&ram).expect("VM");
-    let mut vcpu = vm.create_vcpu().expect("vCPU");
-    // As guests without a debugger start: registers loaded at the first
-    // entry.
-    vcpu.setup(
-        &CpuSetup {
-            gdt: (descriptors::GDT, descriptors::GDT_LIMIT),
-            idt: (descriptors::IDT, idt_limit),
-            tss: (descriptors::TSS, (descriptors::TSS_SIZE - 1) as u32),
-            cr3: pt.root(),
-            rip: IMAGE_BASE,
-            rsp: 0,
-            rdi: 0,
-        },
-        true,
-    )
-    .expect("setup");
-    (vcpu, vm, ram)
+    pt.write(ram).expect("tables");
+    CpuSetup {
+        gdt: (descriptors::GDT, descriptors::GDT_LIMIT),
+        idt: (descriptors::IDT, idt_limit),
+        tss: (descriptors::TSS, (descriptors::TSS_SIZE - 1) as u32),
+        cr3: pt.root(),
+        rip: IMAGE_BASE,
+        rsp: 0,
+        rdi: 0,
+    }
 }
 
 const NULL_EXIT_THEN_UD2: [u8; 10] = [
@@ -128,5 +136,100 @@ fn string_io_to_the_hypercall_port_is_not_a_hypercall() {
                 }
         ),
         "{exit:?}"
+    );
+}
+
+/// The first of eight template pages [`TOUCH_PAGES`] reads.
+const DATA: u64 = IMAGE_BASE + 0x1000;
+/// A page past the template that [`TOUCH_PAGES`] writes.
+const ANON: u64 = 0x30_0000;
+
+/// Reads a word of each of the eight pages at [`DATA`], writes `0x55` to
+/// the first and `0x66` to [`ANON`], then makes a null exit of 42.
+const TOUCH_PAGES: [u8; 60] = [
+    0xbb, 0x00, 0x10, 0x10, 0x00, // mov ebx, DATA
+    0xb9, 0x08, 0x00, 0x00, 0x00, // mov ecx, 8
+    0x48, 0x8b, 0x03, // 1: mov rax, [rbx]
+    0x48, 0x81, 0xc3, 0x00, 0x10, 0x00, 0x00, // add rbx, 0x1000
+    0xff, 0xc9, // dec ecx
+    0x75, 0xf2, // jnz 1b
+    0xbb, 0x00, 0x10, 0x10, 0x00, // mov ebx, DATA
+    0x48, 0xc7, 0x03, 0x55, 0x00, 0x00, 0x00, // mov qword [rbx], 0x55
+    0xbb, 0x00, 0x00, 0x30, 0x00, // mov ebx, ANON
+    0x48, 0xc7, 0x03, 0x66, 0x00, 0x00, 0x00, // mov qword [rbx], 0x66
+    0x66, 0xba, 0x04, 0x05, // mov dx, NULL_EXIT_PORT
+    0xb8, 0x2a, 0x00, 0x00, 0x00, // mov eax, 42
+    0xef, // out dx, eax
+    0x0f, 0x0b, // ud2
+];
+
+fn word_at(ram: &GuestRam, addr: u64) -> u64 {
+    let mut word = [0u8; 8];
+    ram.read_host(addr, &mut word).expect("reads");
+    u64::from_le_bytes(word)
+}
+
+#[test]
+fn a_guest_on_ram_cleared_for_the_same_template_finds_its_pages_translated_already() {
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    use std::sync::Arc;
+    let _ = common::host();
+    let kvm = Kvm::open().expect("KVM opens");
+    let size = 4 << 20;
+    // The template: the layout, and each data page stamped with its number.
+    // SAFETY: a NUL-terminated name; no other preconditions.
+    let fd = unsafe { libc::memfd_create(c"test-template".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size).expect("sizes");
+    let file: Arc<OwnedFd> = Arc::new(file.into());
+    let template = GuestRam::shared(file.as_fd(), size).expect("maps");
+    let data: Vec<u64> = (0..8).map(|i| DATA + i * 0x1000).collect();
+    let setup = lay_out(
+        &template,
+        &TOUCH_PAGES,
+        descriptors::IDT_LIMIT,
+        &[data.clone(), vec![ANON]].concat(),
+    );
+    for (i, page) in data.iter().enumerate() {
+        template
+            .write_host(*page, &(i as u64 + 1).to_le_bytes())
+            .expect("stamps");
+    }
+    drop(template);
+    let mut ram = GuestRam::new(size).expect("maps");
+    ram.overlay(&file, DATA + 0x8000, 1, &Arc::from([]))
+        .expect("overlays");
+    let vm = kvm.create_vm(&ram).expect("VM");
+    let mut vcpu = vm.create_vcpu().expect("vCPU");
+    let pristine = vcpu.pristine().expect("pristine");
+    let faults = |vcpu: &shoal_host::kvm::Vcpu| {
+        vcpu.kvm_stat("pf_taken")
+            .expect("KVM's statistics read")
+            .expect("KVM counts page faults")
+    };
+    let null_exit = Exit::Out {
+        port: NULL_EXIT_PORT,
+        size: 4,
+        value: 42,
+    };
+    vcpu.setup(&setup, true).expect("setup");
+    assert_eq!(vcpu.run().expect("runs"), null_exit);
+    let first = faults(&vcpu);
+    assert_eq!((word_at(&ram, DATA), word_at(&ram, ANON)), (0x55, 0x66));
+    // Ten pages at least: the code, eight of data (the first twice), the
+    // page past the template.
+    assert!(first >= 10, "the first run took {first} page faults");
+    vcpu.reset(&pristine).expect("resets");
+    ram.clear().expect("clears");
+    assert_eq!((word_at(&ram, DATA), word_at(&ram, ANON)), (1, 0));
+    vcpu.setup(&setup, true).expect("setup");
+    assert_eq!(vcpu.run().expect("runs"), null_exit);
+    let second = faults(&vcpu) - first;
+    assert_eq!((word_at(&ram, DATA), word_at(&ram, ANON)), (0x55, 0x66));
+    assert!(
+        second <= 2,
+        "the second run took {second} page faults (the first {first}): KVM lost its translations"
     );
 }

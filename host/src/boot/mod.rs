@@ -79,7 +79,7 @@ pub fn encode_args(args: &[String]) -> Result<Vec<u8>, BootError> {
 pub struct Template {
     /// Unique in the process: names the template to RAM that maps it.
     key: u64,
-    file: OwnedFd,
+    file: std::sync::Arc<OwnedFd>,
     len: u64,
     mem_size: u64,
     cpu: CpuSetup,
@@ -187,7 +187,7 @@ impl Template {
         static KEYS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(Self {
             key: KEYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            file,
+            file: std::sync::Arc::new(file),
             len: image.end(),
             mem_size,
             cpu,
@@ -235,7 +235,7 @@ impl Template {
             return Err(BootError::Memory(MemoryError::BadSize(ram.size())));
         }
         let args = encode_args(params.args)?;
-        ram.overlay(self.file.as_fd(), self.len, self.key, &self.written)?;
+        ram.overlay(&self.file, self.len, self.key, &self.written)?;
         let boot_info = BootInfo {
             argc: params.args.len() as u32,
             features: params.features,

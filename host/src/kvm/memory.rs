@@ -14,8 +14,9 @@
 //! template file over it copy-on-write, so every guest of one image shares
 //! the image's pages until it writes to them.
 
+use super::pagemap;
 use shoal_abi::layout::{IMAGE_BASE, MAX_MEMORY, MIN_MEMORY, PAGE_SIZE};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
@@ -143,6 +144,11 @@ pub fn resident_bytes(addr: usize, len: usize) -> u64 {
     vec.iter().filter(|b| *b & 1 != 0).count() as u64 * page as u64
 }
 
+/// Most bytes of the anonymous part of RAM (past the template) that
+/// [`GuestRam::clear`] fills with zeros in place: a stack's worth. A
+/// guest that touched more has that part given back instead.
+pub const ZEROED_IN_PLACE_MAX: u64 = shoal_abi::layout::STACK_SIZE;
+
 /// One guest's RAM, guest-physical `0..size`. Fields drop in order: the
 /// `vm-memory` view before the mapping it looks at.
 #[derive(Debug)]
@@ -159,8 +165,13 @@ pub struct GuestRam {
 struct Overlay {
     /// The template's key.
     key: u64,
-    /// Pages made writable in the host whenever the RAM shows the
-    /// template anew (`MADV_POPULATE_WRITE`).
+    /// The template file, to copy pages back from.
+    file: Arc<OwnedFd>,
+    /// Bytes of RAM it covers.
+    len: u64,
+    /// Pages made writable in the host whenever the RAM maps the
+    /// template anew or gave its pages back (`MADV_POPULATE_WRITE`); a
+    /// clear in place keeps them so.
     written: Arc<[std::ops::Range<u64>]>,
 }
 
@@ -214,13 +225,13 @@ impl GuestRam {
     /// to them. Whatever RAM held there before is gone. `key` names the
     /// template: RAM that already shows it, fresh from [`GuestRam::clear`],
     /// is left as it is. The pages of `written` are made writable in the
-    /// host now and after every [`GuestRam::clear`]
-    /// (`MADV_POPULATE_WRITE`). Call only before the guest first
+    /// host now (`MADV_POPULATE_WRITE`), and stay so through every
+    /// [`GuestRam::clear`]. Call only before the guest first
     /// runs: KVM drops its mappings of the replaced pages, but nothing else
     /// may be looking at them.
     pub fn overlay(
         &mut self,
-        template: BorrowedFd<'_>,
+        template: &Arc<OwnedFd>,
         len: u64,
         key: u64,
         written: &Arc<[std::ops::Range<u64>]>,
@@ -235,10 +246,12 @@ impl GuestRam {
             None => {}
         }
         self.mapping
-            .map_over(len as usize, Some(template))
+            .map_over(len as usize, Some(template.as_fd()))
             .map_err(MemoryError::Mmap)?;
         let overlay = Overlay {
             key,
+            file: Arc::clone(template),
+            len,
             written: Arc::clone(written),
         };
         self.populate(&overlay.written);
@@ -251,18 +264,113 @@ impl GuestRam {
         self.overlay.as_ref().map(|o| o.key)
     }
 
-    /// Gives every page of this RAM back to the host kernel, keeping the
-    /// mappings (`MADV_DONTNEED`): the anonymous part reads as zero again,
-    /// the template overlay as the template again (the guest's private
-    /// copies are gone), and KVM drops its translations of all of it
-    /// through the MMU notifier. For giving a VM to another guest of the
-    /// same template, under the same conditions as [`GuestRam::renew`];
-    /// on an error the RAM must be dropped.
+    /// Makes this RAM read as its template and zero again, as it did
+    /// when the template was mapped, keeping the mappings: for giving a
+    /// VM to another guest of the same template, under the same
+    /// conditions as [`GuestRam::renew`]; on an error the RAM must be
+    /// dropped.
+    ///
+    /// Where it can, it puts the guest's pages right in place and leaves
+    /// every host page table entry as it is, so that KVM keeps its
+    /// translations of them and the next guest starts without faulting
+    /// them in again (see `GuestRam::restore`). Otherwise it gives every
+    /// page back to the host kernel (`MADV_DONTNEED`), and KVM drops all
+    /// its translations through the MMU notifier. RAM without a template
+    /// is only ever cleared that way.
     pub fn clear(&mut self) -> Result<(), MemoryError> {
         self.private_only()?;
+        if let Some(overlay) = &self.overlay
+            && self.restore(overlay).is_ok()
+        {
+            return Ok(());
+        }
         self.advise(0, self.size, libc::MADV_DONTNEED)?;
         if let Some(overlay) = &self.overlay {
             self.populate(&overlay.written);
+        }
+        Ok(())
+    }
+
+    /// Puts back in place what the guest changed, found from the host
+    /// kernel's page tables ([`pagemap::scan`]):
+    ///
+    /// - in the template part, a page that is no longer the template
+    ///   file's page (the guest, or the host for it, wrote it and got a
+    ///   private copy) gets the template's bytes again, copied from the
+    ///   file into the same page; the template's own pages are left
+    ///   alone, being unchanged;
+    /// - in the anonymous part, a page in memory that is not the kernel's
+    ///   zero page is filled with zeros, while few are
+    ///   ([`ZEROED_IN_PLACE_MAX`]); past that the whole part is given
+    ///   back (`MADV_DONTNEED`) instead, so that a reset VM does not hold
+    ///   a big guest's memory.
+    ///
+    /// Writing a page the host already maps writable changes no page
+    /// table entry, so KVM's translations stay right; any write that
+    /// does change one (a page in swap, say) runs the MMU notifier as
+    /// always. Every write happens here or nowhere: an error leaves RAM
+    /// partly restored, and the caller then clears it the other way.
+    fn restore(&self, overlay: &Overlay) -> Result<(), MemoryError> {
+        let base = self.mapping.addr as u64;
+        let mut copy = Vec::new();
+        let mut zero = Vec::new();
+        let scanned = pagemap::scan(base, self.size, |run, kinds| {
+            let run = run.start - base..run.end - base;
+            let split = overlay.len.clamp(run.start, run.end);
+            if kinds & pagemap::FILE == 0 && run.start < split {
+                copy.push(run.start..split);
+            }
+            if kinds & pagemap::PFN_ZERO == 0 && split < run.end {
+                zero.push(split..run.end);
+            }
+        });
+        scanned.map_err(MemoryError::Mmap)?;
+        for range in copy {
+            self.read_template(overlay, range)
+                .map_err(MemoryError::Mmap)?;
+        }
+        let zeroed: u64 = zero.iter().map(|r| r.end - r.start).sum();
+        if zeroed > ZEROED_IN_PLACE_MAX {
+            return self.advise(overlay.len, self.size - overlay.len, libc::MADV_DONTNEED);
+        }
+        for range in zero {
+            // SAFETY: `range` lies inside this RAM's mapping (the scan
+            // covered only it) and past the template; no vCPU runs on
+            // it and no host code holds a reference into it (the
+            // conditions of `clear`).
+            unsafe {
+                std::ptr::write_bytes(
+                    (base + range.start) as *mut u8,
+                    0,
+                    (range.end - range.start) as usize,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the template's bytes of `range` (inside the template part)
+    /// back into RAM, straight from the file.
+    fn read_template(&self, overlay: &Overlay, range: std::ops::Range<u64>) -> std::io::Result<()> {
+        let mut at = range.start;
+        while at < range.end {
+            let len = (range.end - at) as usize;
+            // SAFETY: `at..range.end` lies inside this RAM's mapping, which
+            // the kernel writes (no reference into it is held, as for
+            // `restore`); the offset is the same range of the file.
+            let read = unsafe {
+                libc::pread(
+                    overlay.file.as_raw_fd(),
+                    (self.mapping.addr as u64 + at) as *mut libc::c_void,
+                    len,
+                    at as libc::off_t,
+                )
+            };
+            match read {
+                n if n > 0 => at += n as u64,
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                _ => return Err(std::io::Error::last_os_error()),
+            }
         }
         Ok(())
     }
@@ -525,7 +633,7 @@ mod tests {
     }
 
     /// A template memory file of `pages` pages, page `i` filled with `i + 1`.
-    fn template(pages: u64) -> std::fs::File {
+    fn template(pages: u64) -> Arc<OwnedFd> {
         use std::io::Write;
         // SAFETY: a NUL-terminated name; no other preconditions.
         let fd = unsafe { libc::memfd_create(c"test-template".as_ptr(), libc::MFD_CLOEXEC) };
@@ -536,7 +644,7 @@ mod tests {
             file.write_all(&[page as u8 + 1; PAGE_SIZE as usize])
                 .expect("writes");
         }
-        file
+        Arc::new(file.into())
     }
 
     fn byte_at(ram: &GuestRam, addr: u64) -> u8 {
@@ -545,32 +653,71 @@ mod tests {
         byte[0]
     }
 
+    /// The kinds of RAM page `page` (see [`pagemap::scan`]), 0 if never
+    /// touched.
+    fn kinds_of(ram: &GuestRam, page: u64) -> u64 {
+        let mut kinds = 0;
+        pagemap::scan(ram.host_base() + page * PAGE_SIZE, PAGE_SIZE, |_, k| {
+            kinds = k
+        })
+        .expect("scans");
+        kinds
+    }
+
     #[test]
     fn clearing_shows_the_template_and_zeros_again_and_another_template_replaces_it_whole() {
-        use std::os::fd::AsFd;
         let (big, small) = (template(4), template(2));
         let mut ram = GuestRam::new(MIN_MEMORY).expect("maps");
         let second_page: Arc<[_]> = std::iter::once(PAGE_SIZE..2 * PAGE_SIZE).collect();
         let none: Arc<[_]> = Arc::new([]);
-        ram.overlay(big.as_fd(), 4 * PAGE_SIZE, 1, &second_page)
+        ram.overlay(&big, 4 * PAGE_SIZE, 1, &second_page)
             .expect("overlays");
         assert_eq!(ram.overlay_key(), Some(1));
-        // The guest's writes: into template pages and past them.
+        // The guest's writes: into template pages and past them; a read
+        // of a template page and of an anonymous one.
         for page in [1, 3, 8] {
             ram.write_host(page * PAGE_SIZE + 7, &[0xee])
                 .expect("writes");
         }
+        assert_eq!((byte_at(&ram, 7), byte_at(&ram, 9 * PAGE_SIZE)), (1, 0));
         ram.clear().expect("clears");
         assert_eq!(ram.overlay_key(), Some(1));
-        for (page, expected) in [(0, 1), (1, 2), (3, 4), (8, 0)] {
+        for (page, expected) in [(0, 1), (1, 2), (3, 4), (8, 0), (9, 0)] {
             assert_eq!(byte_at(&ram, page * PAGE_SIZE + 7), expected, "page {page}");
         }
+        // Put right in place: the pages are where they were, the
+        // template's own page still the file's.
+        use pagemap::{FILE, PFN_ZERO, PRESENT};
+        for (page, kinds) in [
+            (0, PRESENT | FILE),
+            (1, PRESENT),
+            (3, PRESENT),
+            (8, PRESENT),
+        ] {
+            assert_eq!(kinds_of(&ram, page), kinds, "page {page}");
+        }
+        assert_eq!(kinds_of(&ram, 9), PRESENT | PFN_ZERO);
+        // More than a stack's worth written past the template: that part
+        // is given back.
+        let pages = ZEROED_IN_PLACE_MAX / PAGE_SIZE + 1;
+        for page in 8..8 + pages {
+            ram.write_host(page * PAGE_SIZE, &[0xee]).expect("writes");
+        }
+        ram.write_host(2 * PAGE_SIZE, &[0xee]).expect("writes");
+        ram.clear().expect("clears");
+        assert_eq!((kinds_of(&ram, 8), kinds_of(&ram, 3)), (0, PRESENT));
+        for page in [2, 8, 8 + pages - 1] {
+            assert_eq!(
+                byte_at(&ram, page * PAGE_SIZE),
+                if page == 2 { 3 } else { 0 }
+            );
+        }
         // The same template again: nothing to map.
-        ram.overlay(big.as_fd(), 4 * PAGE_SIZE, 1, &none)
+        ram.overlay(&big, 4 * PAGE_SIZE, 1, &none)
             .expect("overlays");
         assert_eq!(byte_at(&ram, 3 * PAGE_SIZE), 4);
         // A shorter one: the longer one's last pages read as zero.
-        ram.overlay(small.as_fd(), 2 * PAGE_SIZE, 2, &none)
+        ram.overlay(&small, 2 * PAGE_SIZE, 2, &none)
             .expect("overlays");
         assert_eq!(ram.overlay_key(), Some(2));
         for (page, expected) in [(0, 1), (1, 2), (2, 0), (3, 0)] {

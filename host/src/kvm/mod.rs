@@ -2,6 +2,8 @@
 //!
 //! - [`memory`]: a guest's RAM (lazily backed host memory via `vm-memory`)
 //!   and the checked copy-in/copy-out every hypercall goes through;
+//! - [`pagemap`]: which pages of guest RAM the guest touched, and how;
+//! - [`stats`]: KVM's own counters of a VM or vCPU;
 //! - [`vm`]: `/dev/kvm` and a VM with its memory slot;
 //! - [`factory`]: the thread that makes every VM, so that KVM skips its
 //!   costly debugfs entries;
@@ -10,6 +12,8 @@
 
 pub mod factory;
 pub mod memory;
+pub mod pagemap;
+pub mod stats;
 pub mod vcpu;
 pub mod vm;
 

@@ -322,6 +322,11 @@ impl Vcpu {
         Ok(msrs.as_slice()[0].data)
     }
 
+    /// KVM's counter `name` of this vCPU (see [`super::stats::read`]).
+    pub fn kvm_stat(&self, name: &str) -> std::io::Result<Option<u64>> {
+        super::stats::read(&self.fd, name)
+    }
+
     /// The guest TSC frequency KVM reports, in kHz.
     pub fn tsc_khz(&self) -> Result<u32, VcpuError> {
         self.fd.get_tsc_khz().map_err(VcpuError::Read)

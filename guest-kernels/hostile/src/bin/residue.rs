@@ -9,7 +9,9 @@
 //! `residue write tables` writes everything but the page at [`WINDOW`],
 //! leaving its page tables as the image's template has them (the host may
 //! then keep KVM's shadow of them for the next guest). `residue write
-//! ins` does the same, then ends in a string `in` into its data segment,
+//! ins` does the same but stamps only the first and last pages of the
+//! heap (the host may then put those few pages right in place rather than
+//! give them all back), then ends in a string `in` into its data segment,
 //! which the host refuses: KVM completes it as the host resets the VM,
 //! and it must land in this guest's memory, not the next one's.
 #![no_std]
@@ -40,9 +42,9 @@ fn main() -> i32 {
     let sse = sse_state();
     let mut args = boot::args();
     match (args.next(), args.next()) {
-        (Some("write"), None) => write(true),
-        (Some("write"), Some("tables")) => write(false),
-        (Some("write"), Some("ins")) => match write(false) {
+        (Some("write"), None) => write(true, true),
+        (Some("write"), Some("tables")) => write(false, true),
+        (Some("write"), Some("ins")) => match write(false, false) {
             0 => pending_ins(),
             failed => failed,
         },
@@ -62,12 +64,19 @@ fn main() -> i32 {
     }
 }
 
-/// Stamps the secret everywhere; `map_window`: at [`WINDOW`] too.
-fn write(map_window: bool) -> i32 {
+/// Stamps the secret everywhere (`whole_heap`: over all of the heap, else
+/// over its first and last pages); `map_window`: at [`WINDOW`] too.
+fn write(map_window: bool, whole_heap: bool) -> i32 {
     // SAFETY: the guest is single-threaded; nothing else touches MARK.
     unsafe { core::ptr::addr_of_mut!(MARK).write_volatile(SECRET) };
     let info = boot::info();
-    for addr in (info.heap_start..info.heap_end).step_by(8) {
+    let (start, end) = (info.heap_start, info.heap_end);
+    let stamped = if whole_heap {
+        [start..end, 0..0]
+    } else {
+        [start..start + 4096, end - 4096..end]
+    };
+    for addr in stamped.into_iter().flat_map(|range| range.step_by(8)) {
         // SAFETY: the heap is mapped writable and unused by anything else.
         unsafe { (addr as *mut u64).write_volatile(SECRET) };
     }
