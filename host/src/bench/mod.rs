@@ -268,7 +268,8 @@ pub fn run_all(host: &Host, sizes: Sizes, only: &[String]) -> Result<Vec<Figure>
         figures.extend(sched::vm_life(200)?);
         let bench = builtin_image("bench")?;
         figures.extend(sched::vm_reset(&bench, 200)?);
-        figures.extend(sched::spawn_figures(host, &bench, sizes.spawns)?);
+        let hello = builtin_image("hello")?;
+        figures.extend(sched::spawn_figures(host, &bench, &hello, sizes.spawns)?);
         figures.extend(sched::bring_up(&builtin_image("idle")?, sizes.bring_up)?);
     }
     if wanted("memory") {

@@ -49,19 +49,29 @@ fn percentiles(mut values: Vec<f64>) -> (f64, f64) {
 
 /// Spawns `count` guests that exit at once, one at a time: each waits for
 /// the pool to have a VM ready (`warm`) or runs on a host without a pool.
-/// Returns spawn-call and spawn-to-first-exit latencies in microseconds.
+/// With `between`, a guest of that image runs to its end before each
+/// (untimed), so that the pool holds VMs of both. Returns spawn-call and
+/// spawn-to-first-exit latencies in microseconds.
 fn one_by_one(
     host: &Host,
     quick: &Image,
     count: usize,
     warm: bool,
+    between: Option<&Image>,
 ) -> Result<[Vec<f64>; 2], BenchError> {
     let (mut spawn_us, mut start_us) = (Vec::with_capacity(count), Vec::with_capacity(count));
-    for _ in 0..count {
+    let wait_ready = || {
         let give_up = Instant::now() + Duration::from_secs(1);
         while warm && host.pool().ready == 0 && Instant::now() < give_up {
             std::thread::sleep(Duration::from_micros(100));
         }
+    };
+    for _ in 0..count {
+        if let Some(other) = between {
+            wait_ready();
+            spawn(host, other, &[])?.wait();
+        }
+        wait_ready();
         let t = Instant::now();
         let guest = spawn(host, quick, &["floor", "1"])?;
         spawn_us.push(t.elapsed().as_secs_f64() * 1e6);
@@ -71,24 +81,32 @@ fn one_by_one(
 }
 
 /// Spawn latency from the warm pool and cold (p50, p99; the spawn call,
-/// and spawn to the guest's first exit), and throughput: `count` guests
-/// that exit at once, spawned back to back.
-pub fn spawn_figures(host: &Host, quick: &Image, count: usize) -> Result<Vec<Figure>, BenchError> {
-    let [spawn_us, start_us] = one_by_one(host, quick, count, true)?;
+/// and spawn to the guest's first exit), also with a guest of `other`
+/// between each two (a pool of VMs last used by either image); and
+/// throughput: `count` guests that exit at once, spawned back to back.
+pub fn spawn_figures(
+    host: &Host,
+    quick: &Image,
+    other: &Image,
+    count: usize,
+) -> Result<Vec<Figure>, BenchError> {
+    let [spawn_us, start_us] = one_by_one(host, quick, count, true, None)?;
     let (spawn_p50, spawn_p99) = percentiles(spawn_us);
     let (start_p50, start_p99) = percentiles(start_us);
+    let [_, mixed_us] = one_by_one(host, quick, count.min(200), true, Some(other))?;
     let mut figures = vec![
         Figure::plain("spawn_warm_p50", spawn_p50, "us"),
         Figure::plain("spawn_warm_p99", spawn_p99, "us"),
         Figure::plain("start_warm_p50", start_p50, "us"),
         Figure::plain("start_warm_p99", start_p99, "us"),
+        Figure::plain("start_warm_mixed_p50", percentiles(mixed_us).0, "us"),
     ];
     let cold = Host::with_config(HostConfig {
         pool: 0,
         ..HostConfig::default()
     })
     .map_err(BenchError::Host)?;
-    let [spawn_us, start_us] = one_by_one(&cold, quick, count.min(200), false)?;
+    let [spawn_us, start_us] = one_by_one(&cold, quick, count.min(200), false, None)?;
     drop(cold);
     figures.push(Figure::plain(
         "spawn_cold_p50",
@@ -152,10 +170,10 @@ pub fn vm_life(count: usize) -> Result<Vec<Figure>, BenchError> {
 /// ([`crate::pool::Toolstack::shell`]): wall time and the calling thread's
 /// CPU time per VM, in microseconds, over `count` rounds each. Before each
 /// reset the host writes to 16 pages of the VM's RAM, as a small guest
-/// would (the reset gives them back). The reset is timed twice: after a
-/// guest that changed its page tables (the RAM renewed, the slot moved),
-/// and after one of `image` that did not (its template kept mapped, the
-/// shadow tables kept).
+/// would. The reset is timed twice: after a guest that changed its page
+/// tables (the RAM renewed, the slot moved), and after one of `image`
+/// that did not (its template kept mapped, the shadow tables kept, the
+/// 16 pages written back in place).
 pub fn vm_reset(image: &Image, count: usize) -> Result<Vec<Figure>, BenchError> {
     use crate::boot::{BootParams, Template};
     use crate::pool::{Shadow, Toolstack};
