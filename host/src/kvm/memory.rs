@@ -42,6 +42,10 @@ pub enum MemoryError {
     /// The host mapping failed.
     #[error("cannot map guest memory")]
     Mmap(#[source] std::io::Error),
+    /// The host kernel could not tell which pages of guest RAM changed,
+    /// or the template's bytes could not be read back.
+    #[error("cannot read back guest memory in place")]
+    Scan(#[source] std::io::Error),
     /// A host-side write fell outside RAM (a bug in the host's layout code).
     #[error("host write at {0:#x} is outside guest memory")]
     HostWrite(u64),
@@ -81,6 +85,9 @@ impl Mapping {
         if addr == libc::MAP_FAILED {
             return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
         }
+        if shared.is_none() {
+            no_huge_pages(addr, len);
+        }
         Ok(Self {
             addr: addr as usize,
             len,
@@ -113,8 +120,23 @@ impl Mapping {
         if addr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
+        if file.is_none() {
+            no_huge_pages(addr, len);
+        }
         Ok(())
     }
+}
+
+/// Asks the host kernel for no transparent huge pages in a new anonymous
+/// mapping (`MADV_NOHUGEPAGE`): KVM's shadow entries are never larger
+/// than the guest's own 4 KiB ones, so a huge page would only hold up to
+/// 2 MiB a small guest never touches, and make a reset give the whole
+/// anonymous part back instead of zeroing the few pages written. A hint:
+/// an error changes nothing else.
+fn no_huge_pages(addr: *mut libc::c_void, len: usize) {
+    // SAFETY: the range is a mapping the caller just made; the advice
+    // changes no byte and no protection.
+    let _ = unsafe { libc::madvise(addr, len, libc::MADV_NOHUGEPAGE) };
 }
 
 impl Drop for Mapping {
@@ -144,10 +166,10 @@ pub fn resident_bytes(addr: usize, len: usize) -> u64 {
     vec.iter().filter(|b| *b & 1 != 0).count() as u64 * page as u64
 }
 
-/// Most bytes of the anonymous part of RAM (past the template) that
-/// [`GuestRam::clear`] fills with zeros in place: a stack's worth. A
-/// guest that touched more has that part given back instead.
-pub const ZEROED_IN_PLACE_MAX: u64 = shoal_abi::layout::STACK_SIZE;
+/// Most bytes of each part of RAM (the template, the anonymous part past
+/// it) that [`GuestRam::clear`] writes back in place: a stack's worth.
+/// Past that, it gives the part back to the host kernel instead.
+const IN_PLACE_MAX: u64 = shoal_abi::layout::STACK_SIZE;
 
 /// One guest's RAM, guest-physical `0..size`. Fields drop in order: the
 /// `vm-memory` view before the mapping it looks at.
@@ -270,19 +292,25 @@ impl GuestRam {
     /// conditions as [`GuestRam::renew`]; on an error the RAM must be
     /// dropped.
     ///
-    /// Where it can, it puts the guest's pages right in place and leaves
-    /// every host page table entry as it is, so that KVM keeps its
-    /// translations of them and the next guest starts without faulting
-    /// them in again (see `GuestRam::restore`). Otherwise it gives every
-    /// page back to the host kernel (`MADV_DONTNEED`), and KVM drops all
-    /// its translations through the MMU notifier. RAM without a template
-    /// is only ever cleared that way.
+    /// Where it can, it writes the right bytes back into the pages the
+    /// host already maps and leaves every host page table entry as it is,
+    /// so that KVM keeps its translations of them and the next guest does
+    /// not fault them in again (see `GuestRam::restore`). Otherwise it
+    /// gives every page back to the host kernel (`MADV_DONTNEED`), and
+    /// KVM drops all its translations through the MMU notifier. RAM
+    /// without a template is only ever cleared that way.
     pub fn clear(&mut self) -> Result<(), MemoryError> {
         self.private_only()?;
-        if let Some(overlay) = &self.overlay
-            && self.restore(overlay).is_ok()
-        {
-            return Ok(());
+        if let Some(overlay) = &self.overlay {
+            match self.restore(overlay) {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    WARNED.call_once(|| {
+                        tracing::warn!(%error, "guest RAM is cleared whole: KVM's translations are dropped at every reset")
+                    });
+                }
+            }
         }
         self.advise(0, self.size, libc::MADV_DONTNEED)?;
         if let Some(overlay) = &self.overlay {
@@ -291,31 +319,40 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Puts back in place what the guest changed, found from the host
-    /// kernel's page tables ([`pagemap::scan`]):
+    /// Puts back in place what is not as a new guest finds it, from the
+    /// host kernel's page tables ([`pagemap::scan`]):
     ///
     /// - in the template part, a page that is no longer the template
-    ///   file's page (the guest, or the host for it, wrote it and got a
-    ///   private copy) gets the template's bytes again, copied from the
-    ///   file into the same page; the template's own pages are left
-    ///   alone, being unchanged;
+    ///   file's page (a private copy: the guest, or the host for it,
+    ///   wrote it, now or for an earlier guest) gets the template's bytes
+    ///   again, read from the file into the same page;
     /// - in the anonymous part, a page in memory that is not the kernel's
-    ///   zero page is filled with zeros, while few are
-    ///   ([`ZEROED_IN_PLACE_MAX`]); past that the whole part is given
-    ///   back (`MADV_DONTNEED`) instead, so that a reset VM does not hold
-    ///   a big guest's memory.
+    ///   zero page is filled with zeros;
+    /// - the template's own pages, zero pages and pages never touched
+    ///   are left as they are;
+    /// - a page in swap (or any other entry that is not a page in memory)
+    ///   is given back (`MADV_DONTNEED`): KVM has no translation of it to
+    ///   keep.
+    ///
+    /// Each part is written in place only while that comes to at most
+    /// [`IN_PLACE_MAX`]; past that, the whole part is given back instead
+    /// (and the template's pages written ahead are made writable again),
+    /// so that a reset VM does not keep a big guest's memory.
     ///
     /// Writing a page the host already maps writable changes no page
-    /// table entry, so KVM's translations stay right; any write that
-    /// does change one (a page in swap, say) runs the MMU notifier as
-    /// always. Every write happens here or nowhere: an error leaves RAM
-    /// partly restored, and the caller then clears it the other way.
+    /// table entry, so KVM's translations stay right; what does change
+    /// one (giving a page back) runs the MMU notifier as always. An error
+    /// may leave RAM partly restored, for the caller to clear the other
+    /// way.
     fn restore(&self, overlay: &Overlay) -> Result<(), MemoryError> {
         let base = self.mapping.addr as u64;
-        let mut copy = Vec::new();
-        let mut zero = Vec::new();
+        let (mut copy, mut zero, mut give_back) = (Vec::new(), Vec::new(), Vec::new());
         let scanned = pagemap::scan(base, self.size, |run, kinds| {
             let run = run.start - base..run.end - base;
+            if kinds & pagemap::PRESENT == 0 {
+                give_back.push(run);
+                return;
+            }
             let split = overlay.len.clamp(run.start, run.end);
             if kinds & pagemap::FILE == 0 && run.start < split {
                 copy.push(run.start..split);
@@ -324,20 +361,32 @@ impl GuestRam {
                 zero.push(split..run.end);
             }
         });
-        scanned.map_err(MemoryError::Mmap)?;
-        for range in copy {
-            self.read_template(overlay, range)
-                .map_err(MemoryError::Mmap)?;
+        scanned.map_err(MemoryError::Scan)?;
+        let bytes =
+            |ranges: &[std::ops::Range<u64>]| ranges.iter().map(|r| r.end - r.start).sum::<u64>();
+        for range in &give_back {
+            self.advise(range.start, range.end - range.start, libc::MADV_DONTNEED)?;
         }
-        let zeroed: u64 = zero.iter().map(|r| r.end - r.start).sum();
-        if zeroed > ZEROED_IN_PLACE_MAX {
+        let copy_back = bytes(&copy) <= IN_PLACE_MAX;
+        if copy_back {
+            for range in copy {
+                self.read_template(overlay, range)
+                    .map_err(MemoryError::Scan)?;
+            }
+        } else {
+            self.advise(0, overlay.len, libc::MADV_DONTNEED)?;
+        }
+        if !copy_back || !give_back.is_empty() {
+            self.populate(&overlay.written);
+        }
+        if bytes(&zero) > IN_PLACE_MAX {
             return self.advise(overlay.len, self.size - overlay.len, libc::MADV_DONTNEED);
         }
         for range in zero {
             // SAFETY: `range` lies inside this RAM's mapping (the scan
-            // covered only it) and past the template; no vCPU runs on
-            // it and no host code holds a reference into it (the
-            // conditions of `clear`).
+            // covered only it) and past the template, in pages the host
+            // maps (present); no vCPU runs on it and no host code holds
+            // a reference into it (the conditions of `clear`).
             unsafe {
                 std::ptr::write_bytes(
                     (base + range.start) as *mut u8,
@@ -699,7 +748,7 @@ mod tests {
         assert_eq!(kinds_of(&ram, 9), PRESENT | PFN_ZERO);
         // More than a stack's worth written past the template: that part
         // is given back.
-        let pages = ZEROED_IN_PLACE_MAX / PAGE_SIZE + 1;
+        let pages = IN_PLACE_MAX / PAGE_SIZE + 1;
         for page in 8..8 + pages {
             ram.write_host(page * PAGE_SIZE, &[0xee]).expect("writes");
         }

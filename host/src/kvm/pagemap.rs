@@ -28,7 +28,7 @@ struct PageRegion {
     categories: u64,
 }
 
-/// `struct pm_scan_arg`.
+/// `struct pm_scan_arg` (its size is part of [`PAGEMAP_SCAN`]).
 #[repr(C)]
 struct ScanArg {
     size: u64,
@@ -51,6 +51,8 @@ const PAGEMAP_SCAN: libc::c_ulong = (3 << 30)
     | ((b'f' as libc::c_ulong) << 8)
     | 16;
 
+const _: () = assert!(size_of::<ScanArg>() == 96 && size_of::<PageRegion>() == 24);
+
 /// Runs reported per ioctl; a range with more makes more calls.
 const RUNS_PER_CALL: usize = 32;
 
@@ -58,13 +60,19 @@ const RUNS_PER_CALL: usize = 32;
 /// `addr..addr + len` (page-aligned) that is in memory or in swap, in
 /// address order, with the run's kinds ([`FILE`], [`PRESENT`],
 /// [`SWAPPED`], [`PFN_ZERO`]). Pages never touched are not reported. An
-/// error (an older kernel, no `/proc`) means nothing is known.
+/// error (an older kernel, no `/proc`) means nothing is known, though
+/// `each` may have seen the runs of the first part of the range.
 pub fn scan(addr: u64, len: u64, mut each: impl FnMut(Range<u64>, u64)) -> std::io::Result<()> {
-    static PAGEMAP: OnceLock<Option<File>> = OnceLock::new();
-    let pagemap = PAGEMAP
-        .get_or_init(|| File::open("/proc/self/pagemap").ok())
-        .as_ref()
-        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+    static PAGEMAP: OnceLock<File> = OnceLock::new();
+    let pagemap = match PAGEMAP.get() {
+        Some(file) => file,
+        // Only an open that worked is kept: a failure (out of fds, say)
+        // is tried again next time.
+        None => {
+            let file = File::open("/proc/self/pagemap")?;
+            PAGEMAP.get_or_init(|| file)
+        }
+    };
     let end = addr
         .checked_add(len)
         .ok_or(std::io::ErrorKind::InvalidInput)?;

@@ -42,9 +42,9 @@ fn main() -> i32 {
     let sse = sse_state();
     let mut args = boot::args();
     match (args.next(), args.next()) {
-        (Some("write"), None) => write(true, true),
-        (Some("write"), Some("tables")) => write(false, true),
-        (Some("write"), Some("ins")) => match write(false, false) {
+        (Some("write"), None) => write(true, Heap::Whole),
+        (Some("write"), Some("tables")) => write(false, Heap::Whole),
+        (Some("write"), Some("ins")) => match write(false, Heap::Ends) {
             0 => pending_ins(),
             failed => failed,
         },
@@ -64,17 +64,25 @@ fn main() -> i32 {
     }
 }
 
-/// Stamps the secret everywhere (`whole_heap`: over all of the heap, else
-/// over its first and last pages); `map_window`: at [`WINDOW`] too.
-fn write(map_window: bool, whole_heap: bool) -> i32 {
+/// How much of the heap [`write`] stamps.
+#[derive(Clone, Copy)]
+enum Heap {
+    /// All of it.
+    Whole,
+    /// Its first and last pages.
+    Ends,
+}
+
+/// Stamps the secret everywhere, over `heap`; `map_window`: at
+/// [`WINDOW`] too.
+fn write(map_window: bool, heap: Heap) -> i32 {
     // SAFETY: the guest is single-threaded; nothing else touches MARK.
     unsafe { core::ptr::addr_of_mut!(MARK).write_volatile(SECRET) };
     let info = boot::info();
     let (start, end) = (info.heap_start, info.heap_end);
-    let stamped = if whole_heap {
-        [start..end, 0..0]
-    } else {
-        [start..start + 4096, end - 4096..end]
+    let stamped = match heap {
+        Heap::Whole => [start..end, 0..0],
+        Heap::Ends => [start..start + 4096, end - 4096..end],
     };
     for addr in stamped.into_iter().flat_map(|range| range.step_by(8)) {
         // SAFETY: the heap is mapped writable and unused by anything else.
