@@ -11,7 +11,7 @@ use crate::loader::{Image, page_end, page_start};
 use paging::{NO_EXECUTE, PageTables, PagingError, USER, WRITABLE};
 use shoal_abi::boot::{ARGS_MAX, ARGS_OFFSET, BOOT_MAGIC, BootInfo};
 use shoal_abi::layout::{BOOT_INFO_PAGE, CLOCK_PAGE, EVENT_PAGE, PAGE_SIZE, STACK_SIZE};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use zerocopy::IntoBytes;
 
 /// Why a guest could not be laid out.
@@ -145,8 +145,6 @@ impl Template {
         pt.identity(heap_start, limit, user_rw)?;
         pt.identity(stack_bottom, mem_size, user_rw)?;
         pt.write(&ram)?;
-        drop(ram);
-        seal(&file)?;
 
         let boot_info = BootInfo {
             magic: BOOT_MAGIC,
@@ -251,31 +249,11 @@ impl Template {
     }
 }
 
-/// Seals a built template's file (no write, no change of size, no new
-/// seal), so that the kernel keeps it as it is for as long as guests map
-/// it: a light reset trusts every page that is still the file's to hold
-/// the template's bytes. Call once no shared mapping of it is left.
-fn seal(file: &OwnedFd) -> Result<(), MemoryError> {
-    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: `F_ADD_SEALS` on a file this process owns takes an int of
-    // seals and touches no memory of the process.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-        return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-/// An anonymous memory file of `len` bytes, closed on exec, that can be
-/// sealed.
+/// An anonymous memory file of `len` bytes, closed on exec.
 fn memfd(len: u64) -> Result<OwnedFd, MemoryError> {
     // SAFETY: the name is a NUL-terminated string; the call has no other
     // preconditions.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"shoal-template".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
+    let fd = unsafe { libc::memfd_create(c"shoal-template".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
         return Err(MemoryError::Mmap(std::io::Error::last_os_error()));
     }
@@ -288,20 +266,6 @@ fn memfd(len: u64) -> Result<OwnedFd, MemoryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_built_templates_file_refuses_writes() {
-        let image = crate::builtin::image("hello")
-            .expect("built in")
-            .expect("loads");
-        let template = Template::build(&image, shoal_abi::layout::DEFAULT_MEMORY).expect("builds");
-        let byte = [1u8];
-        // SAFETY: writes one byte from a live buffer to a file the
-        // template owns; the kernel refuses it.
-        let wrote = unsafe { libc::pwrite(template.file.as_raw_fd(), byte.as_ptr().cast(), 1, 0) };
-        let error = std::io::Error::last_os_error().raw_os_error();
-        assert_eq!((wrote, error), (-1, Some(libc::EPERM)));
-    }
 
     #[test]
     fn args_are_nul_terminated_and_bounded() {
