@@ -174,19 +174,13 @@ fn word_at(ram: &GuestRam, addr: u64) -> u64 {
 
 #[test]
 fn a_guest_on_ram_cleared_for_the_same_template_finds_its_pages_translated_already() {
-    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsFd, OwnedFd};
     use std::sync::Arc;
     let _ = common::host();
     let kvm = Kvm::open().expect("KVM opens");
     let size = 4 << 20;
     // The template: the layout, and each data page stamped with its number.
-    // SAFETY: a NUL-terminated name; no other preconditions.
-    let fd = unsafe { libc::memfd_create(c"test-template".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    let file = unsafe { std::fs::File::from_raw_fd(fd) };
-    file.set_len(size).expect("sizes");
-    let file: Arc<OwnedFd> = Arc::new(file.into());
+    let file: Arc<OwnedFd> = Arc::new(shoal_host::boot::memfd(size).expect("creates"));
     let template = GuestRam::shared(file.as_fd(), size).expect("maps");
     let data: Vec<u64> = (0..8).map(|i| DATA + i * 0x1000).collect();
     let setup = lay_out(

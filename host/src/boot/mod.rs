@@ -249,8 +249,9 @@ impl Template {
     }
 }
 
-/// An anonymous memory file of `len` bytes, closed on exec.
-fn memfd(len: u64) -> Result<OwnedFd, MemoryError> {
+/// An anonymous memory file of `len` bytes (reading as zero), closed on
+/// exec: what a template is built in.
+pub fn memfd(len: u64) -> Result<OwnedFd, MemoryError> {
     // SAFETY: the name is a NUL-terminated string; the call has no other
     // preconditions.
     let fd = unsafe { libc::memfd_create(c"shoal-template".as_ptr(), libc::MFD_CLOEXEC) };

@@ -684,11 +684,7 @@ mod tests {
     /// A template memory file of `pages` pages, page `i` filled with `i + 1`.
     fn template(pages: u64) -> Arc<OwnedFd> {
         use std::io::Write;
-        // SAFETY: a NUL-terminated name; no other preconditions.
-        let fd = unsafe { libc::memfd_create(c"test-template".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: `fd` was just created and is owned by nobody else.
-        let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let mut file = std::fs::File::from(crate::boot::memfd(0).expect("creates"));
         for page in 0..pages {
             file.write_all(&[page as u8 + 1; PAGE_SIZE as usize])
                 .expect("writes");
