@@ -106,7 +106,7 @@ impl Local {
         let stats = Arc::new(GuestStats::default());
         GuestRam::check_size(config.mem_size)?;
         let template = self.templates.get(image, config.mem_size)?;
-        let shell = match self.pool.take(config.mem_size, template.key()) {
+        let shell = match self.pool.take(&template) {
             Some(shell) => shell,
             None => self.toolstack.shell(config.mem_size)?,
         };

@@ -49,7 +49,9 @@ pub struct Shell {
 /// one whose next guest starts with the very same tables need not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Shadow {
-    /// None: the VM never ran a guest, or they were all dropped.
+    /// None of a guest's tables: the VM never ran a guest (a shell made
+    /// ready for one holds only the empty root KVM built ahead of it:
+    /// see [`Toolstack::prime`]), or they were all dropped.
     Empty,
     /// The tables of the template with this key, as every guest of it
     /// starts with them: the last guest never changed its tables.
@@ -145,6 +147,23 @@ impl Toolstack {
         Ok(kept)
     }
 
+    /// Readies a new shell for a guest of `template` ahead of its spawn:
+    /// maps the template into its RAM and sets the vCPU for it, then has
+    /// KVM do what it does before a first entry ([`Vcpu::prepare_entry`]:
+    /// its MMU caches, an empty shadow root, the VM's clock), where a
+    /// spawn would wait for it. The shell stays new to a guest of another
+    /// template: its spawn maps that one over the RAM and sets the vCPU
+    /// again, and the root holds nothing to drop. On an error the shell
+    /// must be destroyed.
+    ///
+    /// [`Vcpu::prepare_entry`]: crate::kvm::Vcpu::prepare_entry
+    pub fn prime(&self, shell: &mut Shell, template: &Template) -> Result<(), SpawnError> {
+        template.map(&mut shell.ram)?;
+        shell.vcpu.setup(template.cpu(), true)?;
+        shell.vcpu.prepare_entry()?;
+        Ok(())
+    }
+
     /// The TSC scale (known once a shell exists).
     pub fn scale(&self) -> TscScale {
         *self
@@ -176,7 +195,31 @@ pub struct Pool {
     /// Most shells worth keeping now, and most the filler may make up to
     /// (see [`Pool::set_room`]).
     room: Arc<Room>,
+    /// The template of the last spawn, which new shells are made ready for.
+    last: Arc<LastTemplate>,
     filler: Option<JoinHandle<()>>,
+}
+
+/// The template new shells are primed with ([`Toolstack::prime`]): the
+/// last one a spawn of the pool's memory size asked for.
+#[derive(Debug, Default)]
+struct LastTemplate(Mutex<Option<Arc<Template>>>);
+
+impl LastTemplate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Template>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, template: &Arc<Template>) {
+        let mut last = self.lock();
+        if last.as_ref().is_none_or(|t| t.key() != template.key()) {
+            *last = Some(Arc::clone(template));
+        }
+    }
+
+    fn get(&self) -> Option<Arc<Template>> {
+        self.lock().clone()
+    }
 }
 
 /// How many shells a pool may hold.
@@ -200,6 +243,7 @@ impl Room {
 #[derive(Debug, Default)]
 struct Counters {
     created: AtomicU64,
+    primed: AtomicU64,
     misses: AtomicU64,
     recycled: AtomicU64,
     tables_kept: AtomicU64,
@@ -217,6 +261,9 @@ pub struct PoolStatus {
     pub capacity: usize,
     /// Shells the filler made.
     pub created: u64,
+    /// Of those, shells made ready for the template of the spawn before
+    /// ([`Toolstack::prime`]).
+    pub primed: u64,
     /// Spawns that found no shell ready (or asked for another memory size)
     /// and made their VM themselves.
     pub misses: u64,
@@ -242,6 +289,7 @@ impl Pool {
             keep: AtomicUsize::new(capacity),
             fill: AtomicUsize::new(capacity),
         });
+        let last = Arc::new(LastTemplate::default());
         if capacity == 0 {
             return Ok(Self {
                 stop: Arc::default(),
@@ -253,6 +301,7 @@ impl Pool {
                 mem_size,
                 counters,
                 room,
+                last,
                 filler: None,
             });
         }
@@ -281,6 +330,7 @@ impl Pool {
                     stop: Arc::clone(&stop),
                     counters: Arc::clone(&counters),
                     room: Arc::clone(&room),
+                    last: Arc::clone(&last),
                 };
                 move || filler.run()
             })?;
@@ -294,19 +344,25 @@ impl Pool {
             mem_size,
             counters,
             room,
+            last,
             filler: Some(filler),
         })
     }
 
-    /// A ready shell of `mem_size` bytes for a guest of the template
-    /// with `key`, if there is one (the pool holds shells of one size
-    /// only): a reset VM first, one that needs nothing more for this
-    /// template if there is one (it kept this template's shadow tables,
-    /// or none), else the oldest (whose spawn then remaps its RAM and
-    /// drops another template's shadow tables: see [`Shadow`]); else a
-    /// new one.
-    pub fn take(&self, mem_size: u64, key: u64) -> Option<Shell> {
+    /// A ready shell for a guest of `template`, if there is one (the
+    /// pool holds shells of one memory size only): a reset VM first, one
+    /// that needs nothing more for this template if there is one (it kept
+    /// this template's shadow tables, or none), else the oldest (whose
+    /// spawn then remaps its RAM and drops another template's shadow
+    /// tables: see [`Shadow`]); else a new one, made ready for the
+    /// template of the spawn before. New shells are made ready for this
+    /// template from now on.
+    pub fn take(&self, template: &Arc<Template>) -> Option<Shell> {
         let ready = self.ready.as_ref()?;
+        let (mem_size, key) = (template.mem_size(), template.key());
+        if mem_size == self.mem_size {
+            self.last.set(template);
+        }
         let resets = self.reset.as_deref();
         let reused = |shell: Option<Shell>| {
             if shell.is_some() {
@@ -374,6 +430,7 @@ impl Pool {
                 .and_then(Receiver::capacity)
                 .unwrap_or(0),
             created: self.counters.created.load(Ordering::Relaxed),
+            primed: self.counters.primed.load(Ordering::Relaxed),
             misses: self.counters.misses.load(Ordering::Relaxed),
             recycled: self.counters.recycled.load(Ordering::Relaxed),
             tables_kept: self.counters.tables_kept.load(Ordering::Relaxed),
@@ -471,6 +528,7 @@ struct Filler {
     stop: Arc<AtomicBool>,
     counters: Arc<Counters>,
     room: Arc<Room>,
+    last: Arc<LastTemplate>,
 }
 
 impl Filler {
@@ -532,8 +590,15 @@ impl Filler {
                 self.recycle(shell);
             }
             match self.toolstack.shell(self.mem_size) {
-                Ok(shell) => {
+                Ok(mut shell) => {
                     self.counters.created.fetch_add(1, Ordering::Relaxed);
+                    if let Some(template) = self.last.get() {
+                        if let Err(e) = self.toolstack.prime(&mut shell, &template) {
+                            tracing::warn!(error = %e, "cannot make a shell ready for a template; destroyed");
+                            continue;
+                        }
+                        self.counters.primed.fetch_add(1, Ordering::Relaxed);
+                    }
                     if self.tx.send(shell).is_err() {
                         return false;
                     }

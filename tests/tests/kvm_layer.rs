@@ -97,6 +97,41 @@ fn out_to_the_null_exit_port_reaches_the_host_with_its_value() {
 }
 
 #[test]
+fn preparing_the_first_entry_runs_no_guest_instruction_and_leaves_no_signal_behind() {
+    let mut code = NULL_EXIT_THEN_UD2.to_vec();
+    code.extend([0x0f, 0x0b]); // ud2
+    let (mut vcpu, _vm, _ram) = boot(&code, descriptors::IDT_LIMIT);
+    let mask = || {
+        // SAFETY: the set is written by the kernel before it is read;
+        // nothing of the thread's state changes.
+        unsafe {
+            let (mut blocked, mut pending) = (std::mem::zeroed(), std::mem::zeroed());
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut blocked);
+            libc::sigpending(&mut pending);
+            let bits = |set: &libc::sigset_t| {
+                (1..=64)
+                    .filter(|&n| libc::sigismember(set, n) == 1)
+                    .collect::<Vec<_>>()
+            };
+            (bits(&blocked), bits(&pending))
+        }
+    };
+    let before = mask();
+    vcpu.prepare_entry().expect("returns before the guest runs");
+    vcpu.prepare_entry().expect("and again");
+    assert_eq!(mask(), before);
+    // The first instruction is still to run: its exit comes first.
+    assert_eq!(
+        vcpu.run().expect("runs"),
+        Exit::Out {
+            port: NULL_EXIT_PORT,
+            size: 4,
+            value: 42
+        }
+    );
+}
+
+#[test]
 fn an_exception_with_no_idt_is_a_triple_fault() {
     let (mut vcpu, _vm, _ram) = boot(&[0x0f, 0x0b], 0);
     assert_eq!(vcpu.run().expect("runs"), Exit::Shutdown);

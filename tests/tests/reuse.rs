@@ -255,3 +255,39 @@ fn a_vm_whose_guest_crashed_or_was_killed_runs_the_next_guest() {
         ended += 1;
     }
 }
+
+#[test]
+fn new_vms_made_ready_for_the_last_image_run_a_guest_of_it_or_of_another() {
+    let host = common::host();
+    let idle = common::image("idle");
+    // Held, so that no VM comes back to the pool: the next spawns take
+    // new VMs, which the filler makes ready for `idle` from now on.
+    let first = host.spawn(&idle, common::config(&["60s"])).expect("spawns");
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while host.pool().primed == 0 || host.pool().ready == host.pool().ready_reset {
+        assert!(
+            Instant::now() < give_up,
+            "none made ready: {:?}",
+            host.pool()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // One of them runs another `idle` guest to its first block.
+    let second = host.spawn(&idle, common::config(&["60s"])).expect("spawns");
+    common::wait_for_state(&second, shoal_host::GuestState::Blocked);
+    // Another image on one: its RAM is remapped, and nothing of the VM's
+    // shadow tables needs dropping.
+    let hello = host
+        .spawn(&common::image("hello"), common::config(&["after idle"]))
+        .expect("spawns")
+        .wait();
+    common::assert_exited_0(&hello);
+    let text = hello.console_text();
+    assert!(text.ends_with("arg 0: after idle\n1 args\n"), "{text}");
+    assert_eq!(hello.stats.slot_moves, 0);
+    assert_eq!(host.pool().reused, 0, "{:?}", host.pool());
+    for guest in [first, second] {
+        guest.kill();
+        assert!(matches!(guest.wait().end, GuestEnd::Killed));
+    }
+}

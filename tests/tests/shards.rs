@@ -161,9 +161,16 @@ fn a_pool_keeps_no_more_vms_waiting_than_its_room() {
     pool.set_room(3);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(pool.status().ready, 0);
-    assert!(pool.take(shoal_abi::layout::DEFAULT_MEMORY, 0).is_none());
+    let template = shoal_host::boot::Template::build(
+        &common::image("hello"),
+        shoal_abi::layout::DEFAULT_MEMORY,
+    )
+    .expect("builds");
+    assert!(pool.take(&std::sync::Arc::new(template)).is_none());
     settles_at(3);
     assert_eq!(pool.status().created, 7);
+    // Those were made ready for the template the spawn asked for.
+    assert_eq!(pool.status().primed, 3);
 }
 
 #[test]

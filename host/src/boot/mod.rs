@@ -228,14 +228,22 @@ impl Template {
         self.len
     }
 
+    /// Maps the template into `ram` (of the template's size, not yet run),
+    /// copy-on-write, with nothing of a guest's own yet: what a pool does
+    /// ahead of a spawn ([`GuestRam::overlay`]; RAM already showing the
+    /// template is left as it is).
+    pub fn map(&self, ram: &mut GuestRam) -> Result<(), MemoryError> {
+        if ram.size() != self.mem_size {
+            return Err(MemoryError::BadSize(ram.size()));
+        }
+        ram.overlay(&self.file, self.len, self.key, &self.written)
+    }
+
     /// Maps the template into `ram` (of the template's size, not yet run)
     /// and writes the guest's own boot info. Returns the boot info.
     pub fn load(&self, ram: &mut GuestRam, params: &BootParams<'_>) -> Result<BootInfo, BootError> {
-        if ram.size() != self.mem_size {
-            return Err(BootError::Memory(MemoryError::BadSize(ram.size())));
-        }
         let args = encode_args(params.args)?;
-        ram.overlay(&self.file, self.len, self.key, &self.written)?;
+        self.map(ram)?;
         let boot_info = BootInfo {
             argc: params.args.len() as u32,
             features: params.features,

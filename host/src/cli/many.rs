@@ -201,8 +201,8 @@ pub fn run(image: &Image, run: &RunArgs) -> anyhow::Result<ExitCode> {
     let pool = host.pool();
     let _ = writeln!(
         out,
-        "VMs made ahead of demand: {}, made on demand: {}, reused: {} (shadow page tables kept: {})",
-        pool.created, pool.misses, pool.reused, pool.tables_kept
+        "VMs made ahead of demand: {} ({} made ready for the image), made on demand: {}, reused: {} (shadow page tables kept: {})",
+        pool.created, pool.primed, pool.misses, pool.reused, pool.tables_kept
     );
     drop(out);
     if let Some(view) = run.stats {

@@ -103,6 +103,7 @@ impl Shards {
                 ready_reset: sum.ready_reset + s.ready_reset,
                 capacity: sum.capacity + s.capacity,
                 created: sum.created + s.created,
+                primed: sum.primed + s.primed,
                 misses: sum.misses + s.misses,
                 recycled: sum.recycled + s.recycled,
                 tables_kept: sum.tables_kept + s.tables_kept,
