@@ -147,7 +147,8 @@ impl Toolstack {
         Ok(kept)
     }
 
-    /// Readies a new shell for a guest of `template` ahead of its spawn:
+    /// Readies a shell that holds no translation (new, or reset with its
+    /// RAM renewed) for a guest of `template` ahead of its spawn:
     /// maps the template into its RAM and sets the vCPU for it, then has
     /// KVM do what it does before a first entry ([`Vcpu::prepare_entry`]:
     /// its MMU caches, an empty shadow root, the VM's clock), where a
@@ -261,8 +262,9 @@ pub struct PoolStatus {
     pub capacity: usize,
     /// Shells the filler made.
     pub created: u64,
-    /// Of those, shells made ready for the template of the spawn before
-    /// ([`Toolstack::prime`]).
+    /// Shells made ready for the template of the spawn before
+    /// ([`Toolstack::prime`]): new ones, and reset VMs whose RAM was
+    /// renewed.
     pub primed: u64,
     /// Spawns that found no shell ready (or asked for another memory size)
     /// and made their VM themselves.
@@ -557,7 +559,16 @@ impl Filler {
         if self.stop.load(Ordering::Acquire) || self.resets.len() >= self.room.limits().0 {
             return;
         }
-        match self.toolstack.reset(&mut shell) {
+        let reset = self.toolstack.reset(&mut shell).and_then(|kept| {
+            // RAM renewed and every translation dropped: made ready for
+            // the last spawn's image as a new shell is.
+            if !kept && let Some(template) = self.last.get() {
+                self.toolstack.prime(&mut shell, &template)?;
+                self.counters.primed.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(kept)
+        });
+        match reset {
             // Counted once it can be taken.
             Ok(kept) => {
                 if self.resets.push(shell) {
