@@ -124,6 +124,49 @@ pub struct PristineState {
     debug: kvm_bindings::kvm_debugregs,
 }
 
+/// XSAVE components, by their bit in the image's header.
+const XFEATURE_X87: u64 = 1 << 0;
+const XFEATURE_SSE: u64 = 1 << 1;
+const XFEATURE_PKRU: u64 = 1 << 9;
+/// The 32-bit word of the standard-format XSAVE image where the header's
+/// component bitmap (`XSTATE_BV`) starts: byte 512.
+const XSTATE_BV_WORD: usize = 512 / 4;
+/// The x87 control word and `MXCSR` at their initial values.
+const FCW_INITIAL: u32 = 0x037f;
+const MXCSR_INITIAL: u32 = 0x1f80;
+
+/// Makes `xsave` name the x87, SSE and PKRU components with their
+/// initial values, everything else of it left as read from a vCPU that
+/// never ran.
+///
+/// KVM's `KVM_SET_XSAVE` puts every user component the image's
+/// `XSTATE_BV` leaves out in its initial state, but two things survive
+/// it: PKRU, which it leaves as it was unless the image names it (KVM's
+/// documented exception), and `MXCSR`, which it copies only with x87,
+/// SSE or AVX named. Under PVM a CPL3 guest changes both (`WRPKRU`,
+/// `LDMXCSR`: the guest runs on the host's CR4, where PKE is on), so the
+/// image names them. PKRU's offset is the CPU's (CPUID leaf 0xD); a CPU
+/// without protection keys has none to reset.
+fn initial_xsave(xsave: &mut kvm_bindings::kvm_xsave) {
+    let words = &mut xsave.region;
+    let mut named = XFEATURE_X87 | XFEATURE_SSE;
+    // Legacy area: FCW in the low half of word 0, FSW, FTW (abridged: all
+    // empty) and the rest zero; MXCSR in word 6.
+    words[..XSTATE_BV_WORD].fill(0);
+    words[0] = FCW_INITIAL;
+    words[6] = MXCSR_INITIAL;
+    let pkru = std::arch::x86_64::__cpuid_count(0xd, 9);
+    let pkru_word = pkru.ebx as usize / 4;
+    if pkru.eax >= 4 && pkru_word < words.len() {
+        words[pkru_word] = 0;
+        named |= XFEATURE_PKRU;
+    }
+    let bv = u64::from(words[XSTATE_BV_WORD]) | u64::from(words[XSTATE_BV_WORD + 1]) << 32;
+    let bv = bv | named;
+    words[XSTATE_BV_WORD] = bv as u32;
+    words[XSTATE_BV_WORD + 1] = (bv >> 32) as u32;
+}
+
 /// A vCPU.
 #[derive(Debug)]
 pub struct Vcpu {
@@ -280,9 +323,16 @@ impl Vcpu {
     /// and [`Vcpu::setup`] does not set it: x87, SSE and other XSAVE state
     /// (`KVM_SET_FPU` would leave `MXCSR` as the guest left it), pending
     /// events, debug registers (three ioctls; once per process).
+    ///
+    /// The XSAVE image names x87, SSE and PKRU outright, at their initial
+    /// values ([`initial_xsave`]): read back from KVM, it would name
+    /// neither PKRU nor (for a vCPU that never ran) SSE, and KVM leaves
+    /// what the image does not name as the last guest left it.
     pub fn pristine(&self) -> Result<PristineState, VcpuError> {
+        let mut xsave = self.fd.get_xsave().map_err(VcpuError::Read)?;
+        initial_xsave(&mut xsave);
         Ok(PristineState {
-            xsave: Box::new(self.fd.get_xsave().map_err(VcpuError::Read)?),
+            xsave: Box::new(xsave),
             events: self.fd.get_vcpu_events().map_err(VcpuError::Read)?,
             debug: self.fd.get_debug_regs().map_err(VcpuError::Read)?,
         })
@@ -295,10 +345,14 @@ impl Vcpu {
     /// return before the guest would run; then `pristine`'s state is set
     /// (three ioctls), and no register change is left pending in the
     /// `kvm_run` page. The general and special registers are not touched:
-    /// [`Vcpu::setup`] sets every one of them for the next guest. Nothing
-    /// else of a vCPU can be changed from CPL3 without an exit the host
-    /// refuses (no MSR writes, no control registers, no `XSETBV`). The
-    /// TSC runs on: a guest can tell how old its VM is, nothing more.
+    /// [`Vcpu::setup`] sets every one of them for the next guest, which
+    /// puts back the data selectors, the FS and GS bases (`WRFSBASE`
+    /// works at CPL3 under PVM) and the flags. Everything else a CPL3
+    /// guest can change lives in the XSAVE image: x87, SSE, AVX, AVX-512,
+    /// the AMX tile configuration, and PKRU (`docs/threat-model.md` lists
+    /// each piece and the test that checks it). MSRs, control registers
+    /// and `XCR0` need an instruction that faults at CPL3. The TSC runs
+    /// on: a guest can tell how old its VM is, nothing more.
     pub fn reset(&mut self, pristine: &PristineState) -> Result<(), VcpuError> {
         self.fd.get_kvm_run().kvm_dirty_regs = 0;
         self.finish_pending_io()?;
