@@ -2,7 +2,7 @@
 //! stamps a secret over its data segment, heap, stack, x87, SSE, AVX and
 //! AVX-512 registers (opmasks included), maps a stamped page at
 //! [`WINDOW`], changes the SSE and x87 control words, loads an AMX tile
-//! configuration, writes the protection-key rights register (PKRU) and
+//! configuration and a tile of the secret, writes the protection-key rights register (PKRU) and
 //! the FS and GS bases, loads other DS and ES selectors, and exits with
 //! the alignment-check and direction flags set; `residue check` (started
 //! later, perhaps in the same VM the host reset for it, perhaps sharing
@@ -313,12 +313,21 @@ fn stamp_cpu_and_exit(cpu: &Cpu) -> ! {
             );
         }
         if cpu.has(XCR0_TILECFG) {
-            // Palette 1, one tile of 16 rows of 64 bytes.
+            // Palette 1, one tile of 16 rows of 64 bytes, loaded with the
+            // secret.
             let mut config = [0u8; 64];
             config[0] = 1;
             config[16] = 64;
             config[48] = 16;
-            core::arch::asm!("ldtilecfg [{c}]", c = in(reg) config.as_ptr(), options(nostack));
+            let tile = [SECRET; 128];
+            core::arch::asm!(
+                "ldtilecfg [{c}]",
+                "tileloadd tmm0, [{t} + {stride} * 1]",
+                c = in(reg) config.as_ptr(),
+                t = in(reg) tile.as_ptr(),
+                stride = in(reg) 64u64,
+                options(nostack),
+            );
         }
         if cpu.pku {
             core::arch::asm!("wrpkru", in("eax") LEFT_PKRU, in("ecx") 0, in("edx") 0,
