@@ -136,6 +136,30 @@ fn a_flooding_guest_in_another_shard_does_not_stop_the_others() {
 }
 
 #[test]
+fn frames_to_an_unknown_address_are_flooded_only_within_the_broadcast_share() {
+    let host = common::host();
+    let lan = "unknown";
+    let listener = common::on_lan(&host, "net-flood", lan, &["3s", "listen"]);
+    let flood = common::on_lan(&host, "net-flood", lan, &["1s", "unknown"]).wait();
+    common::assert_exited_0(&flood);
+    let listened = listener.wait();
+    common::assert_exited_0(&listened);
+    let counts = flood.stats.frames;
+    // The flood's first frames reach the listener; over a second it may
+    // have 10 windows' broadcast share (1,000 each), and one more for a
+    // window it started in. Counted against the frame limit alone, a
+    // flood of 64-byte frames reaches tens of thousands.
+    let arrived = listened.stats.frames.received + listened.stats.frames.missed;
+    let allowance = 12 * shoal_host::device::net::BROADCAST_LIMIT;
+    assert!(arrived > 0, "{counts:?}");
+    assert!(
+        arrived <= allowance,
+        "{arrived} frames flooded to a bystander, over {allowance}: {counts:?}"
+    );
+    assert!(counts.dropped > 0, "over its share: {counts:?}");
+}
+
+#[test]
 fn frames_across_shards_to_a_guest_that_is_gone_are_dropped_and_counted() {
     let host = common::sharded_host(1);
     let lan = "gone";

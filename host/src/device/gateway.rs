@@ -596,42 +596,47 @@ impl Phy {
                 [0x08, 0x00] if ethernet[..6] == GATEWAY_MAC && sent_by_its_owner(ethernet) => {
                     return Some(frame);
                 }
-                [0x08, 0x06] => self.answer_arp(&ethernet[14..]),
+                [0x08, 0x06] => {
+                    if let Some(reply) = arp_reply(ethernet) {
+                        self.shared.lan.forward(&*self.shared, reply);
+                    }
+                }
                 _ => {}
             }
         }
     }
+}
 
-    /// Answers an ARP request for the gateway's address.
-    fn answer_arp(&self, payload: &[u8]) {
-        let Ok(packet) = ArpPacket::new_checked(payload) else {
-            return;
-        };
-        let Ok(ArpRepr::EthernetIpv4 {
-            operation: ArpOperation::Request,
-            source_hardware_addr,
-            source_protocol_addr,
-            target_protocol_addr,
-            ..
-        }) = ArpRepr::parse(&packet)
-        else {
-            return;
-        };
-        if target_protocol_addr.octets() != GATEWAY_IPV4 {
-            return;
-        }
-        let reply = ArpRepr::EthernetIpv4 {
-            operation: ArpOperation::Reply,
-            source_hardware_addr: EthernetAddress(GATEWAY_MAC),
-            source_protocol_addr: GATEWAY_IPV4.into(),
-            target_hardware_addr: source_hardware_addr,
-            target_protocol_addr: source_protocol_addr,
-        };
-        let mut frame = frame_to(source_hardware_addr.0, [0x08, 0x06], reply.buffer_len());
-        let at = HEADER + 14;
-        reply.emit(&mut ArpPacket::new_unchecked(&mut frame[at..]));
-        self.shared.lan.forward(&*self.shared, frame);
+/// The answer to `ethernet` if it is an ARP request for the gateway's
+/// address: to the frame's source, which the LAN checked, not to the
+/// sender address inside the request, which it did not (a guest may not
+/// have the gateway's answers sent to another).
+fn arp_reply(ethernet: &[u8]) -> Option<Vec<u8>> {
+    let source: [u8; 6] = ethernet.get(6..12)?.try_into().ok()?;
+    let packet = ArpPacket::new_checked(ethernet.get(14..)?).ok()?;
+    let Ok(ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_protocol_addr,
+        target_protocol_addr,
+        ..
+    }) = ArpRepr::parse(&packet)
+    else {
+        return None;
+    };
+    if target_protocol_addr.octets() != GATEWAY_IPV4 {
+        return None;
     }
+    let reply = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Reply,
+        source_hardware_addr: EthernetAddress(GATEWAY_MAC),
+        source_protocol_addr: GATEWAY_IPV4.into(),
+        target_hardware_addr: EthernetAddress(source),
+        target_protocol_addr: source_protocol_addr,
+    };
+    let mut frame = frame_to(source, [0x08, 0x06], reply.buffer_len());
+    let at = HEADER + 14;
+    reply.emit(&mut ArpPacket::new_unchecked(&mut frame[at..]));
+    Some(frame)
 }
 
 /// A frame of `len` payload bytes to `dst` from the gateway, receive
@@ -704,6 +709,50 @@ mod tests {
         frame[12..14].copy_from_slice(&[0x08, 0x00]);
         frame[26..30].copy_from_slice(&ip);
         frame
+    }
+
+    /// An ARP request from `mac` (Ethernet source) whose payload names
+    /// `sender` as the sender, for `target`.
+    fn arp_request(mac: [u8; 6], sender: [u8; 6], target: [u8; 4]) -> Vec<u8> {
+        let request = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr: EthernetAddress(sender),
+            source_protocol_addr: guest_ipv4(5).into(),
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: target.into(),
+        };
+        let mut frame = vec![0; 14 + request.buffer_len()];
+        frame[..6].copy_from_slice(&[0xff; 6]);
+        frame[6..12].copy_from_slice(&mac);
+        frame[12..14].copy_from_slice(&[0x08, 0x06]);
+        request.emit(&mut ArpPacket::new_unchecked(&mut frame[14..]));
+        frame
+    }
+
+    #[test]
+    fn arp_is_answered_to_the_frames_source_whatever_the_request_claims() {
+        let (asker, victim) = (guest_mac(5), guest_mac(6));
+        for sender in [asker, victim] {
+            let reply = arp_reply(&arp_request(asker, sender, GATEWAY_IPV4)).expect("an answer");
+            let ethernet = &reply[HEADER..];
+            assert_eq!(ethernet[..6], asker);
+            let packet = ArpPacket::new_checked(&ethernet[14..]).expect("ARP");
+            match ArpRepr::parse(&packet).expect("a reply") {
+                ArpRepr::EthernetIpv4 {
+                    operation: ArpOperation::Reply,
+                    source_hardware_addr,
+                    target_hardware_addr,
+                    ..
+                } => {
+                    assert_eq!(source_hardware_addr.0, GATEWAY_MAC);
+                    assert_eq!(target_hardware_addr.0, asker);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Not for the gateway: no answer.
+        assert!(arp_reply(&arp_request(asker, asker, guest_ipv4(7))).is_none());
+        assert!(arp_reply(&arp_request(asker, asker, GATEWAY_IPV4)[..20]).is_none());
     }
 
     #[test]

@@ -160,7 +160,8 @@ struct SlotState {
     backlog: VecDeque<Vec<u8>>,
     /// Network: frames sent in the current window.
     sent: RateWindow,
-    /// Network: broadcast and multicast frames sent in the current window.
+    /// Network: frames sent in the current window that the LAN floods
+    /// (group addresses, unknown ones).
     broadcasts: RateWindow,
 }
 
@@ -300,12 +301,7 @@ impl Slot {
                 .as_ref()
                 .map_or(0, |r| 1 << r.event);
         }
-        let SlotState {
-            rings,
-            sent,
-            broadcasts,
-            ..
-        } = state;
+        let SlotState { rings, sent, .. } = state;
         let Some(tx) = rings[NET_TX as usize].as_mut() else {
             return Ok(done);
         };
@@ -318,11 +314,7 @@ impl Slot {
                 taken += 1;
                 let now = now_ns();
                 match frame {
-                    Ok(frame)
-                        if sent.allow(now) && (!net::is_group(&frame) || broadcasts.allow(now)) =>
-                    {
-                        done.outbox.push(frame)
-                    }
+                    Ok(frame) if sent.allow(now) => done.outbox.push(frame),
                     _ => dropped += 1,
                 }
                 if taken >= TURN_CHAINS {
@@ -354,11 +346,15 @@ impl Slot {
         stats.count_frames(FrameCount::Missed, missed);
     }
 
-    /// Forwards the frames of a turn over the port's LAN.
+    /// Forwards the frames of a turn over the port's LAN, those it would
+    /// flood within the guest's broadcast share.
     fn forward(&self, port: &net::Port, outbox: Vec<Vec<u8>>) {
         let (mut sent, mut dropped) = (0, 0);
+        // The LAN asks with its table locked, which comes before a slot's
+        // lock (as when it hands a frame to a receiving slot).
+        let mut may_flood = || crate::lock(&self.state).broadcasts.allow(now_ns());
         for frame in outbox {
-            if port.lan.forward(self, frame) {
+            if port.lan.forward_within(self, frame, &mut may_flood) {
                 sent += 1;
             } else {
                 dropped += 1;

@@ -6,7 +6,8 @@
 //! [`FRAME_MAX`] bytes, the guest's own source address, under its frame
 //! rate), copied out of the guest's memory and forwarded: to the port that
 //! last sent from its destination address, to every other port if the
-//! destination is a group address or unknown, and nowhere if it is a
+//! destination is a group address or unknown (counted against the
+//! sender's broadcast share either way), and nowhere if it is a
 //! host-given guest address that has no port (the guest is gone). Each
 //! port keeps up to [`BACKLOG_MAX`] frames waiting for receive buffers;
 //! past that, frames for it are dropped. Every drop is counted in the
@@ -39,10 +40,10 @@ pub const BACKLOG_MAX: usize = 256;
 /// more are dropped.
 pub const FRAME_LIMIT: u64 = 25_000;
 
-/// Broadcast and multicast frames a guest may send in one
-/// [`FRAME_WINDOW`] (10,000 a second); more are dropped. Each is copied to
-/// every port, so a guest's share of group frames is kept lower than its
-/// share of frames.
+/// Frames a guest may send in one [`FRAME_WINDOW`] (10,000 a second) that
+/// the LAN copies to every port: to a broadcast or multicast address, or
+/// to a unicast address no port has; more are dropped. A guest's share of
+/// these is kept lower than its share of frames.
 pub const BROADCAST_LIMIT: u64 = 1_000;
 
 /// The window [`FRAME_LIMIT`] and [`BROADCAST_LIMIT`] count over.
@@ -176,6 +177,23 @@ impl Lan {
     /// [`read_frame`]) that `from` sent. False if it was for one guest and
     /// dropped: the guest is gone, or there was no room on the way.
     pub fn forward(&self, from: &dyn Endpoint, frame: Vec<u8>) -> bool {
+        self.forward_within(from, frame, &mut || true)
+    }
+
+    /// Forwards `frame` as [`Lan::forward`] does, but asks `may_flood`
+    /// first whenever the frame is to be copied to every port: it goes to
+    /// a group address, or to an address no port has and that is not a
+    /// host-given guest address (here or, through the uplink, in the
+    /// process above, which floods it there). False from `may_flood`
+    /// drops the frame (and so does this). A sender's share of flooded
+    /// frames is kept to its broadcast share this way, whatever address
+    /// it makes up.
+    pub fn forward_within(
+        &self,
+        from: &dyn Endpoint,
+        frame: Vec<u8>,
+        may_flood: &mut dyn FnMut() -> bool,
+    ) -> bool {
         if frame.len() < HEADER + FRAME_MIN as usize {
             return self.lose();
         }
@@ -192,15 +210,21 @@ impl Lan {
                 }
                 Some(None) => return self.lose(),
                 None => {
+                    let host_given = dst[..3] == MAC_PREFIX;
+                    if !host_given && !may_flood() {
+                        return false;
+                    }
                     let uplink = table.uplink.as_ref().and_then(Weak::upgrade);
                     if let Some(uplink) = uplink.filter(|u| !is_from(u)) {
                         return uplink.receive(frame) || self.lose();
                     }
-                    if dst[..3] == MAC_PREFIX {
+                    if host_given {
                         return self.lose();
                     }
                 }
             }
+        } else if !may_flood() {
+            return false;
         }
         let mut seen = HashSet::new();
         let targets: Vec<Arc<dyn Endpoint>> = table
