@@ -15,7 +15,6 @@ use elf::note::Note;
 use shoal_abi::ABI_VERSION;
 use shoal_abi::layout::{IMAGE_BASE, MAX_MEMORY, PAGE_SIZE};
 use shoal_abi::note::{NOTE_NAME, NOTE_TYPE_ABI_VERSION};
-use std::hash::{Hash, Hasher};
 use std::path::Path;
 
 /// Most loadable segments an image may have.
@@ -118,7 +117,7 @@ pub struct Image {
     entry: u64,
     abi_version: u32,
     segments: Vec<Segment>,
-    fingerprint: u64,
+    fingerprint: Fingerprint,
 }
 
 impl Image {
@@ -191,16 +190,12 @@ impl Image {
         {
             return Err(LoadError::BadEntry(entry));
         }
-        let mut hasher = std::hash::DefaultHasher::new();
-        (entry, abi_version).hash(&mut hasher);
-        for s in &segments {
-            (s.vaddr, s.mem_size, &s.data, s.writable, s.executable).hash(&mut hasher);
-        }
+        let fingerprint = fingerprint(entry, abi_version, &segments);
         Ok(Image {
             entry,
             abi_version,
             segments,
-            fingerprint: hasher.finish(),
+            fingerprint,
         })
     }
 
@@ -219,8 +214,11 @@ impl Image {
         &self.segments
     }
 
-    /// A hash of everything loaded: equal images have equal fingerprints.
-    pub fn fingerprint(&self) -> u64 {
+    /// A digest of everything loaded: equal images have equal
+    /// fingerprints, and different ones different fingerprints (SHA-256:
+    /// no one can make two images that share one, so a template or a
+    /// shard's copy of an image found by it is that image's).
+    pub fn fingerprint(&self) -> Fingerprint {
         self.fingerprint
     }
 
@@ -233,6 +231,28 @@ impl Image {
     pub fn end(&self) -> u64 {
         page_end(self.segments.last().map_or(IMAGE_BASE, Segment::end))
     }
+}
+
+/// An image's SHA-256 digest ([`Image::fingerprint`]).
+pub type Fingerprint = [u8; 32];
+
+/// The digest of what is loaded: the entry point, the ABI version, and
+/// each segment's address, sizes, flags and bytes, each field of fixed
+/// width or preceded by its length, so that no two images encode alike.
+fn fingerprint(entry: u64, abi_version: u32, segments: &[Segment]) -> Fingerprint {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    digest.update(entry.to_le_bytes());
+    digest.update(abi_version.to_le_bytes());
+    digest.update((segments.len() as u64).to_le_bytes());
+    for s in segments {
+        digest.update(s.vaddr.to_le_bytes());
+        digest.update(s.mem_size.to_le_bytes());
+        digest.update([u8::from(s.writable), u8::from(s.executable)]);
+        digest.update((s.data.len() as u64).to_le_bytes());
+        digest.update(&s.data);
+    }
+    digest.finalize().into()
 }
 
 fn find_abi_version(
@@ -384,6 +404,39 @@ mod tests {
         assert_eq!(image.segments.len(), 2);
         assert!(image.segments[1].writable && !image.segments[1].executable);
         assert_eq!(image.end(), IMAGE_BASE + 0x3000);
+    }
+
+    #[test]
+    fn images_that_differ_in_anything_loaded_have_different_fingerprints() {
+        let image = |entry: u64, flags: u32, byte: u8, memsz: u64| {
+            let data = Seg(IMAGE_BASE + 0x1000, flags, vec![byte; 8], memsz);
+            let bytes = elf_bytes(entry, &[text(IMAGE_BASE), data], Some(ABI_VERSION));
+            Image::parse(&bytes).expect("valid").fingerprint()
+        };
+        let base = image(IMAGE_BASE, PF_R | PF_W, 1, 0x2000);
+        assert_eq!(base, image(IMAGE_BASE, PF_R | PF_W, 1, 0x2000));
+        for other in [
+            image(IMAGE_BASE + 1, PF_R | PF_W, 1, 0x2000),
+            image(IMAGE_BASE, PF_R, 1, 0x2000),
+            image(IMAGE_BASE, PF_R | PF_W, 2, 0x2000),
+            image(IMAGE_BASE, PF_R | PF_W, 1, 0x3000),
+        ] {
+            assert_ne!(base, other);
+        }
+        // A byte moved from one segment's data to the next's: the same
+        // bytes in a row, told apart by the lengths.
+        let split = |first: usize| {
+            let bytes = elf_bytes(
+                IMAGE_BASE,
+                &[
+                    Seg(IMAGE_BASE, PF_R | PF_X, vec![0x90; first], 0x1000),
+                    Seg(IMAGE_BASE + 0x1000, PF_R, vec![0x90; 32 - first], 0x1000),
+                ],
+                Some(ABI_VERSION),
+            );
+            Image::parse(&bytes).expect("valid").fingerprint()
+        };
+        assert_ne!(split(16), split(17));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::clock::{TscScale, rdtsc};
 use crate::guest::SpawnError;
 use crate::kvm::memory::GuestRam;
 use crate::kvm::{Kvm, PristineState, Vcpu, Vm};
-use crate::loader::Image;
+use crate::loader::{Fingerprint, Image};
 use crossbeam_channel::{Receiver, Sender, bounded, select};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -630,7 +630,7 @@ impl Filler {
 /// Templates by image fingerprint and memory size, built on first use.
 #[derive(Debug, Default)]
 pub struct Templates {
-    built: Mutex<HashMap<(u64, u64), Arc<Template>>>,
+    built: Mutex<HashMap<(Fingerprint, u64), Arc<Template>>>,
 }
 
 /// Templates kept at most; past that, all are dropped and rebuilt on
@@ -654,7 +654,7 @@ impl Templates {
         Ok(Arc::clone(built.entry(key).or_insert(template)))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), Arc<Template>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Fingerprint, u64), Arc<Template>>> {
         self.built.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

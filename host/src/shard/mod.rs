@@ -29,7 +29,7 @@ use crate::end::{Crash, GuestEnd};
 use crate::guest::SpawnError;
 use crate::host::{GuestConfig, HostConfig};
 use crate::kvm::GuestRam;
-use crate::loader::Image;
+use crate::loader::{Fingerprint, Image};
 use crate::pool::PoolStatus;
 use crate::stats::StatsSnapshot;
 use crossbeam_channel::Sender;
@@ -226,7 +226,7 @@ pub(crate) struct Link {
     guests: Mutex<HashMap<u64, Arc<Remote>>>,
     pending: Mutex<HashMap<u64, Sender<Reply>>>,
     next_tag: AtomicU64,
-    images: Mutex<HashSet<u64>>,
+    images: Mutex<HashSet<Fingerprint>>,
     dead: AtomicBool,
     /// Frames to and from the shard's LANs.
     trunk: Arc<Trunk>,

@@ -14,7 +14,7 @@ use super::trunk::{LanPorts, Trunk};
 use super::wire::{self, Event, GuestSpec, Reply, Request};
 use crate::control::GuestControl;
 use crate::host::HostConfig;
-use crate::loader::Image;
+use crate::loader::{Fingerprint, Image};
 use crate::local::Local;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::HashMap;
@@ -77,7 +77,7 @@ type Guests = Arc<Mutex<HashMap<u64, Arc<GuestControl>>>>;
 struct Shard {
     local: Option<Local>,
     shard_size: usize,
-    images: HashMap<u64, Image>,
+    images: HashMap<Fingerprint, Image>,
     guests: Guests,
     out: Arc<Outbox>,
     trunk: Arc<Trunk>,
@@ -254,7 +254,7 @@ impl Shard {
         lan.set_uplink(Arc::downgrade(&uplink) as _);
     }
 
-    fn spawn(&self, id: u64, image: u64, guest: GuestSpec) -> Result<(), String> {
+    fn spawn(&self, id: u64, image: Fingerprint, guest: GuestSpec) -> Result<(), String> {
         let local = self.local.as_ref().ok_or("the shard was not started")?;
         let image = self.images.get(&image).ok_or("unknown image")?;
         if let Some((number, name)) = &guest.net {

@@ -11,7 +11,7 @@ use crate::device::DiskSpec;
 use crate::end::GuestEnd;
 use crate::host::GuestConfig;
 use crate::limits::Limits;
-use crate::loader::Image;
+use crate::loader::{Fingerprint, Image};
 use crate::mmu::Forget;
 use crate::observe::Observe;
 use crate::pool::PoolStatus;
@@ -37,12 +37,12 @@ pub enum Request {
         shard_size: usize,
     },
     /// Keep `image` under `key` for later spawns.
-    Image { key: u64, image: Image },
+    Image { key: Fingerprint, image: Image },
     /// Start guest `id` from the image kept under `image`.
     Spawn {
         tag: u64,
         id: u64,
-        image: u64,
+        image: Fingerprint,
         guest: GuestSpec,
     },
     /// Kill guest `id`.
