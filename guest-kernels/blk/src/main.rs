@@ -10,6 +10,8 @@
 //! - `refused`: a write to a read-only disk and a read past the end must
 //!   both fail. Prints `refused ok`.
 //! - `info`: prints the disk's size, mode and id.
+//! - `flushes`: writes 64 KiB and flushes, over and over, for ever (to be
+//!   killed): a guest whose flushes keep the storage busy.
 //! - `bench read|write BYTES DEPTH TOTAL`: for `shoal bench`, moves TOTAL
 //!   bytes sequentially (wrapping at the disk's end) in requests of BYTES,
 //!   DEPTH at a time; prints `result blk TOTAL NANOS`.
@@ -198,6 +200,16 @@ fn run(mode: &str, seed: u64, rest: impl Iterator<Item = &'static str>) -> Resul
             println!("refused ok");
         }
         "bench" => return bench(&mut disk, rest),
+        "flushes" => {
+            let buf = &mut bufs()?[..CHUNK];
+            let chunks = (disk.sectors() * 512 / CHUNK as u64).max(1);
+            for n in 0u64.. {
+                let offset = n % chunks * CHUNK as u64;
+                fill_chunk(buf, n, offset);
+                disk.write(offset / 512, buf)?;
+                disk.flush()?;
+            }
+        }
         "info" => {
             let id = disk.id()?;
             let len = id.iter().position(|b| *b == 0).unwrap_or(id.len());
@@ -213,7 +225,7 @@ fn run(mode: &str, seed: u64, rest: impl Iterator<Item = &'static str>) -> Resul
             );
         }
         other => {
-            println!("usage: blk check|fill|verify|refused|info [SEED], not {other}");
+            println!("usage: blk check|fill|verify|refused|info|flushes [SEED], not {other}");
             return Ok(2);
         }
     }

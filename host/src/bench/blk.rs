@@ -3,7 +3,9 @@
 //! exits per request at queue depth 1 and 32, the cost of a
 //! notification against a hypercall exit, and a neighbour's throughput
 //! beside guests that break their rings or storm just under the limit
-//! (and, for comparison, beside guests that only spin).
+//! (and, for comparison, beside guests that only spin), and the round
+//! trips of two guests on a LAN beside guests that flush their disks
+//! without pause, against the same pair alone.
 //!
 //! The disk is a 64 MiB file the host writes first, so that both the
 //! guest and the host move data through the page cache: the figures
@@ -199,7 +201,86 @@ pub(super) fn blk_figures(host: &Host, rounds: usize) -> Result<Vec<Figure>, Ben
     }
     figures.push(notify_cost(host, &image, &path, rounds)?);
     figures.extend(neighbour(host, &image, &path, rounds)?);
+    figures.push(flush_neighbour(host, &image, rounds)?);
     Ok(figures)
+}
+
+/// Guests flushing beside the pair in [`flush_neighbour`].
+const FLUSHERS: usize = 4;
+
+/// The round-trip p99 of a `ping` pair on a LAN (5,000 64-byte frames, one
+/// in flight) beside [`FLUSHERS`] guests that write and flush their own
+/// disks without pause, against the pair alone: a flush waits for the
+/// storage, and must not make the device thread that also serves the LAN
+/// wait with it. Medians over `rounds`.
+fn flush_neighbour(host: &Host, image: &crate::Image, rounds: usize) -> Result<Figure, BenchError> {
+    let ping = builtin_image("ping")?;
+    let disks = (0..FLUSHERS)
+        .map(|_| {
+            let file = tempfile::NamedTempFile::new()?;
+            file.as_file().set_len(8 << 20)?;
+            Ok(file)
+        })
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(BenchError::Io)?;
+    let pair_p99 = |lan: &str| -> Result<f64, BenchError> {
+        let config = || GuestConfig {
+            args: ["5000", "64", "1"].map(String::from).to_vec(),
+            net: Some(lan.to_string()),
+            ..Default::default()
+        };
+        let pair = [
+            host.spawn(&ping, config()).map_err(BenchError::Spawn)?,
+            host.spawn(&ping, config()).map_err(BenchError::Spawn)?,
+        ];
+        let reports = pair.map(crate::GuestHandle::wait);
+        reports
+            .iter()
+            .find_map(|r| rtt_p99_us(&r.console_text()))
+            .ok_or_else(|| BenchError::NoResult {
+                mode: "ping".into(),
+                end: reports[0].end.to_string(),
+                console: reports[0].console_text(),
+            })
+    };
+    let mut quiet = Vec::new();
+    let mut beside = Vec::new();
+    for round in 0..rounds.max(1) {
+        quiet.push(pair_p99(&format!("quiet-{round}"))?);
+        let flushers = disks
+            .iter()
+            .map(|disk| {
+                let config = blk_config(disk.path(), &["flushes".to_string()]);
+                host.spawn(image, config).map_err(BenchError::Spawn)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let p99 = pair_p99(&format!("flushed-{round}"));
+        for flusher in flushers {
+            flusher.kill();
+            let report = flusher.wait();
+            if report.end != GuestEnd::Killed {
+                return Err(BenchError::NoResult {
+                    mode: "flushes".into(),
+                    end: report.end.to_string(),
+                    console: report.console_text(),
+                });
+            }
+        }
+        beside.push(p99?);
+    }
+    Ok(Figure::versus(
+        "blk_flush_neighbour_rtt_p99",
+        median(beside),
+        "us",
+        median(quiet),
+    ))
+}
+
+/// The p99 round trip in a `ping ok: .. rtt p50 X p99 Y us` line.
+fn rtt_p99_us(console: &str) -> Option<f64> {
+    let line = console.lines().find(|l| l.starts_with("ping ok:"))?;
+    let (_, rest) = line.split_once(" p99 ")?;
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// A notification's cost to the guest (an `out` KVM hands to the device

@@ -34,6 +34,34 @@ pub struct Served {
     pub cost: u64,
 }
 
+/// What [`Disk::start`] did with a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Started {
+    /// Served, its status written.
+    Served(Served),
+    /// A flush, to be completed once the file is synced.
+    Flush(PendingFlush),
+}
+
+/// A flush request whose status is not written yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingFlush {
+    /// Where its status byte goes (checked to lie in guest memory).
+    status: GuestAddress,
+}
+
+impl PendingFlush {
+    /// Writes `status` (from [`Disk::sync`]) as the request's status.
+    /// `None` if guest memory refused the byte.
+    pub fn finish(self, mem: &GuestMemoryMmap<()>, status: u8) -> Option<Served> {
+        mem.write_obj(status, self.status).ok()?;
+        Some(Served {
+            written: 1,
+            cost: FLUSH_COST,
+        })
+    }
+}
+
 /// A disk to give a guest: `shoal run --disk PATH[,ro]`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskSpec {
@@ -154,8 +182,21 @@ impl Disk {
 
     /// Serves one request whose chain the ring has checked: every buffer
     /// lies in `mem` and off the rings. `None` when the chain is not
-    /// framed as a request and has no status byte to say so.
+    /// framed as a request and has no status byte to say so. A flush is
+    /// served here too, on the calling thread ([`Disk::start`] leaves it
+    /// to another).
     pub fn serve(&self, mem: &GuestMemoryMmap<()>, chain: &Chain) -> Option<Served> {
+        match self.start(mem, chain)? {
+            Started::Served(served) => Some(served),
+            Started::Flush(flush) => flush.finish(mem, self.sync()),
+        }
+    }
+
+    /// Serves one request as [`Disk::serve`] does, reading the request
+    /// from guest memory once, but for a flush of a writable disk: that
+    /// is left for the caller to complete ([`PendingFlush::finish`]) once
+    /// [`Disk::sync`] has run, which may take milliseconds.
+    pub fn start(&self, mem: &GuestMemoryMmap<()>, chain: &Chain) -> Option<Started> {
         let descs = &chain.descs;
         let status = descs
             .last()
@@ -171,6 +212,12 @@ impl Disk {
         let (result, written, cost) = match BlkHeader::read_from_bytes(&header) {
             Ok(header) if framed => {
                 let data = &descs[1..descs.len() - 1];
+                let deferred = header.kind == BLK_T_FLUSH
+                    && !self.read_only
+                    && data.iter().all(|d| d.flags & DESC_WRITE == 0);
+                if deferred {
+                    return Some(Started::Flush(PendingFlush { status: status_at }));
+                }
                 let (result, written) = self.request(mem, header, data);
                 let cost = match header.kind {
                     BLK_T_FLUSH => FLUSH_COST,
@@ -181,10 +228,20 @@ impl Disk {
             _ => (BLK_S_IOERR, 0, 0),
         };
         mem.write_obj(result, status_at).ok()?;
-        Some(Served {
+        Some(Started::Served(Served {
             written: written + 1,
             cost,
-        })
+        }))
+    }
+
+    /// Makes every write completed so far durable (`fdatasync`): the
+    /// status of the flushes it serves.
+    pub fn sync(&self) -> u8 {
+        hold::wait_while_held();
+        match self.file.sync_data() {
+            Ok(()) => BLK_S_OK,
+            Err(_) => BLK_S_IOERR,
+        }
     }
 
     /// Serves a framed request: its status and the data bytes written.
@@ -227,10 +284,7 @@ impl Disk {
                 (BLK_S_OK, written)
             }
             BLK_T_FLUSH if self.read_only => (BLK_S_OK, 0),
-            BLK_T_FLUSH => match self.file.sync_data() {
-                Ok(()) => (BLK_S_OK, 0),
-                Err(_) => (BLK_S_IOERR, 0),
-            },
+            BLK_T_FLUSH => (self.sync(), 0),
             BLK_T_GET_ID => {
                 let Some(first) = data.first() else {
                     return (BLK_S_IOERR, 0);
@@ -293,6 +347,56 @@ impl Disk {
         Ok(())
     }
 }
+
+/// Holding every disk sync of the process, for tests: a sync stands for
+/// the slowest storage there is.
+mod hold {
+    use std::sync::{Condvar, Mutex};
+
+    /// Whether syncs are held, and how many wait.
+    static HELD: Mutex<(bool, usize)> = Mutex::new((false, 0));
+    static RELEASED: Condvar = Condvar::new();
+
+    /// Holds every disk sync in this process until dropped.
+    #[derive(Debug)]
+    pub struct FlushHold(());
+
+    impl FlushHold {
+        /// Syncs waiting now.
+        pub fn waiting(&self) -> usize {
+            crate::lock(&HELD).1
+        }
+    }
+
+    impl Drop for FlushHold {
+        fn drop(&mut self) {
+            crate::lock(&HELD).0 = false;
+            RELEASED.notify_all();
+        }
+    }
+
+    /// Holds every disk sync of this process (each waits before its
+    /// `fdatasync`) until the returned guard is dropped. For tests that
+    /// show what waits for a sync and what does not; nothing else calls
+    /// it.
+    pub fn hold_flushes() -> FlushHold {
+        crate::lock(&HELD).0 = true;
+        FlushHold(())
+    }
+
+    pub(super) fn wait_while_held() {
+        let mut held = crate::lock(&HELD);
+        if held.0 {
+            held.1 += 1;
+            while held.0 {
+                held = RELEASED.wait(held).unwrap_or_else(|e| e.into_inner());
+            }
+            held.1 -= 1;
+        }
+    }
+}
+
+pub use hold::{FlushHold, hold_flushes};
 
 /// The disks open in this process, so that every guest of one read-only
 /// file shares one open file and one lock.

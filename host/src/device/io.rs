@@ -5,8 +5,10 @@
 //! work goes to the back
 //! of the run queue, and the thread looks for new notifications between
 //! turns, so a guest with a deep queue delays the others by one turn at
-//! most.
+//! most. Disk flushes are synced by flush threads ([`super::flush`]),
+//! which give their slots back to this thread to complete.
 
+use super::flush::{Flushers, Wakeups};
 use super::{Slot, Turn};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
@@ -18,6 +20,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// The token of the stop eventfd.
 const STOP: u64 = 0;
+/// The token of the eventfd of slots whose flushes finished.
+const WAKE: u64 = 1;
 
 /// The device thread's shared state.
 #[derive(Debug)]
@@ -26,6 +30,9 @@ pub struct IoThread {
     stop: EventFd,
     /// Watched slots by token.
     slots: Mutex<HashMap<u64, Arc<Slot>>>,
+    /// Slots the flush threads gave back.
+    wakeups: Arc<Wakeups>,
+    flushers: Arc<Flushers>,
     next_token: AtomicU64,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -33,24 +40,34 @@ pub struct IoThread {
 impl IoThread {
     /// Starts the thread.
     pub fn start() -> std::io::Result<Arc<Self>> {
+        let wakeups = Arc::new(Wakeups::new()?);
         let io = Arc::new(Self {
             epoll: Epoll::new()?,
             stop: EventFd::new(EFD_NONBLOCK)?,
             slots: Mutex::default(),
-            next_token: AtomicU64::new(STOP + 1),
+            flushers: Arc::new(Flushers::new(Arc::clone(&wakeups))),
+            wakeups,
+            next_token: AtomicU64::new(WAKE + 1),
             thread: Mutex::new(None),
         });
-        io.epoll.ctl(
-            ControlOperation::Add,
-            io.stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, STOP),
-        )?;
+        for (fd, token) in [(&io.stop, STOP), (io.wakeups.eventfd(), WAKE)] {
+            io.epoll.ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
         let runner = Arc::clone(&io);
         let thread = std::thread::Builder::new()
             .name("shoal-io".into())
             .spawn(move || runner.run())?;
         *io.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
         Ok(io)
+    }
+
+    /// The flush threads, for a new slot.
+    pub fn flushers(&self) -> Arc<Flushers> {
+        Arc::clone(&self.flushers)
     }
 
     /// A token for a new slot.
@@ -84,13 +101,14 @@ impl IoThread {
         );
     }
 
-    /// Stops the thread and waits for it.
+    /// Stops the thread and the flush threads, and waits for them.
     pub fn stop(&self) {
         let _ = self.stop.write(1);
         let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(thread) = thread {
             let _ = thread.join();
         }
+        self.flushers.stop();
     }
 
     fn run(&self) {
@@ -111,6 +129,14 @@ impl IoThread {
                 for event in &events[..n] {
                     if event.data() == STOP {
                         return;
+                    }
+                    if event.data() == WAKE {
+                        for slot in self.wakeups.take() {
+                            if slot.enqueue() {
+                                ready.push_back(slot);
+                            }
+                        }
+                        continue;
                     }
                     if let Some(slot) = slots.get(&event.data())
                         && slot.enqueue()

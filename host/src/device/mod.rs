@@ -14,13 +14,18 @@
 //! of notifications with nothing to do.
 
 mod disk;
+mod flush;
 mod gateway;
 mod io;
 pub mod net;
 pub mod ring;
 mod tap;
 
-pub use disk::{Disk, DiskError, DiskSpec, Disks, FLUSH_COST, Served};
+pub use disk::{
+    Disk, DiskError, DiskSpec, Disks, FLUSH_COST, FlushHold, PendingFlush, Served, Started,
+    hold_flushes,
+};
+pub use flush::FLUSH_THREADS;
 pub use gateway::{Forward, Gateway, GatewayStats};
 pub use io::IoThread;
 pub use net::{Endpoint, Lan, Lans, Mac, make_room};
@@ -127,6 +132,8 @@ pub struct Slot {
     /// The guest's device gate, held for reading during a turn (see
     /// [`crate::mmu::Translations::device_gate`]).
     gate: Arc<RwLock<()>>,
+    /// The flush threads, for a disk's flushes.
+    flushers: Arc<flush::Flushers>,
     state: Mutex<SlotState>,
 }
 
@@ -160,6 +167,8 @@ struct SlotState {
     backlog: VecDeque<Vec<u8>>,
     /// Network: frames sent in the current window.
     sent: RateWindow,
+    /// Disk: flushes handed to the flush threads.
+    flushes: flush::SlotFlushes,
     /// Network: frames sent in the current window that the LAN floods
     /// (group addresses, unknown ones).
     broadcasts: RateWindow,
@@ -171,6 +180,7 @@ impl SlotState {
         self.gone = true;
         self.rings = [None, None];
         self.backlog.clear();
+        self.flushes = flush::SlotFlushes::default();
     }
 }
 
@@ -179,6 +189,8 @@ impl SlotState {
 struct TurnDone {
     /// Chains used.
     used: u64,
+    /// Chains taken but left to complete later (flushes).
+    deferred: u64,
     /// More chains are waiting.
     more: bool,
     /// The events to raise.
@@ -210,7 +222,7 @@ impl Slot {
     /// Serves one turn (up to [`TURN_CHAINS`] chains or [`TURN_COST`]).
     /// Raises the queue's event if the guest asked for it; stops the guest
     /// if its ring is broken. Called by the device thread only.
-    pub fn serve(&self) -> Turn {
+    pub fn serve(self: &Arc<Self>) -> Turn {
         self.queued.store(false, Ordering::Release);
         let notifications = self.notify.read().unwrap_or(0);
         self.owner.control.stats.count_notifications(notifications);
@@ -230,7 +242,8 @@ impl Slot {
             }
         };
         let used = done.used;
-        if used == 0 && notifications > 0 && !state.storm.allow_n(notifications, now_ns()) {
+        let idle = used == 0 && done.deferred == 0;
+        if idle && notifications > 0 && !state.storm.allow_n(notifications, now_ns()) {
             self.fail(
                 state,
                 format!(
@@ -254,19 +267,45 @@ impl Slot {
         }
     }
 
-    /// One turn of a disk: serves its queue.
-    fn disk_turn(&self, disk: &Disk, state: &mut SlotState) -> Result<TurnDone, RingError> {
-        let Some(ring) = state.rings[0].as_mut() else {
+    /// One turn of a disk: completes the flushes the flush threads
+    /// synced, then serves its queue, handing new flushes to them.
+    fn disk_turn(
+        self: &Arc<Self>,
+        disk: &Disk,
+        state: &mut SlotState,
+    ) -> Result<TurnDone, RingError> {
+        let SlotState { rings, flushes, .. } = state;
+        let Some(ring) = rings[0].as_mut() else {
             return Ok(TurnDone::default());
         };
         let mut done = TurnDone::default();
+        for (head, flush, status) in std::mem::take(&mut flushes.done) {
+            let served = flush
+                .finish(ring.mem(), status)
+                .ok_or(RingError::Unanswerable(head))?;
+            ring.complete(head, served.written)?;
+            done.used += 1;
+        }
         let mut cost = 0;
         let spent = |used: u64, cost: u64| used as usize >= TURN_CHAINS || cost >= TURN_COST;
         loop {
             while let Some(chain) = ring.pop()? {
-                let served = disk
-                    .serve(ring.mem(), &chain)
+                let started = disk
+                    .start(ring.mem(), &chain)
                     .ok_or(RingError::Unanswerable(chain.head))?;
+                let served = match started {
+                    Started::Served(served) => served,
+                    Started::Flush(flush) => {
+                        flushes.waiting.push((chain.head, flush));
+                        if !flushes.queued {
+                            flushes.queued = true;
+                            self.flushers.submit(self);
+                        }
+                        done.deferred += 1;
+                        cost += FLUSH_COST;
+                        continue;
+                    }
+                };
                 ring.complete(chain.head, served.written)?;
                 done.used += 1;
                 cost += served.cost;
@@ -423,6 +462,36 @@ impl Slot {
             .unwrap_or(Err(RingError::HostPanic))
     }
 
+    /// Syncs the disk for the flushes waiting (on a flush thread),
+    /// leaving them for the device thread to complete; queues the next
+    /// sync if more arrived meanwhile.
+    fn sync_flushes(self: &Arc<Self>) {
+        let Backend::Disk(disk) = &self.backend else {
+            return;
+        };
+        {
+            let mut state = crate::lock(&self.state);
+            let flushes = &mut state.flushes;
+            flushes.syncing = std::mem::take(&mut flushes.waiting);
+        }
+        let status = disk.sync();
+        let mut state = crate::lock(&self.state);
+        if state.gone {
+            return;
+        }
+        let flushes = &mut state.flushes;
+        let synced = std::mem::take(&mut flushes.syncing);
+        flushes.done.extend(
+            synced
+                .into_iter()
+                .map(|(head, flush)| (head, flush, status)),
+        );
+        flushes.queued = !flushes.waiting.is_empty();
+        if flushes.queued {
+            self.flushers.submit(self);
+        }
+    }
+
     /// Serves nothing more and stops the guest for `reason`.
     fn fail(&self, mut state: std::sync::MutexGuard<'_, SlotState>, reason: String) {
         state.retire();
@@ -498,11 +567,13 @@ impl Devices {
                 owner: parts.owner.clone(),
                 queued: AtomicBool::new(false),
                 gate: Arc::clone(&devices.gate),
+                flushers: parts.io.flushers(),
                 state: Mutex::new(SlotState {
                     rings: [None, None],
                     gone: false,
                     storm: Bucket::new(STORM_RATE, STORM_BURST),
                     backlog: VecDeque::new(),
+                    flushes: flush::SlotFlushes::default(),
                     sent: RateWindow::per(net::FRAME_LIMIT, net::FRAME_WINDOW.as_nanos() as u64),
                     broadcasts: RateWindow::per(
                         net::BROADCAST_LIMIT,
