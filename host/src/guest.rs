@@ -1,7 +1,7 @@
 //! One guest: its VM, vCPU, memory and services, and the loop that runs it
 //! from exit to exit.
 
-use crate::boot::{BootError, BootParams, Template, descriptors};
+use crate::boot::{BootError, BootParams, Template, descriptors, paging};
 use crate::clock::{GuestClock, TscScale};
 use crate::console::{Console, RingReader};
 use crate::device::{DeviceParts, Devices};
@@ -451,6 +451,10 @@ impl Guest {
             Ok(fault) => fault,
             Err(internal) => return Flow::End(GuestEnd::Crashed(internal)),
         };
+        let (vector, fault) = match self.syscall_at(&fault) {
+            Some(syscall) => (descriptors::INVALID_OPCODE, syscall),
+            None => (vector, fault),
+        };
         let mut traps = self.traps.get();
         if let Some(table) = traps.enter(vector) {
             let at = kvm_regs {
@@ -483,6 +487,47 @@ impl Guest {
             rsp: fault.rsp,
             fault_addr: fault.addr,
         }))
+    }
+
+    /// The `#UD` the ABI gives `syscall`, if `fault` is what PVM makes of
+    /// one instead: the CPU jumps to its `LSTAR`, which is 0 for a guest,
+    /// and faults fetching there (a user-mode `#PF` at rip 0, address 0),
+    /// with `rcx` at the instruction after the `syscall` and `r11` holding
+    /// the flags. Recognised by those registers and the instruction's two
+    /// bytes (`0f 05`) at `rcx - 2`; the `#UD` is reported there, with the
+    /// flags of that moment. (On hardware KVM a guest's `syscall` raises
+    /// `#UD` itself: its `EFER.SCE` is clear.)
+    fn syscall_at(&mut self, fault: &Fault) -> Option<Fault> {
+        const PF_USER_FETCH: u64 = (1 << 2) | (1 << 4);
+        const RFLAGS_FIXED: u64 = 1 << 1;
+        let pf_at_zero = fault.rip == 0
+            && fault.addr == Some(0)
+            && fault
+                .error_code
+                .is_some_and(|c| c & PF_USER_FETCH == PF_USER_FETCH);
+        if !pf_at_zero {
+            return None;
+        }
+        let regs = self.vcpu.exit_regs();
+        let at = regs.rcx.checked_sub(2)?;
+        if regs.r11 & RFLAGS_FIXED == 0 {
+            return None;
+        }
+        let cr3 = self.vcpu.sregs().ok()?.cr3;
+        let mut bytes = [0u8; 2];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            let physical = paging::user_address(&self.ram, cr3, at + i as u64)?;
+            self.ram
+                .read_host(physical, std::slice::from_mut(byte))
+                .ok()?;
+        }
+        (bytes == [0x0f, 0x05]).then_some(Fault {
+            error_code: None,
+            rip: at,
+            rsp: fault.rsp,
+            rflags: regs.r11,
+            addr: None,
+        })
     }
 
     /// Reads the state of the CPL3 code that raised `vector`: the frame

@@ -74,6 +74,76 @@ fn null_write_without_handler_is_reported_precisely() {
 }
 
 #[test]
+fn syscall_is_an_invalid_opcode_at_the_instruction() {
+    let report = common::run("privileged", &["syscall"]);
+    match report.end {
+        GuestEnd::Crashed(Crash::Exception {
+            vector: 6,
+            error_code: None,
+            rip,
+            fault_addr: None,
+            ..
+        }) => assert!(
+            common::text_range("privileged").contains(&rip),
+            "rip {rip:#x}"
+        ),
+        ref other => panic!("expected #UD, got {other}"),
+    }
+    // A handler sees it at the instruction, and goes on past it.
+    let caught = common::run("privileged", &["syscall-caught"]);
+    common::assert_exited_0(&caught);
+    assert!(
+        caught
+            .console_text()
+            .ends_with("syscall: #UD at the instruction\n"),
+        "{}",
+        caught.console_text()
+    );
+}
+
+#[test]
+fn int3_and_int_n_stop_the_guest_with_the_documented_vectors() {
+    // Under PVM `int3` is a breakpoint and `int n` an invalid opcode; on
+    // hardware KVM both are general-protection faults (every gate is DPL
+    // 0).
+    let want = |pvm_vector, gp| if common::pvm() { pvm_vector } else { gp };
+    for (mode, vector) in [("int3", want(3, 13)), ("int80", want(6, 13))] {
+        let report = common::run("privileged", &[mode]);
+        match report.end {
+            GuestEnd::Crashed(Crash::Exception { vector: v, rip, .. }) if v == vector => assert!(
+                common::text_range("privileged").contains(&rip),
+                "{mode}: rip {rip:#x}"
+            ),
+            ref other => panic!("{mode}: expected vector {vector}, got {other}"),
+        }
+    }
+}
+
+#[test]
+fn string_output_to_the_hypercall_port_is_as_documented() {
+    let report = common::run("privileged", &["rep-out"]);
+    let text = report.console_text();
+    if common::pvm() {
+        // PVM hands the host one element at a time, each a plain `out`:
+        // two hypercalls, then the guest goes on.
+        assert_eq!(report.end, GuestEnd::Exited(1), "{text}");
+        assert!(
+            text.ends_with("one\ntwo\nrep-out did not fault\n"),
+            "{text}"
+        );
+    } else {
+        assert!(
+            matches!(
+                report.end,
+                GuestEnd::Crashed(Crash::BadPortAccess { size: 0, .. })
+            ),
+            "{}: {text}",
+            report.end
+        );
+    }
+}
+
+#[test]
 fn privileged_instruction_at_cpl3_is_a_general_protection_fault() {
     let report = common::run("privileged", &[]);
     let GuestEnd::Crashed(Crash::Exception {

@@ -15,7 +15,7 @@ const WINDOW: u64 = 0x50_0000_0000;
 /// change; on hardware KVM the guest's own CR4 decides, and none of
 /// these is required.
 fn cpu_features_residue_must_check() -> Vec<&'static str> {
-    if !std::path::Path::new("/sys/module/kvm_pvm").exists() {
+    if !common::pvm() {
         return Vec::new();
     }
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").expect("/proc/cpuinfo");

@@ -108,6 +108,9 @@ pub fn write(ram: &GuestRam) -> Result<(), MemoryError> {
     ram.write_host(TSS, &tss_bytes())
 }
 
+/// The invalid-opcode exception (`#UD`).
+pub const INVALID_OPCODE: u8 = 6;
+
 /// Whether the CPU pushes an error code for `vector`.
 pub fn has_error_code(vector: u8) -> bool {
     matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30)

@@ -11,6 +11,30 @@ use std::collections::BTreeMap;
 
 pub use shoal_abi::layout::pte::{ACCESSED, ADDR_MASK, DIRTY, NO_EXECUTE, PRESENT, USER, WRITABLE};
 
+/// The guest-physical address of `vaddr` if the guest's user mode can
+/// reach it, read from the tables at `cr3` in `ram` as the CPU would
+/// walk them (2 MiB and 1 GiB pages included).
+pub fn user_address(ram: &GuestRam, cr3: u64, vaddr: u64) -> Option<u64> {
+    const HUGE: u64 = 1 << 7;
+    let mut table = cr3 & ADDR_MASK;
+    for level in (0..4u32).rev() {
+        let shift = 12 + 9 * level;
+        let index = (vaddr >> shift) & 511;
+        let mut entry = [0u8; 8];
+        ram.read_host(table + index * 8, &mut entry).ok()?;
+        let entry = u64::from_le_bytes(entry);
+        if entry & PRESENT == 0 || entry & USER == 0 {
+            return None;
+        }
+        if level == 0 || (level < 3 && entry & HUGE != 0) {
+            let size = 1u64 << shift;
+            return Some((entry & ADDR_MASK & !(size - 1)) | (vaddr & (size - 1)));
+        }
+        table = entry & ADDR_MASK;
+    }
+    None
+}
+
 /// Why a mapping could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum PagingError {

@@ -17,6 +17,7 @@
 //! stopped; a debugger that disconnects is a detach.
 
 use super::Guest;
+use crate::boot::paging;
 use crate::end::{Crash, GuestEnd};
 use crate::hypercall::{self, Flow};
 use crate::kvm::vcpu::{Exit, selector};
@@ -375,35 +376,6 @@ impl Session<'_> {
         }
     }
 
-    /// The guest-physical address of `vaddr` if the guest's user mode can
-    /// reach it, from its own page tables.
-    fn translate(&self, vaddr: u64) -> Option<u64> {
-        const PRESENT: u64 = 1;
-        const USER: u64 = 1 << 2;
-        const HUGE: u64 = 1 << 7;
-        const FRAME: u64 = 0x000f_ffff_ffff_f000;
-        let mut table = self.cr3 & FRAME;
-        for level in (0..4u32).rev() {
-            let shift = 12 + 9 * level;
-            let index = (vaddr >> shift) & 511;
-            let mut entry = [0u8; 8];
-            self.guest
-                .ram
-                .read_host(table + index * 8, &mut entry)
-                .ok()?;
-            let entry = u64::from_le_bytes(entry);
-            if entry & PRESENT == 0 || entry & USER == 0 {
-                return None;
-            }
-            if level == 0 || (level < 3 && entry & HUGE != 0) {
-                let size = 1u64 << shift;
-                return Some((entry & FRAME & !(size - 1)) | (vaddr & (size - 1)));
-            }
-            table = entry & FRAME;
-        }
-        None
-    }
-
     /// Calls `access` on each piece of `start..start + len` that lies in
     /// one page, with the piece's guest-physical address and its offset
     /// in the range; stops at the first page the guest cannot reach.
@@ -418,7 +390,7 @@ impl Session<'_> {
         while done < len {
             let vaddr = start.wrapping_add(done as u64);
             let in_page = ((PAGE_SIZE - vaddr % PAGE_SIZE) as usize).min(len - done);
-            match self.translate(vaddr) {
+            match paging::user_address(&self.guest.ram, self.cr3, vaddr) {
                 Some(paddr) if access(paddr, done, in_page) => done += in_page,
                 _ => break,
             }
