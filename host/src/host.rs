@@ -143,6 +143,11 @@ pub struct HostConfig {
     /// most ~10,000 guests (two file descriptors each) and slows as it
     /// grows; shards keep the cost per guest flat.
     pub shard_size: Option<usize>,
+    /// Confine every thread shoal starts, in this process and in its
+    /// shard processes, to the system calls its kind needs
+    /// ([`crate::seccomp`]). On by default. Once a host has turned it on,
+    /// it stays on for the process.
+    pub seccomp: bool,
 }
 
 /// VMs a host keeps ready by default: enough to absorb a burst of spawns
@@ -160,6 +165,7 @@ impl Default for HostConfig {
             slice: DEFAULT_SLICE,
             pool: DEFAULT_POOL,
             shard_size: None,
+            seccomp: true,
         }
     }
 }
@@ -200,6 +206,9 @@ impl Host {
     /// scheduler and the pool), or, with [`HostConfig::shard_size`], a
     /// supervisor that starts its first shard at the first spawn.
     pub fn with_config(config: HostConfig) -> Result<Self, HostError> {
+        if config.seccomp {
+            crate::seccomp::enable();
+        }
         let engine = match config.shard_size {
             None => Engine::Local(Box::new(Local::start(&config)?)),
             Some(size) => Engine::Sharded(Shards::new(config, size)),

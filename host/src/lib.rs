@@ -33,6 +33,8 @@ pub mod control;
 pub mod device;
 pub mod end;
 pub mod event;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod guest;
 pub mod host;
 pub mod hypercall;
@@ -44,6 +46,7 @@ pub mod mmu;
 pub mod observe;
 pub mod pool;
 pub mod sched;
+pub mod seccomp;
 pub mod shard;
 pub mod stats;
 pub mod trap;

@@ -72,8 +72,13 @@ pub struct Toolstack {
 }
 
 impl Toolstack {
-    /// A toolstack on `kvm`.
+    /// A toolstack on `kvm`. Opens the process's pagemap now, from the
+    /// thread that starts the host, for the resets that scan it later
+    /// (without it they give RAM back whole).
     pub fn new(kvm: Kvm) -> Self {
+        if let Err(e) = crate::kvm::pagemap::open() {
+            tracing::warn!(error = %e, "cannot open the pagemap; resets give RAM back whole");
+        }
         Self {
             kvm,
             scale: OnceLock::new(),
@@ -334,7 +339,10 @@ impl Pool {
                     room: Arc::clone(&room),
                     last: Arc::clone(&last),
                 };
-                move || filler.run()
+                move || {
+                    crate::seccomp::confine_or_warn(crate::seccomp::Kind::Filler);
+                    filler.run()
+                }
             })?;
         Ok(Self {
             stop,

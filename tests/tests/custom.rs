@@ -118,6 +118,56 @@ fn a_handler_that_fails_or_panics_stops_only_its_caller_with_the_reason() {
 }
 
 #[test]
+fn a_handler_that_opens_a_file_or_runs_a_program_is_stopped_by_the_sandbox() {
+    let host = common::host();
+    // Each reaches for what a worker thread may not do, and says what
+    // happened if it returns at all.
+    host.register_hypercall(0x1004, |_: &Caller<'_>, _: [u64; 2]| {
+        std::fs::File::open("/etc/hostname")
+            .map(|_| 0u64)
+            .map_err(|e| format!("open failed: {e}"))
+    })
+    .expect("registers");
+    host.register_hypercall(0x1005, |_: &Caller<'_>, _: [u64; 2]| {
+        let program = c"/bin/true";
+        let argv = [program.as_ptr(), std::ptr::null()];
+        let envp = [std::ptr::null()];
+        // SAFETY: a valid path and null-terminated argument and
+        // environment lists; were it to succeed, the test process would
+        // become `/bin/true` and the test fail.
+        unsafe { libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        Err::<u64, _>(format!("exec failed: {}", std::io::Error::last_os_error()))
+    })
+    .expect("registers");
+    // Starting a process starts with a `clone` the sandbox refuses too
+    // (with EPERM, unnamed: C libraries make it with signals blocked).
+    host.register_hypercall(0x1006, |_: &Caller<'_>, _: [u64; 2]| {
+        std::process::Command::new("/bin/true")
+            .status()
+            .map(|_| 0u64)
+            .map_err(|e| format!("spawn failed: {e}"))
+    })
+    .expect("registers");
+    let report = custom(&host, &["call", "0x1006"]);
+    match &report.end {
+        GuestEnd::Crashed(Crash::CustomHypercall { nr: 0x1006, reason })
+            if reason.contains("spawn failed") && reason.contains("not permitted") => {}
+        other => panic!("expected the spawn refused, got {other:?}"),
+    }
+    for (nr, call) in [(0x1004, "openat"), (0x1005, "execve")] {
+        let report = custom(&host, &["call", &format!("{nr:#x}")]);
+        match &report.end {
+            GuestEnd::Crashed(Crash::CustomHypercall { nr: n, reason })
+                if *n == nr && reason.contains(&format!("system call {call},")) => {}
+            other => panic!("{nr:#x}: expected a stop naming {call}, got {other:?}"),
+        }
+    }
+    // The host and its other guests go on.
+    register_shout(&host);
+    common::assert_exited_0(&custom(&host, &["shout", "still here"]));
+}
+
+#[test]
 fn numbers_outside_the_custom_range_and_sharded_hosts_are_refused() {
     let host = common::host();
     let handler = |_: &Caller<'_>, x: u64| Ok::<u64, String>(x);

@@ -82,6 +82,11 @@ struct RunArgs {
     /// Default: all up to 100 guests, errors above.
     #[arg(long, value_enum)]
     console: Option<many::ConsoleMode>,
+    /// Run without the host's sandbox: by default every thread shoal
+    /// starts (workers, device, pool, shard processes, ...) may make only
+    /// the system calls its kind needs (seccomp; docs/threat-model.md).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Experiment: show the guest its page tables at a window where each
     /// write traps to the host, which checks and applies it
     /// (trap-and-emulate; feature TRAPPED_PAGE_TABLES).
@@ -390,7 +395,11 @@ fn run(mut run: RunArgs) -> anyhow::Result<ExitCode> {
             let _ = out.flush();
         })
     });
-    let host = Host::new().context("cannot start the host")?;
+    let host = Host::with_config(shoal_host::HostConfig {
+        seccomp: !run.no_seccomp,
+        ..shoal_host::HostConfig::default()
+    })
+    .context("cannot start the host")?;
     let mut config = run.config(0, sink);
     if let Some(port) = run.gdb {
         config.gdb = Some(gdb_listener(&run.kernel, port)?);

@@ -119,6 +119,7 @@ pub fn run(image: &Image, run: &RunArgs) -> anyhow::Result<ExitCode> {
     };
     let host = Host::with_config(HostConfig {
         shard_size,
+        seccomp: !run.no_seccomp,
         ..Default::default()
     })
     .context("cannot start the host")?;

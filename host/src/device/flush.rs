@@ -102,6 +102,7 @@ impl Flushers {
         let started = std::thread::Builder::new()
             .name(format!("shoal-flush-{n}"))
             .spawn(move || {
+                crate::seccomp::confine_or_warn(crate::seccomp::Kind::Flush);
                 while let Ok(Some(slot)) = queue.recv() {
                     if let Some(slot) = slot.upgrade() {
                         slot.sync_flushes();

@@ -134,7 +134,10 @@ impl Gateway {
         let mut runner = Runner::new(Arc::clone(&shared))?;
         let thread = std::thread::Builder::new()
             .name("shoal-gateway".into())
-            .spawn(move || runner.run())?;
+            .spawn(move || {
+                crate::seccomp::confine_or_warn(crate::seccomp::Kind::Gateway);
+                runner.run()
+            })?;
 
         Ok(Self {
             shared,
@@ -559,6 +562,14 @@ impl Conn {
     }
 }
 
+/// Whether the IPv4 packet in `ethernet` is addressed to the gateway
+/// itself. The stack would also take a broadcast (`255.255.255.255`,
+/// `10.255.255.255`) as its own and answer it from the broadcast
+/// address: the gateway serves no broadcast, so it never sees one.
+fn for_the_gateway(ethernet: &[u8]) -> bool {
+    ethernet.get(..6) == Some(&GATEWAY_MAC[..]) && ethernet.get(30..34) == Some(&GATEWAY_IPV4[..])
+}
+
 /// Whether the IPv4 packet in `ethernet` comes from the address its
 /// sender's MAC address gives (the LAN checked that MAC): no guest may
 /// speak for another in a forwarded connection.
@@ -593,7 +604,7 @@ impl Phy {
                 continue;
             }
             match [ethernet[12], ethernet[13]] {
-                [0x08, 0x00] if ethernet[..6] == GATEWAY_MAC && sent_by_its_owner(ethernet) => {
+                [0x08, 0x00] if for_the_gateway(ethernet) && sent_by_its_owner(ethernet) => {
                     return Some(frame);
                 }
                 [0x08, 0x06] => {
@@ -753,6 +764,18 @@ mod tests {
         // Not for the gateway: no answer.
         assert!(arp_reply(&arp_request(asker, asker, guest_ipv4(7))).is_none());
         assert!(arp_reply(&arp_request(asker, asker, GATEWAY_IPV4)[..20]).is_none());
+    }
+
+    #[test]
+    fn only_packets_to_the_gateways_own_address_reach_its_stack() {
+        let mut frame = ip_frame(guest_mac(5), guest_ipv4(5));
+        frame[30..34].copy_from_slice(&GATEWAY_IPV4);
+        assert!(for_the_gateway(&frame));
+        for dst in [[255; 4], [10, 255, 255, 255], guest_ipv4(6)] {
+            frame[30..34].copy_from_slice(&dst);
+            assert!(!for_the_gateway(&frame), "{dst:?}");
+        }
+        assert!(!for_the_gateway(&frame[..32]));
     }
 
     #[test]

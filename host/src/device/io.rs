@@ -60,7 +60,10 @@ impl IoThread {
         let runner = Arc::clone(&io);
         let thread = std::thread::Builder::new()
             .name("shoal-io".into())
-            .spawn(move || runner.run())?;
+            .spawn(move || {
+                crate::seccomp::confine_or_warn(crate::seccomp::Kind::Device);
+                runner.run()
+            })?;
         *io.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
         Ok(io)
     }

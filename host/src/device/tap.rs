@@ -80,7 +80,10 @@ impl Tap {
         let reader = Arc::clone(&port);
         let thread = std::thread::Builder::new()
             .name(format!("shoal-tap-{name}"))
-            .spawn(move || reader.read_frames())?;
+            .spawn(move || {
+                crate::seccomp::confine_or_warn(crate::seccomp::Kind::Tap);
+                reader.read_frames()
+            })?;
         Ok(Self {
             port,
             thread: Some(thread),

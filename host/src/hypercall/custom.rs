@@ -181,6 +181,9 @@ pub(super) fn serve(ctx: &Context<'_>, addr: u64, header: HypercallHeader) -> Fl
         id: ctx.id,
         ram: ctx.ram,
     };
+    // A call the host's sandbox denied earlier on this thread is not this
+    // handler's.
+    let _ = crate::seccomp::take_denied();
     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(&caller, args)));
     let stop = |reason: String| {
         Flow::End(GuestEnd::Crashed(Crash::CustomHypercall {
@@ -188,10 +191,17 @@ pub(super) fn serve(ctx: &Context<'_>, addr: u64, header: HypercallHeader) -> Fl
             reason,
         }))
     };
-    match served {
-        Ok(Ok(())) => finish(ctx, addr, header, Ok((0, Flow::Resume)), args),
-        Ok(Err(reason)) => stop(reason),
-        Err(panic) => stop(format!("the handler panicked: {}", panic_text(&*panic))),
+    // A panic's own report (a backtrace) may be what the sandbox denied:
+    // the panic is the reason then.
+    let denied = crate::seccomp::take_denied();
+    match (served, denied) {
+        (Err(panic), _) => stop(format!("the handler panicked: {}", panic_text(&*panic))),
+        (Ok(_), Some(call)) => stop(format!(
+            "the handler made the system call {}, which the host's sandbox denies worker threads",
+            call.name()
+        )),
+        (Ok(Ok(())), None) => finish(ctx, addr, header, Ok((0, Flow::Resume)), args),
+        (Ok(Err(reason)), None) => stop(reason),
     }
 }
 

@@ -97,7 +97,10 @@ impl Factory {
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         std::thread::Builder::new()
             .name("shoal-vm-factory".into())
-            .spawn(move || serve(theirs, &ready_tx))
+            .spawn(move || {
+                crate::seccomp::confine_or_warn(crate::seccomp::Kind::Factory);
+                serve(theirs, &ready_tx)
+            })
             .ok()?;
         let ready = ready_rx.recv();
         if matches!(ready, Ok(Ok(())) | Ok(Err((_, true)))) {

@@ -53,6 +53,21 @@ const PAGEMAP_SCAN: libc::c_ulong = (3 << 30)
 
 const _: () = assert!(size_of::<ScanArg>() == 96 && size_of::<PageRegion>() == 24);
 
+/// The process's `/proc/self/pagemap`, opened by the first call. Only an
+/// open that worked is kept: a failure (out of fds, say) is tried again
+/// next time. A pool opens it as it starts ([`crate::pool`]), so that no
+/// thread of the host's sandbox, which may not open files, is the first.
+pub fn open() -> std::io::Result<&'static File> {
+    static PAGEMAP: OnceLock<File> = OnceLock::new();
+    match PAGEMAP.get() {
+        Some(file) => Ok(file),
+        None => {
+            let file = File::open("/proc/self/pagemap")?;
+            Ok(PAGEMAP.get_or_init(|| file))
+        }
+    }
+}
+
 /// Runs reported per ioctl; a range with more makes more calls.
 const RUNS_PER_CALL: usize = 32;
 
@@ -63,16 +78,7 @@ const RUNS_PER_CALL: usize = 32;
 /// error (an older kernel, no `/proc`) means nothing is known, though
 /// `each` may have seen the runs of the first part of the range.
 pub fn scan(addr: u64, len: u64, mut each: impl FnMut(Range<u64>, u64)) -> std::io::Result<()> {
-    static PAGEMAP: OnceLock<File> = OnceLock::new();
-    let pagemap = match PAGEMAP.get() {
-        Some(file) => file,
-        // Only an open that worked is kept: a failure (out of fds, say)
-        // is tried again next time.
-        None => {
-            let file = File::open("/proc/self/pagemap")?;
-            PAGEMAP.get_or_init(|| file)
-        }
-    };
+    let pagemap = open()?;
     let end = addr
         .checked_add(len)
         .ok_or(std::io::ErrorKind::InvalidInput)?;

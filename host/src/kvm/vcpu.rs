@@ -325,7 +325,7 @@ impl Vcpu {
     /// events, debug registers (three ioctls; once per process).
     ///
     /// The XSAVE image names x87, SSE and PKRU outright, at their initial
-    /// values ([`initial_xsave`]): read back from KVM, it would name
+    /// values (`initial_xsave`): read back from KVM, it would name
     /// neither PKRU nor (for a vCPU that never ran) SSE, and KVM leaves
     /// what the image does not name as the last guest left it.
     pub fn pristine(&self) -> Result<PristineState, VcpuError> {

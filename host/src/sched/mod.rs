@@ -366,18 +366,27 @@ impl Scheduler {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("shoal-worker-{index}"))
-                    .spawn(move || worker::run(&inner, index))?,
+                    .spawn(move || {
+                        crate::seccomp::confine_or_warn(crate::seccomp::Kind::Worker);
+                        worker::run(&inner, index)
+                    })?,
             );
         }
         let timer_inner = Arc::clone(&inner);
         threads.push(
             std::thread::Builder::new()
                 .name("shoal-timer".into())
-                .spawn(move || timer::run(&timer_inner))?,
+                .spawn(move || {
+                    crate::seccomp::confine_or_warn(crate::seccomp::Kind::Timer);
+                    timer::run(&timer_inner)
+                })?,
         );
         let reaper = std::thread::Builder::new()
             .name("shoal-reaper".into())
-            .spawn(move || reap(&reap_rx))?;
+            .spawn(move || {
+                crate::seccomp::confine_or_warn(crate::seccomp::Kind::Reaper);
+                reap(&reap_rx)
+            })?;
         Ok(Self {
             inner,
             threads: Mutex::new(threads),

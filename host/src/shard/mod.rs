@@ -20,7 +20,7 @@
 
 mod serve;
 mod trunk;
-mod wire;
+pub(crate) mod wire;
 
 use crate::console::Console;
 use crate::control::{GuestControl, GuestState};
@@ -248,6 +248,7 @@ impl Link {
             .arg0(format!("shoal-shard-{index}"))
             .env(serve::FD_ENV, fds[0].to_string())
             .env(serve::TRUNK_ENV, fds[1].to_string())
+            .env(serve::SECCOMP_ENV, if config.seccomp { "1" } else { "0" })
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         // SAFETY: between fork and exec the closure only calls `fcntl`,
@@ -285,12 +286,18 @@ impl Link {
         let reader_link = Arc::clone(&link);
         let reader = std::thread::Builder::new()
             .name(format!("shoal-shard-{index}"))
-            .spawn(move || reader_link.read_events(input))?;
+            .spawn(move || {
+                crate::seccomp::confine_or_warn(crate::seccomp::Kind::Trunk);
+                reader_link.read_events(input)
+            })?;
         *lock(&link.reader) = Some(reader);
         let frames_link = Arc::clone(&link);
         let frames = std::thread::Builder::new()
             .name(format!("shoal-trunk-{index}"))
-            .spawn(move || frames_link.lans.serve(&frames_link.trunk))?;
+            .spawn(move || {
+                crate::seccomp::confine_or_warn(crate::seccomp::Kind::Trunk);
+                frames_link.lans.serve(&frames_link.trunk)
+            })?;
         *lock(&link.trunk_reader) = Some(frames);
         let started = link.request(|tag| Request::Start {
             tag,

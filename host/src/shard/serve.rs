@@ -29,6 +29,11 @@ pub(crate) const FD_ENV: &str = "SHOAL_SHARD_FD";
 /// Names the shard's end of its trunk (`super::trunk`).
 pub(crate) const TRUNK_ENV: &str = "SHOAL_SHARD_TRUNK_FD";
 
+/// Set (to `1`) when the shard is to run in the host's sandbox
+/// ([`crate::seccomp`]): its main thread is confined before it serves
+/// anything, and so is every thread it starts.
+pub(crate) const SECCOMP_ENV: &str = "SHOAL_SHARD_SECCOMP";
+
 #[ctor::ctor(unsafe)]
 fn enter_if_shard() {
     let Some(fd) = std::env::var_os(FD_ENV) else {
@@ -113,6 +118,10 @@ impl Outbox {
 /// Serves requests from `socket`, and frames from `trunk`, until the
 /// socket closes.
 fn serve(socket: UnixStream, trunk: Trunk) -> io::Result<()> {
+    if std::env::var_os(SECCOMP_ENV).is_some_and(|v| v == "1") {
+        crate::seccomp::enable();
+        crate::seccomp::confine(crate::seccomp::Kind::ShardServer).map_err(io::Error::other)?;
+    }
     let mut input = BufReader::new(socket.try_clone()?);
     let (wake, woken) = crossbeam_channel::bounded(1);
     let frames = Arc::new(Mutex::new(Vec::new()));
@@ -120,7 +129,10 @@ fn serve(socket: UnixStream, trunk: Trunk) -> io::Result<()> {
         .name("shoal-shard-out".into())
         .spawn({
             let frames = Arc::clone(&frames);
-            move || write_events(socket, &frames, &woken)
+            move || {
+                crate::seccomp::confine_or_warn(crate::seccomp::Kind::Trunk);
+                write_events(socket, &frames, &woken)
+            }
         })?;
     let out = Arc::new(Outbox { frames, wake });
     let trunk = Arc::new(trunk);
@@ -129,7 +141,10 @@ fn serve(socket: UnixStream, trunk: Trunk) -> io::Result<()> {
         .name("shoal-shard-trunk".into())
         .spawn({
             let (trunk, uplinks) = (Arc::clone(&trunk), Arc::clone(&uplinks));
-            move || uplinks.serve(&trunk)
+            move || {
+                crate::seccomp::confine_or_warn(crate::seccomp::Kind::Trunk);
+                uplinks.serve(&trunk)
+            }
         })?;
     let mut shard = Shard {
         local: None,
@@ -198,6 +213,7 @@ impl Shard {
                     slice,
                     pool,
                     shard_size: None,
+                    seccomp: crate::seccomp::enabled(),
                 };
                 let started = Local::start(&config).map(|local| {
                     local.pool_handle().set_room(shard_size);
