@@ -109,13 +109,13 @@ impl Histogram {
             self.counts = vec![0; BUCKETS];
         }
         for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
-            *mine += theirs;
+            *mine = mine.saturating_add(*theirs);
         }
     }
 
     /// How many values.
     pub fn count(&self) -> u64 {
-        self.counts.iter().sum()
+        self.counts.iter().fold(0, |sum, c| sum.saturating_add(*c))
     }
 
     /// The value at quantile `q` (0.5 for the median), to within an
@@ -126,9 +126,9 @@ impl Histogram {
             return None;
         }
         let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
-        let mut seen = 0;
+        let mut seen = 0u64;
         self.counts.iter().enumerate().find_map(|(i, &c)| {
-            seen += c;
+            seen = seen.saturating_add(c);
             (seen >= rank).then(|| Self::value(i))
         })
     }
@@ -142,7 +142,8 @@ impl From<Vec<(u16, u64)>> for Histogram {
                 if histogram.counts.is_empty() {
                     histogram.counts = vec![0; BUCKETS];
                 }
-                histogram.counts[usize::from(i)] += count;
+                let slot = &mut histogram.counts[usize::from(i)];
+                *slot = slot.saturating_add(count);
             }
         }
         histogram
@@ -542,6 +543,17 @@ mod tests {
         assert!(wire.len() < 60);
         assert_eq!(Histogram::from(wire), a);
         assert_eq!(Histogram::default().quantile(0.5), None);
+    }
+
+    #[test]
+    fn counts_from_the_wire_saturate_instead_of_overflowing() {
+        // A shard may send any counts (found by the shard_wire fuzz target).
+        let mut a = Histogram::from(vec![(3, u64::MAX), (3, 1), (9, u64::MAX)]);
+        assert_eq!(a.count(), u64::MAX);
+        a.merge(&Histogram::from(vec![(3, 5)]));
+        assert_eq!(a.count(), u64::MAX);
+        assert_eq!(a.quantile(0.5), Some(Histogram::value(3)));
+        assert_eq!(a.quantile(1.0), Some(Histogram::value(3)));
     }
 
     #[test]
