@@ -451,11 +451,6 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, context: *mu
             .read()
     };
     let call = usize::try_from(nr).ok().and_then(Sysno::new);
-    // Only the first denial until the thread takes it is written: a
-    // panic's backtrace, say, tries many files.
-    let first = DENIED
-        .try_with(|denied| denied.replace(call).is_none())
-        .unwrap_or(false);
     // SAFETY: for an SA_SIGINFO handler the third argument is the
     // interrupted thread's `ucontext_t`; setting `rax` sets the value the
     // system call returns.
@@ -468,6 +463,16 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, context: *mu
             _ => 0,
         }
     };
+    // SAFETY: a non-zero `path` is the path argument of the call, a
+    // NUL-terminated string.
+    if path != 0 && unsafe { read_by_the_c_library(path as *const u8) } {
+        return;
+    }
+    // Only the first denial until the thread takes it is written: a
+    // panic's backtrace, say, tries many files.
+    let first = DENIED
+        .try_with(|denied| denied.replace(call).is_none())
+        .unwrap_or(false);
     if !first {
         return;
     }
@@ -509,6 +514,30 @@ impl Kind {
             Kind::ShardServer => "shard server",
         }
     }
+}
+
+/// Files the C library opens on its own, in whichever thread first needs
+/// them, and does without when it cannot: glibc reads the overcommit
+/// policy the first time a malloc arena shrinks, and counts CPUs when it
+/// needs more arenas (`prepare_process` avoids the latter). Denied
+/// quietly, as nothing of shoal asked for them.
+const READ_BY_THE_C_LIBRARY: &[&[u8]] = &[
+    b"/proc/sys/vm/overcommit_memory",
+    b"/sys/devices/system/cpu/online",
+];
+
+/// Whether the NUL-terminated `path` is one of [`READ_BY_THE_C_LIBRARY`].
+///
+/// # Safety
+/// `path` must point at a NUL-terminated string.
+unsafe fn read_by_the_c_library(path: *const u8) -> bool {
+    READ_BY_THE_C_LIBRARY.iter().any(|known| {
+        known.iter().chain(&[0]).enumerate().all(|(i, &byte)| {
+            // SAFETY: the comparison stops at the first byte that
+            // differs, which the path's NUL is if it is shorter.
+            unsafe { path.add(i).read() == byte }
+        })
+    })
 }
 
 /// A fixed buffer to build a message in without allocating (in a signal
@@ -578,5 +607,17 @@ mod tests {
         assert_eq!(denied, (Err(Some(libc::EPERM)), Some(Sysno::openat)));
         // This thread is not confined.
         assert!(std::fs::File::open("/proc/self/status").is_ok());
+    }
+
+    #[test]
+    fn only_the_c_librarys_own_files_are_denied_quietly() {
+        // SAFETY: NUL-terminated strings.
+        let quiet = |path: &std::ffi::CStr| unsafe { read_by_the_c_library(path.as_ptr().cast()) };
+        assert!(quiet(c"/proc/sys/vm/overcommit_memory"));
+        assert!(quiet(c"/sys/devices/system/cpu/online"));
+        assert!(!quiet(c"/proc/sys/vm/overcommit_memory2"));
+        assert!(!quiet(c"/proc/sys/vm/overcommit"));
+        assert!(!quiet(c"/etc/hostname"));
+        assert!(!quiet(c""));
     }
 }

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 mod many;
+mod soak;
 mod stats;
 
 /// shoal: run tiny paravirtualized guest kernels on KVM.
@@ -41,6 +42,10 @@ enum Command {
     List,
     /// Measure the hypercall path against the raw exit floor.
     Bench(BenchArgs),
+    /// Run a changing mix of every built-in guest, hostile ones included,
+    /// with disks and LANs, for a while, checking that every guest ends
+    /// as it must, flushed disk data is intact, and nothing leaks.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(clap::Args)]
@@ -529,6 +534,7 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => bench(args).map(|()| ExitCode::SUCCESS),
+        Command::Soak(args) => soak::run(&args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("shoal: error: {e:#}");
