@@ -355,13 +355,17 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         (us, Duration::from_micros)
     } else if let Some(s) = text.strip_suffix('s') {
         (s, Duration::from_secs)
+    } else if let Some(m) = text.strip_suffix('m') {
+        (m, |n| Duration::from_secs(n.saturating_mul(60)))
+    } else if let Some(h) = text.strip_suffix('h') {
+        (h, |n| Duration::from_secs(n.saturating_mul(3600)))
     } else {
-        return Err(format!("not a duration (500ms, 2s): {text:?}"));
+        return Err(format!("not a duration (500ms, 2s, 10m, 1h): {text:?}"));
     };
     digits
         .parse()
         .map(unit)
-        .map_err(|_| format!("not a duration (500ms, 2s): {text:?}"))
+        .map_err(|_| format!("not a duration (500ms, 2s, 10m, 1h): {text:?}"))
 }
 
 fn load(kernel: &str) -> anyhow::Result<Image> {
@@ -551,6 +555,8 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("10us"), Ok(Duration::from_micros(10)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("soon").is_err());
     }
