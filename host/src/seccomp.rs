@@ -13,10 +13,12 @@
 //!
 //! A call off the list does not run: the kernel raises `SIGSYS`, whose
 //! handler makes the call return `EPERM`, writes `shoal: sandbox denied
-//! system call NAME in thread KIND` to standard error, and notes the call
-//! for the thread ([`take_denied`]): a worker then stops the guest whose
-//! hypercall made it, with the call's name as the reason. Nothing is
-//! killed, so a denial shows up as an error where the call was made.
+//! system call NAME [of PATH] in a KIND thread` to standard error, and
+//! notes the call for the thread ([`take_denied`]): a custom hypercall's
+//! handler that made one stops its guest, with the call's name as the
+//! reason. Nothing is killed, so a denial shows up as an error where the
+//! call was made. Calls that start threads or processes are refused with
+//! `EPERM` and no signal (`STARTS_THREADS`).
 //!
 //! Threads the embedding program owns (those that call [`crate::Host`]'s
 //! methods, and the main thread) are not confined: what they may do is

@@ -101,6 +101,7 @@ fn flood_beside_a_pair(host: &Host, lan: &str) {
         common::on_lan(host, "ping", lan, &["20000", "64", "8"]),
     ];
     let victims = pair.each_ref().map(|g| g.id().to_string());
+    let started = std::time::Instant::now();
     let flood = common::on_lan(host, "net-flood", lan, &["110s", &victims[0], &victims[1]]);
     for report in pair.map(GuestHandle::wait) {
         common::assert_exited_0(&report);
@@ -115,11 +116,16 @@ fn flood_beside_a_pair(host: &Host, lan: &str) {
     assert!(flood.try_end().is_none(), "the flood ended first");
     flood.kill();
     let flood = flood.wait();
+    let windows = started.elapsed().as_millis() as u64 / 100 + 1;
     let counts = flood.stats.frames;
     assert!(counts.sent > 20_000, "a flood: {counts:?}");
+    // Every third frame is a broadcast: past its share over the run (on
+    // a loaded machine the flood may not get there), some were dropped.
+    let share = windows * shoal_host::device::net::BROADCAST_LIMIT;
+    let broadcasts = (counts.sent + counts.dropped) / 3;
     assert!(
-        counts.dropped > 0,
-        "its broadcasts over the limit: {counts:?}"
+        broadcasts <= share || counts.dropped > 0,
+        "{broadcasts} broadcasts against a share of {share}, none dropped: {counts:?}"
     );
 }
 
@@ -140,23 +146,30 @@ fn frames_to_an_unknown_address_are_flooded_only_within_the_broadcast_share() {
     let host = common::host();
     let lan = "unknown";
     let listener = common::on_lan(&host, "net-flood", lan, &["3s", "listen"]);
+    let started = std::time::Instant::now();
     let flood = common::on_lan(&host, "net-flood", lan, &["1s", "unknown"]).wait();
+    let windows = started.elapsed().as_millis() as u64 / 100 + 1;
     common::assert_exited_0(&flood);
     let listened = listener.wait();
     common::assert_exited_0(&listened);
     let counts = flood.stats.frames;
-    // The flood's first frames reach the listener; over a second it may
-    // have 10 windows' broadcast share (1,000 each), and one more for a
-    // window it started in. Counted against the frame limit alone, a
-    // flood of 64-byte frames reaches tens of thousands.
+    // Every frame of the flood is flooded: the listener gets at most the
+    // broadcast share of each 100 ms window the flood ran in. Counted
+    // against the frame limit alone, a flood of 64-byte frames reaches
+    // tens of thousands a second.
     let arrived = listened.stats.frames.received + listened.stats.frames.missed;
-    let allowance = 12 * shoal_host::device::net::BROADCAST_LIMIT;
+    let share = windows * shoal_host::device::net::BROADCAST_LIMIT;
     assert!(arrived > 0, "{counts:?}");
     assert!(
-        arrived <= allowance,
-        "{arrived} frames flooded to a bystander, over {allowance}: {counts:?}"
+        arrived <= share,
+        "{arrived} frames flooded to a bystander, over {share}: {counts:?}"
     );
-    assert!(counts.dropped > 0, "over its share: {counts:?}");
+    // Past its share (on a loaded machine it may not get there), the rest
+    // was dropped.
+    assert!(
+        counts.sent + counts.dropped <= share || counts.dropped > 0,
+        "none dropped: {counts:?}"
+    );
 }
 
 #[test]
